@@ -1,0 +1,87 @@
+"""`largebatch <command>`: argparse front end; user errors become one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import NoReturn
+
+from largebatch import config
+from largebatch.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see '{self.prog} --help')")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (defaults apply to anything it leaves out)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config keys, e.g. optim.lr=0.2")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from largebatch import dist, job, trainer
+
+    cfg = config.load(args.config, args.overrides)
+    info = dist.from_env()
+    prepared = job.prepare(cfg, info.world_size)
+    dist.init(info)
+    try:
+        summary = trainer.fit(prepared, info)
+    finally:
+        dist.teardown()
+    if info.is_main:
+        acc = summary["eval"].get("accuracy")
+        print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+              f"held-out accuracy {acc:.4f}, {summary['samples_per_s']:.0f} samples/s; run dir {cfg.run_dir}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from largebatch import job
+
+    cfg = config.load(args.config, args.overrides)
+    prepared = job.prepare(cfg, args.world_size)
+    for key, value in prepared.derived().items():
+        print(f"{key:16} {value}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from largebatch import bench
+
+    return bench.run(args.what, args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="largebatch", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a config, alone or under torchrun")
+    _add_config_args(train)
+    train.set_defaults(func=_train)
+
+    plan = commands.add_parser("plan", help="print the batch plan, peak LR and lengths a config gives, and exit")
+    _add_config_args(plan)
+    plan.add_argument("--world-size", type=int, default=1, help="processes the job will run on")
+    plan.set_defaults(func=_plan)
+
+    bench = commands.add_parser("bench", help="benchmarks that print ratios")
+    bench.add_argument("what", help="which benchmark: loop")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"largebatch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,294 @@
+"""Typed config: YAML sections + `section.key=value` overrides, validated before any process starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from largebatch.errors import UserError, check_choice
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name; the run directory defaults to runs/<name>."""
+    dir: str | None = None
+    """Where config.yaml, metrics.jsonl and summary.json go."""
+    seed: int = 0
+    """Seeds model init, data order and any randomness in the task."""
+    deterministic: bool = False
+    """Turn on torch's deterministic algorithms (slower on some ops)."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    """Dataset: synthetic (teacher-labelled Gaussian inputs) or digits (8×8 handwritten digits, shipped)."""
+    seed: int = 0
+    """Seeds data generation and the held-out split, independently of run.seed."""
+    size: int = 8192
+    """synthetic: training examples."""
+    eval_size: int = 2048
+    """synthetic: held-out examples."""
+    shape: list[int] = field(default_factory=lambda: [32])
+    """synthetic: shape of one input, e.g. [32] for vectors or [3, 16, 16] for images."""
+    classes: int = 10
+    """synthetic: number of classes."""
+    label_noise: float = 0.0
+    """synthetic: fraction of labels replaced by a random class."""
+    eval_fraction: float = 0.2
+    """digits: fraction held out for evaluation."""
+    workers: int = 0
+    """DataLoader worker processes per rank; results do not depend on it."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    """Model: mlp or resnet (a small ResNet-style CNN for image-shaped inputs)."""
+    norm: str = "none"
+    """Normalisation layers: batch, group, layer or none."""
+    width: int = 256
+    """mlp: hidden units; resnet: channels of the first stage."""
+    depth: int = 2
+    """mlp: hidden layers; resnet: residual blocks per stage."""
+
+
+@dataclass
+class BatchConfig:
+    global_size: int | None = 256
+    """Examples per optimizer step over all processes (the number the science is about)."""
+    micro_size: int | None = None
+    """Examples per process per forward/backward; derived when unset."""
+    accum_steps: int | None = None
+    """Micro-steps per optimizer step; derived, and must agree if given."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """Optimizer: sgd or adamw."""
+    lr: float = 0.1
+    """Base learning rate at optim.reference_batch; the peak LR is scaled from it."""
+    reference_batch: int = 256
+    """Global batch at which optim.lr was tuned."""
+    scaling: str = "linear"
+    """LR scaling rule from the reference batch: linear, sqrt or none."""
+    weight_decay: float = 0.0
+    """Decoupled (adamw) or L2 (sgd) weight decay; never applied to biases and norm weights."""
+    momentum: float = 0.9
+    """sgd: momentum."""
+    nesterov: bool = False
+    """sgd: Nesterov momentum."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """adamw: moment coefficients."""
+    eps: float = 1e-8
+    """adamw: denominator epsilon."""
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "constant"
+    """Decay after warmup: constant, cosine, step or poly."""
+    warmup_steps: int | None = None
+    """Linear warmup from ~0 to the peak LR over this many steps."""
+    warmup_epochs: float | None = None
+    """Warmup length in epochs (Goyal et al. use 5); exclusive with warmup_steps."""
+    min_lr_ratio: float = 0.0
+    """cosine, poly: final LR as a fraction of the peak."""
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    """step: fractions of training at which the LR is multiplied by gamma."""
+    gamma: float = 0.1
+    """step: decay factor at each milestone."""
+    power: float = 2.0
+    """poly: exponent (LARS uses 2)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None
+    """Optimizer steps; exclusive with epochs (default 100 steps if neither is set)."""
+    epochs: float | None = None
+    """Training length in epochs of ⌊dataset size / global batch⌋ steps."""
+    clip_grad_norm: float | None = None
+    """Clip the global gradient norm to this value (after the all-reduce)."""
+    precision: str = "fp32"
+    """fp32, bf16 (autocast) or fp16 (autocast + GradScaler)."""
+    eval_every: int = 0
+    """Evaluate every N steps; 0 evaluates only at the end."""
+    log_every: int = 10
+    """Write a metrics.jsonl record (and reduce metrics across ranks) every N steps."""
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True
+    """Print a progress line on rank 0 at every log step."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir or f"runs/{self.run.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+DERIVED = "derived"
+"""Section that resolved configs carry (batch plan, peak LR); recomputed, so ignored on load."""
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or start from defaults), apply `section.key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    raw.pop(DERIVED, None)
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise UserError(f"config section '{section}' must be a mapping of keys to values")
+        raw[section][key] = value
+    cfg = Config(**{name: _build_section(name, values) for name, values in raw.items()})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no data or torch: choices and value ranges."""
+    check_choice("model.norm", cfg.model.norm, ("batch", "group", "layer", "none"))
+    check_choice("optim.scaling", cfg.optim.scaling, ("linear", "sqrt", "none"))
+    check_choice("schedule.name", cfg.schedule.name, ("constant", "cosine", "step", "poly"))
+    check_choice("train.precision", cfg.train.precision, ("fp32", "bf16", "fp16"))
+    positive = {
+        "data.size": cfg.data.size, "data.eval_size": cfg.data.eval_size, "data.classes": cfg.data.classes,
+        "model.width": cfg.model.width, "model.depth": cfg.model.depth,
+        "optim.lr": cfg.optim.lr, "optim.reference_batch": cfg.optim.reference_batch,
+        "train.steps": cfg.train.steps, "train.epochs": cfg.train.epochs, "train.log_every": cfg.train.log_every,
+        "train.clip_grad_norm": cfg.train.clip_grad_norm, "schedule.power": cfg.schedule.power,
+    }
+    for key, value in positive.items():
+        if value is not None and value <= 0:
+            raise UserError(f"{key}={value} must be positive")
+    non_negative = {
+        "optim.weight_decay": cfg.optim.weight_decay, "optim.momentum": cfg.optim.momentum,
+        "data.workers": cfg.data.workers, "train.eval_every": cfg.train.eval_every,
+        "schedule.warmup_steps": cfg.schedule.warmup_steps, "schedule.warmup_epochs": cfg.schedule.warmup_epochs,
+    }
+    for key, value in non_negative.items():
+        if value is not None and value < 0:
+            raise UserError(f"{key}={value} must not be negative")
+    for key, value in (("data.label_noise", cfg.data.label_noise), ("schedule.min_lr_ratio", cfg.schedule.min_lr_ratio)):
+        if not 0 <= value <= 1:
+            raise UserError(f"{key}={value} must be between 0 and 1")
+    if not 0 < cfg.data.eval_fraction < 1:
+        raise UserError(f"data.eval_fraction={cfg.data.eval_fraction} must be between 0 and 1 (exclusive)")
+    if not cfg.data.shape or any(d < 1 for d in cfg.data.shape):
+        raise UserError(f"data.shape={cfg.data.shape} must be a non-empty list of positive sizes, e.g. [32]")
+    if cfg.train.steps is not None and cfg.train.epochs is not None:
+        raise UserError("set train.steps or train.epochs, not both")
+    if cfg.schedule.warmup_steps is not None and cfg.schedule.warmup_epochs is not None:
+        raise UserError("set schedule.warmup_steps or schedule.warmup_epochs, not both")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise UserError(f"optim.betas={cfg.optim.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if any(not 0 < m < 1 for m in cfg.schedule.milestones) or cfg.schedule.milestones != sorted(cfg.schedule.milestones):
+        raise UserError(f"schedule.milestones={cfg.schedule.milestones} must be increasing fractions of training in (0, 1)")
+
+
+def dump(cfg: Config, derived: dict[str, Any], path: Path) -> None:
+    """Write the resolved config with its derived values (batch plan, peak LR, lengths)."""
+    path.write_text(yaml.safe_dump({**cfg.to_dict(), DERIVED: derived}, sort_keys=False))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} not found; pass an existing YAML file to --config")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file {path} is not valid YAML{where}; fix the syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must be a mapping of sections (run:, data:, ...), not {type(raw).__name__}")
+    return raw
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    key, sep, text = item.partition("=")
+    section, dot, name = key.partition(".")
+    if not sep or not dot or not section or not name:
+        raise UserError(f"override {item!r} must look like section.key=value, e.g. optim.lr=0.2")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    return section, name, value
+
+
+def _build_section(name: str, values: Any) -> Any:
+    sections = typing.get_type_hints(Config)
+    check_choice("config section", name, list(sections))
+    cls = sections[name]
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise UserError(f"config section '{name}' must be a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    for key in values:
+        check_choice(f"{name} key", key, list(hints))
+    return cls(**{key: _coerce(f"{name}.{key}", value, hints[key]) for key, value in values.items()})
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a field's type hint, widening int to float; raise a one-line error."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except UserError:
+                continue
+        raise UserError(f"{key}={value!r} must be {_type_name(hint)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{key}={value!r} must be a list, e.g. [{_type_name(args[0])}, ...]")
+        return [_coerce(key, v, args[0]) for v in value]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"{key}={value!r} must be {_type_name(hint)}")
+
+
+def _type_name(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args) + (" or null" if len(args) < len(typing.get_args(hint)) else "")
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(args[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))

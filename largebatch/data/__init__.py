@@ -1,0 +1,48 @@
+"""Dataset registry: every task returns train/eval tensors, generated or read locally (no downloads)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from largebatch.config import DataConfig
+from largebatch.errors import check_choice
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """In-memory (inputs, labels); `__getitems__` lets the DataLoader gather a micro-batch in one indexing op."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return self.inputs[index], self.labels[index]
+
+
+def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate for `__getitems__` batches, which arrive already stacked."""
+    return batch
+
+
+@dataclass
+class Task:
+    train: ArrayDataset
+    eval: ArrayDataset
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def build(cfg: DataConfig) -> Task:
+    from largebatch.data import digits, synthetic
+
+    builders: dict[str, Callable[[DataConfig], Task]] = {"synthetic": synthetic.build, "digits": digits.build}
+    return builders[check_choice("data.name", cfg.name, list(builders))](cfg)

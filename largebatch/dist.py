@@ -1,0 +1,70 @@
+"""Process-group setup from the launcher's environment (torchrun, deepspeed), or a single process without one."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from largebatch.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} must be an integer; check the launcher") from None
+
+
+def from_env() -> DistInfo:
+    """Read RANK / LOCAL_RANK / WORLD_SIZE as torchrun and deepspeed set them; no process group yet."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", rank)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"launcher environment has RANK={rank} outside WORLD_SIZE={world_size}; check the launcher")
+    if world_size > 1 and "MASTER_ADDR" not in os.environ:
+        raise UserError("WORLD_SIZE > 1 but MASTER_ADDR is not set; launch with torchrun (see launch/torchrun.sh)")
+    if torch.cuda.is_available():
+        return DistInfo(rank, local_rank, world_size, torch.device("cuda", local_rank % torch.cuda.device_count()))
+    return DistInfo(rank, local_rank, world_size, torch.device("cpu"))
+
+
+def init(info: DistInfo) -> None:
+    """Join the process group: NCCL on CUDA, gloo on CPU. A single process needs none."""
+    if info.device.type == "cuda":
+        torch.cuda.set_device(info.device)
+    if info.world_size > 1:
+        backend = "nccl" if info.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
+
+
+def teardown() -> None:
+    """Barrier then destroy: without the barrier, multi-agent loopback runs abort at exit."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks in place (a no-op in a single process)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor

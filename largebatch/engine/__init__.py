@@ -1,0 +1,1 @@
+"""Engines wrap the model for data parallelism behind one small interface."""

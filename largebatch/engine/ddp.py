@@ -1,0 +1,24 @@
+"""DistributedDataParallel with gradient sync skipped on all but the last micro-step."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from largebatch.dist import DistInfo
+
+
+class DDPEngine:
+    """`model` is what the trainer calls; `module` is the bare model for eval, hashing and saving."""
+
+    def __init__(self, module: nn.Module, info: DistInfo) -> None:
+        self.module = module.to(info.device)
+        self.model: nn.Module = self.module
+        if info.world_size > 1:
+            device_ids = [info.device.index] if info.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.module, device_ids=device_ids)
+
+    def sync_gradients(self, enabled: bool) -> None:
+        """All-reduce gradients in the next backward only if `enabled` (what `no_sync()` toggles)."""
+        if isinstance(self.model, DistributedDataParallel):
+            self.model.require_backward_grad_sync = enabled

@@ -1,0 +1,16 @@
+"""The one exception type for mistakes a user can make and fix."""
+
+import difflib
+
+
+class UserError(Exception):
+    """Bad config, CLI value, file or batch plan; the CLI prints it as one line and exits 2."""
+
+
+def check_choice(key: str, value: str, options: list[str] | tuple[str, ...]) -> str:
+    """Return `value` if it is one of `options`, else raise a UserError suggesting the closest."""
+    if value in options:
+        return value
+    close = difflib.get_close_matches(str(value), options, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise UserError(f"{key}={value!r} is not one of {', '.join(options)}{hint}")

@@ -1,0 +1,61 @@
+"""Everything derived from the config and the world size, computed and checked before any process group starts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from largebatch import batch, data, models, optim
+from largebatch.config import Config
+from largebatch.errors import UserError
+from largebatch.optim.scaling import peak_lr
+
+
+@dataclass
+class Job:
+    cfg: Config
+    task: data.Task
+    plan: batch.BatchPlan
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+
+    def derived(self) -> dict[str, Any]:
+        """The values written beside the config in config.yaml."""
+        return {
+            "world_size": self.plan.world_size,
+            "global_batch": self.plan.global_batch,
+            "micro_batch": self.plan.micro_batch,
+            "accum_steps": self.plan.accum_steps,
+            "peak_lr": self.peak_lr,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "train_examples": len(self.task.train),
+            "eval_examples": len(self.task.eval),
+        }
+
+
+def prepare(cfg: Config, world_size: int) -> Job:
+    """Build the (small, deterministic) dataset, derive the batch plan, lengths and peak LR; raise UserError if any is impossible."""
+    plan = batch.plan(world_size, cfg.batch.global_size, cfg.batch.micro_size, cfg.batch.accum_steps)
+    task = data.build(cfg.data)
+    models.check(cfg.model, task.input_shape)
+    optim.check(cfg.optim)
+    steps_per_epoch = batch.steps_per_epoch(len(task.train), plan)
+    if cfg.train.epochs is not None:
+        total_steps = max(1, math.floor(cfg.train.epochs * steps_per_epoch))
+    else:
+        total_steps = cfg.train.steps or 100
+    warmup_steps = cfg.schedule.warmup_steps or 0
+    if cfg.schedule.warmup_epochs is not None:
+        warmup_steps = round(cfg.schedule.warmup_epochs * steps_per_epoch)
+    if warmup_steps >= total_steps:
+        raise UserError(
+            f"warmup ({warmup_steps} steps) is not shorter than training ({total_steps} steps); "
+            f"shorten schedule.warmup_steps/warmup_epochs or train longer"
+        )
+    lr = peak_lr(cfg.optim.lr, plan.global_batch, cfg.optim.reference_batch, cfg.optim.scaling)
+    return Job(cfg, task, plan, steps_per_epoch, total_steps, warmup_steps, lr)
