@@ -278,6 +278,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return [_coerce(key, v, args[0]) for v in value]
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 5e-4 (no dot) as a string
+        except ValueError:
+            pass
     if hint is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):

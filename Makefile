@@ -1,0 +1,31 @@
+# make run   : set up .venv, then train the quickstart on 2 processes (~10 s after setup)
+# make test  : set up .venv, then run the test suite (what CI runs)
+PYTHON ?= python3
+TORCH ?= 2.13.0
+VENV ?= .venv
+BIN := $(VENV)/bin
+# JIT-compiled extensions (DeepSpeed's CPU comm op, our fused optimizer kernels) are built once and kept here.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/largebatch/torch_extensions
+
+.PHONY: setup run test bench clean
+
+setup: $(VENV)/.installed
+
+# torch is installed first, pinned, so the project's `torch>=2.4` is already satisfied and nothing larger is fetched.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "torch==$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+run: setup
+	NPROC=2 PYTHON=$(BIN)/python launch/torchrun.sh configs/quickstart.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/largebatch bench loop
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,82 @@
+"""Fused CPU kernels for LARS and LAMB, compiled on first use with torch.utils.cpp_extension.
+
+The build lands in $TORCH_EXTENSIONS_DIR (torch's default cache when unset) under a name keyed on
+the SIMD level torch detected (`torch.backends.cpu.get_cpu_capability()`), so a cache shared by
+machines with different CPUs never loads code built for instructions the CPU lacks. torch's loader
+holds a file lock while building, so concurrent processes build once.
+"""
+
+import functools
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch.utils import cpp_extension
+
+IMPLS = ("auto", "foreach", "fused")
+
+_SIMD_FLAGS = {
+    "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+_build_lock = threading.Lock()
+
+
+def check_impl(impl: str) -> str:
+    """Return `impl` if it names an implementation, else raise with the choices."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {', '.join(IMPLS)}")
+    return impl
+
+
+@functools.cache
+def _build() -> ModuleType | str:
+    """The compiled module, or the reason it could not be built (cached: a failed build runs once)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    try:
+        return cpp_extension.load(
+            name=f"largebatch_fused_optim_{capability.lower()}",
+            sources=[str(Path(__file__).with_name("kernels.cpp"))],
+            extra_cflags=["-O3", "-fno-math-errno", "-fopenmp-simd", *_SIMD_FLAGS.get(capability, [])],
+        )
+    except Exception as exc:  # noqa: BLE001 - any build failure means "no fused kernel"
+        first_line = next(iter(str(exc).splitlines()), "")
+        return f"{type(exc).__name__}: {first_line[:200]}"
+
+
+def load() -> ModuleType:
+    """The compiled kernels, building them if needed; raise if they cannot be built."""
+    with _build_lock:
+        built = _build()
+    if isinstance(built, str):
+        raise RuntimeError(
+            f"impl='fused' needs the C++ optimizer kernel, which failed to build ({built}); "
+            "install g++ and ninja, or use impl='foreach'"
+        )
+    return built
+
+
+@functools.cache
+def _load_or_warn() -> ModuleType | None:
+    """The compiled kernels, or None after one warning that 'auto' falls back to foreach."""
+    try:
+        return load()
+    except RuntimeError as exc:
+        warnings.warn(f"{exc}; impl='auto' uses impl='foreach'", RuntimeWarning, stacklevel=4)
+        return None
+
+
+def _fusable(tensors: list[torch.Tensor]) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+
+def kernels_for(impl: str, tensors: list[torch.Tensor]) -> ModuleType | None:
+    """The fused kernels if `impl` asks for them and all `tensors` are contiguous fp32 on the CPU.
+
+    None means: use the foreach implementation (always the case on CUDA and for other dtypes).
+    """
+    if impl == "foreach" or not _fusable(tensors):
+        return None
+    return load() if impl == "fused" else _load_or_warn()
