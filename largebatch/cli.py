@@ -22,9 +22,9 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config, args.overrides)
     from largebatch import dist, job, trainer
 
-    cfg = config.load(args.config, args.overrides)
     info = dist.from_env()
     prepared = job.prepare(cfg, info.world_size)
     dist.init(info)
@@ -40,9 +40,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config, args.overrides)
     from largebatch import job
 
-    cfg = config.load(args.config, args.overrides)
     prepared = job.prepare(cfg, args.world_size)
     for key, value in prepared.derived().items():
         print(f"{key:16} {value}")

@@ -40,7 +40,7 @@ def from_env() -> DistInfo:
     local_rank = _env_int("LOCAL_RANK", rank)
     if world_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"launcher environment has RANK={rank} outside WORLD_SIZE={world_size}; check the launcher")
-    if world_size > 1 and "MASTER_ADDR" not in os.environ:
+    if world_size > 1 and not os.environ.get("MASTER_ADDR"):
         raise UserError("WORLD_SIZE > 1 but MASTER_ADDR is not set; launch with torchrun (see launch/torchrun.sh)")
     if torch.cuda.is_available():
         return DistInfo(rank, local_rank, world_size, torch.device("cuda", local_rank % torch.cuda.device_count()))

@@ -39,7 +39,8 @@ def _build() -> ModuleType | str:
         return cpp_extension.load(
             name=f"largebatch_fused_optim_{capability.lower()}",
             sources=[str(Path(__file__).with_name("kernels.cpp"))],
-            extra_cflags=["-O3", "-fno-math-errno", "-fopenmp-simd", *_SIMD_FLAGS.get(capability, [])],
+            extra_cflags=["-O3", "-fno-math-errno", "-fopenmp", *_SIMD_FLAGS.get(capability, [])],
+            extra_ldflags=["-fopenmp"],
         )
     except Exception as exc:  # noqa: BLE001 - any build failure means "no fused kernel"
         first_line = next(iter(str(exc).splitlines()), "")

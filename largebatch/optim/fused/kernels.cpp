@@ -74,6 +74,75 @@ void check_like(const std::vector<at::Tensor>& tensors, const std::vector<at::Te
   }
 }
 
+// Element loops over one chunk: plain pointers and by-value scalars so that they vectorise.
+
+void sum_squares(const float* __restrict x, const float* __restrict y, int64_t n, double& sx,
+                 double& sy) {
+  double a = 0.0, b = 0.0;
+#pragma omp simd reduction(+ : a, b)
+  for (int64_t j = 0; j < n; ++j) {
+    a += static_cast<double>(x[j]) * x[j];
+    b += static_cast<double>(y[j]) * y[j];
+  }
+  sx = a;
+  sy = b;
+}
+
+void lars_update(float* __restrict w, const float* __restrict g, float* __restrict m, int64_t n,
+                 float lr, float mu, float wd, float ratio, bool nesterov) {
+  if (m == nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) w[j] -= lr * (ratio * (g[j] + wd * w[j]));
+  } else if (nesterov) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float d = ratio * (g[j] + wd * w[j]);
+      const float buf = mu * m[j] + d;
+      m[j] = buf;
+      w[j] -= lr * (d + mu * buf);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float buf = mu * m[j] + ratio * (g[j] + wd * w[j]);
+      m[j] = buf;
+      w[j] -= lr * buf;
+    }
+  }
+}
+
+struct AdamCoefficients {
+  float beta1, beta2, inv_bc1, inv_sqrt_bc2, eps, wd;
+};
+
+// Updates the moments and returns the sums of squares of w and of u = m_hat / (sqrt(v_hat) + eps) + wd*w.
+void lamb_moments(const float* __restrict w, const float* __restrict g, float* __restrict m,
+                  float* __restrict v, int64_t n, AdamCoefficients k, double& sw, double& su) {
+  double a = 0.0, b = 0.0;
+#pragma omp simd reduction(+ : a, b)
+  for (int64_t j = 0; j < n; ++j) {
+    const float mj = k.beta1 * m[j] + (1.0f - k.beta1) * g[j];
+    const float vj = k.beta2 * v[j] + (1.0f - k.beta2) * g[j] * g[j];
+    m[j] = mj;
+    v[j] = vj;
+    const float u = (mj * k.inv_bc1) / (std::sqrt(vj) * k.inv_sqrt_bc2 + k.eps) + k.wd * w[j];
+    a += static_cast<double>(w[j]) * w[j];
+    b += static_cast<double>(u) * u;
+  }
+  sw = a;
+  su = b;
+}
+
+void lamb_update(float* __restrict w, const float* __restrict m, const float* __restrict v,
+                 int64_t n, AdamCoefficients k, float step) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    w[j] -= step * ((m[j] * k.inv_bc1) / (std::sqrt(v[j]) * k.inv_sqrt_bc2 + k.eps) + k.wd * w[j]);
+  }
+}
+
+float* chunk_ptr(const at::Tensor& t, const Chunk& c) { return t.data_ptr<float>() + c.begin; }
+
 // You, Gitman & Ginsburg 2017, eq. 6: g' = g + wd*w; m = mu*m + ratio*g'; w -= lr*m.
 at::Tensor lars_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                      const std::vector<at::Tensor>& momentum_buffers, double lr, double momentum,
@@ -84,58 +153,30 @@ at::Tensor lars_step(const std::vector<at::Tensor>& params, const std::vector<at
   check_like(grads, params, "grads");
   if (momentum != 0.0) check_like(momentum_buffers, params, "momentum_buffers");
   const Plan plan = make_plan(params);
-  const float wd = weight_decay, mu = momentum;
+  const float wd = weight_decay;
 
   at::Tensor ratios = at::ones({n}, at::kFloat);
   float* ratio = ratios.data_ptr<float>();
   if (adapt) {
     std::vector<double> w_sq(plan.chunks.size()), g_sq(plan.chunks.size());
     for_each_chunk(plan, [&](int64_t i, const Chunk& c) {
-      const float* w = params[c.tensor].const_data_ptr<float>();
-      const float* g = grads[c.tensor].const_data_ptr<float>();
-      double sw = 0.0, sg = 0.0;
-#pragma omp simd reduction(+ : sw, sg)
-      for (int64_t j = c.begin; j < c.end; ++j) {
-        sw += static_cast<double>(w[j]) * w[j];
-        sg += static_cast<double>(g[j]) * g[j];
-      }
-      w_sq[i] = sw;
-      g_sq[i] = sg;
+      sum_squares(chunk_ptr(params[c.tensor], c), chunk_ptr(grads[c.tensor], c), c.end - c.begin,
+                  w_sq[i], g_sq[i]);
     });
     const auto w_norm = tensor_norms(plan, w_sq, n), g_norm = tensor_norms(plan, g_sq, n);
     for (int64_t t = 0; t < n; ++t) {
       if (w_norm[t] > 0 && g_norm[t] > 0) {
-        float r = static_cast<float>(trust_coefficient) * w_norm[t] /
-                  (g_norm[t] + wd * w_norm[t] + static_cast<float>(eps));
+        const float r = static_cast<float>(trust_coefficient) * w_norm[t] /
+                        (g_norm[t] + wd * w_norm[t] + static_cast<float>(eps));
         ratio[t] = trust_clip ? std::min(r / static_cast<float>(lr), 1.0f) : r;
       }
     }
   }
 
   for_each_chunk(plan, [&](int64_t, const Chunk& c) {
-    float* w = params[c.tensor].data_ptr<float>();
-    const float* g = grads[c.tensor].const_data_ptr<float>();
-    const float r = ratio[c.tensor], step = lr;
-    if (momentum == 0.0) {
-#pragma omp simd
-      for (int64_t j = c.begin; j < c.end; ++j) w[j] -= step * (r * (g[j] + wd * w[j]));
-      return;
-    }
-    float* m = momentum_buffers[c.tensor].data_ptr<float>();
-    if (nesterov) {
-#pragma omp simd
-      for (int64_t j = c.begin; j < c.end; ++j) {
-        const float d = r * (g[j] + wd * w[j]);
-        m[j] = mu * m[j] + d;
-        w[j] -= step * (d + mu * m[j]);
-      }
-    } else {
-#pragma omp simd
-      for (int64_t j = c.begin; j < c.end; ++j) {
-        m[j] = mu * m[j] + r * (g[j] + wd * w[j]);
-        w[j] -= step * m[j];
-      }
-    }
+    float* m = momentum == 0.0 ? nullptr : chunk_ptr(momentum_buffers[c.tensor], c);
+    lars_update(chunk_ptr(params[c.tensor], c), chunk_ptr(grads[c.tensor], c), m, c.end - c.begin,
+                lr, momentum, wd, ratio[c.tensor], nesterov);
   });
   return ratios;
 }
@@ -157,31 +198,21 @@ at::Tensor lamb_step(const std::vector<at::Tensor>& params, const std::vector<at
                   static_cast<int64_t>(bias_correction2.size()) == n,
               "expected one bias correction per parameter");
   const Plan plan = make_plan(params);
-  const float b1 = beta1, b2 = beta2, e = eps, wd = weight_decay;
-  std::vector<float> inv_bc1(n), inv_sqrt_bc2(n);
+  std::vector<AdamCoefficients> coefficients(n);
   for (int64_t t = 0; t < n; ++t) {
-    inv_bc1[t] = static_cast<float>(1.0 / bias_correction1[t]);
-    inv_sqrt_bc2[t] = static_cast<float>(1.0 / std::sqrt(bias_correction2[t]));
+    coefficients[t] = {static_cast<float>(beta1),
+                       static_cast<float>(beta2),
+                       static_cast<float>(1.0 / bias_correction1[t]),
+                       static_cast<float>(1.0 / std::sqrt(bias_correction2[t])),
+                       static_cast<float>(eps),
+                       static_cast<float>(weight_decay)};
   }
 
   std::vector<double> w_sq(plan.chunks.size()), u_sq(plan.chunks.size());
   for_each_chunk(plan, [&](int64_t i, const Chunk& c) {
-    const float* w = params[c.tensor].const_data_ptr<float>();
-    const float* g = grads[c.tensor].const_data_ptr<float>();
-    float* m = exp_avgs[c.tensor].data_ptr<float>();
-    float* v = exp_avg_sqs[c.tensor].data_ptr<float>();
-    const float c1 = inv_bc1[c.tensor], c2 = inv_sqrt_bc2[c.tensor];
-    double sw = 0.0, su = 0.0;
-#pragma omp simd reduction(+ : sw, su)
-    for (int64_t j = c.begin; j < c.end; ++j) {
-      m[j] = b1 * m[j] + (1.0f - b1) * g[j];
-      v[j] = b2 * v[j] + (1.0f - b2) * g[j] * g[j];
-      const float u = (m[j] * c1) / (std::sqrt(v[j]) * c2 + e) + wd * w[j];
-      sw += static_cast<double>(w[j]) * w[j];
-      su += static_cast<double>(u) * u;
-    }
-    w_sq[i] = sw;
-    u_sq[i] = su;
+    lamb_moments(chunk_ptr(params[c.tensor], c), chunk_ptr(grads[c.tensor], c),
+                 chunk_ptr(exp_avgs[c.tensor], c), chunk_ptr(exp_avg_sqs[c.tensor], c),
+                 c.end - c.begin, coefficients[c.tensor], w_sq[i], u_sq[i]);
   });
 
   at::Tensor ratios = at::ones({n}, at::kFloat);
@@ -197,15 +228,9 @@ at::Tensor lamb_step(const std::vector<at::Tensor>& params, const std::vector<at
   }
 
   for_each_chunk(plan, [&](int64_t, const Chunk& c) {
-    float* w = params[c.tensor].data_ptr<float>();
-    const float* m = exp_avgs[c.tensor].const_data_ptr<float>();
-    const float* v = exp_avg_sqs[c.tensor].const_data_ptr<float>();
-    const float c1 = inv_bc1[c.tensor], c2 = inv_sqrt_bc2[c.tensor];
-    const float step = static_cast<float>(lr) * ratio[c.tensor];
-#pragma omp simd
-    for (int64_t j = c.begin; j < c.end; ++j) {
-      w[j] -= step * ((m[j] * c1) / (std::sqrt(v[j]) * c2 + e) + wd * w[j]);
-    }
+    lamb_update(chunk_ptr(params[c.tensor], c), chunk_ptr(exp_avgs[c.tensor], c),
+                chunk_ptr(exp_avg_sqs[c.tensor], c), c.end - c.begin, coefficients[c.tensor],
+                static_cast<float>(lr) * ratio[c.tensor]);
   });
   return ratios;
 }

@@ -1,0 +1,115 @@
+"""Time one optimizer step over ResNet-50's parameter shapes for our LARS/LAMB and the baselines.
+
+Run: python -c "from largebatch.bench.optim import main; main()"
+"""
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from largebatch.optim.lamb import LAMB
+from largebatch.optim.lars import LARS
+
+_RESNET50_STAGES = ((64, 3), (128, 4), (256, 6), (512, 3))  # (width, bottleneck blocks)
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """The 161 parameter shapes of torchvision's resnet50, in model order (25,557,032 values)."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    in_ch = 64
+    for width, blocks in _RESNET50_STAGES:
+        for block in range(blocks):
+            out_ch = 4 * width
+            shapes += [(width, in_ch, 1, 1), (width,), (width,)]
+            shapes += [(width, width, 3, 3), (width,), (width,)]
+            shapes += [(out_ch, width, 1, 1), (out_ch,), (out_ch,)]
+            if block == 0:
+                shapes += [(out_ch, in_ch, 1, 1), (out_ch,), (out_ch,)]
+            in_ch = out_ch
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def _param_groups(seed: int) -> list[dict]:
+    """ResNet-50-shaped parameters with random gradients; 1-D tensors neither decay nor adapt."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in resnet50_shapes():
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.05)
+        p.grad = torch.randn(shape, generator=gen) * 1e-3
+        params.append(p)
+    return [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": 1e-4},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "adapt": False},
+    ]
+
+
+def _candidates() -> dict[str, Callable[[list[dict]], Optimizer]]:
+    candidates: dict[str, Callable[[list[dict]], Optimizer]] = {
+        "torch SGD(fused)": lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, fused=True),
+        "torch SGD(foreach)": lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, foreach=True),
+        "torch AdamW(fused)": lambda g: torch.optim.AdamW(g, lr=1e-3, fused=True),
+        "torch AdamW(foreach)": lambda g: torch.optim.AdamW(g, lr=1e-3, foreach=True),
+        "LARS(fused)": lambda g: LARS(g, lr=0.1, impl="fused"),
+        "LARS(foreach)": lambda g: LARS(g, lr=0.1, impl="foreach"),
+        "LAMB(fused)": lambda g: LAMB(g, lr=1e-3, impl="fused"),
+        "LAMB(foreach)": lambda g: LAMB(g, lr=1e-3, impl="foreach"),
+    }
+    try:
+        import torch_optimizer
+
+        candidates["torch_optimizer.LARS"] = lambda g: torch_optimizer.LARS(g, lr=0.1, momentum=0.9)
+        candidates["torch_optimizer.Lamb"] = lambda g: torch_optimizer.Lamb(g, lr=1e-3)
+    except ImportError:
+        print("torch_optimizer: not importable")
+    try:
+        from timm.optim import Lamb as TimmLamb, Lars as TimmLars
+
+        candidates["timm Lars"] = lambda g: TimmLars(g, lr=0.1, momentum=0.9)
+        candidates["timm Lamb"] = lambda g: TimmLamb(g, lr=1e-3)
+    except Exception:  # noqa: BLE001 - timm without torchvision fails with assorted errors
+        print("timm: not importable")
+    return candidates
+
+
+def time_steps(optimizer: Optimizer, steps: int, warmup: int) -> float:
+    """Median wall time of one optimizer.step(), in milliseconds, after `warmup` untimed steps."""
+    for _ in range(warmup):
+        optimizer.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per optimizer")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    shapes = resnet50_shapes()
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    print(f"ResNet-50: {len(shapes)} tensors, {numel:,} values; {args.threads} threads, "
+          f"median of {args.steps} steps after {args.warmup}")
+    ms: dict[str, float] = {}
+    for name, make in _candidates().items():
+        ms[name] = time_steps(make(_param_groups(seed=0)), args.steps, args.warmup)
+
+    adamw, sgd = ms["torch AdamW(fused)"], ms["torch SGD(fused)"]
+    print(f"{'optimizer':<24}{'ms/step':>9}{'/AdamW(fused)':>15}{'/SGD(fused)':>13}")
+    for name, t in ms.items():
+        print(f"{name:<24}{t:>9.2f}{t / adamw:>15.2f}{t / sgd:>13.2f}")
+    print(f"LAMB(fused)/AdamW(fused) = {ms['LAMB(fused)'] / adamw:.2f} (goal ≤ 1.6)")
+    print(f"LARS(fused)/SGD(fused) = {ms['LARS(fused)'] / sgd:.2f} (goal ≤ 1.5)")
+    if "torch_optimizer.Lamb" in ms:
+        print(f"torch_optimizer.Lamb/LAMB(fused) = {ms['torch_optimizer.Lamb'] / ms['LAMB(fused)']:.2f} (goal ≥ 3.5)")
+    return 0

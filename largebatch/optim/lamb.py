@@ -1,0 +1,169 @@
+"""LAMB: Adam with a layer-wise trust ratio.
+
+You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes",
+https://arxiv.org/abs/1904.00962
+"""
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from largebatch.optim import fused
+
+
+class LAMB(Optimizer):
+    """Adam whose update for each tensor is rescaled to that tensor's norm (Algorithm 2).
+
+    For a tensor w with gradient g at step t, in a group with ``adapt=True`` (the default)::
+
+        m = β1·m + (1-β1)·g,  v = β2·v + (1-β2)·g²
+        m̂ = m / (1-β1^t),  v̂ = v / (1-β2^t)   (m̂ = m, v̂ = v with bias_correction=False)
+        u = m̂ / (√v̂ + eps) + wd·w
+        ratio = ‖w‖ / ‖u‖, or 1 where ‖w‖ or ‖u‖ is 0; clamped to [0, trust_clip] if set
+        w = w - lr·ratio·u
+
+    Implementations disagree on which tensors adapt and on clamping: apex FusedLAMB and timm adapt
+    only tensors with weight decay (timm: unless always_adapt); DeepSpeed and torch-optimizer adapt
+    all; DeepSpeed clamps the ratio to [0.01, 10]; torch-optimizer clamps ‖w‖ to 10 instead and
+    skips bias correction by default. Here every group adapts unless its ``adapt`` key is False
+    (give biases and norm weights adapt=False and weight_decay=0), bias correction is on, and there
+    is no clamp; trust_clip=10 gives DeepSpeed's upper bound. Gradients are not clipped here:
+    clip the global norm before step().
+
+    After each step ``state[p]["trust_ratio"]`` is the ratio used, a 0-d tensor (no host sync).
+    ``impl``: "foreach" uses torch._foreach_* ops on any device; "fused" uses a C++ kernel for
+    contiguous fp32 CPU tensors and foreach for the rest; "auto" is fused if the kernel builds,
+    else foreach with one warning. State is the same for every impl.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        bias_correction: bool = True,
+        trust_clip: float | None = None,
+        impl: str = "auto",
+    ) -> None:
+        if lr <= 0.0:
+            raise ValueError(f"lr={lr} must be positive")
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"betas={betas} must both be in [0, 1)")
+        if weight_decay < 0.0:
+            raise ValueError(f"weight_decay={weight_decay} must be >= 0")
+        if trust_clip is not None and trust_clip <= 0.0:
+            raise ValueError(f"trust_clip={trust_clip} must be positive, or None for no clamp")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            trust_clip=trust_clip,
+            adapt=True,
+        )
+        super().__init__(params, defaults)
+        self.impl = fused.check_impl(impl)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError("LAMB does not support sparse gradients")
+            states = [self._state(p) for p in params]
+            steps = [state["step"] for state in states]
+            torch._foreach_add_(steps, 1.0)
+            beta1, beta2 = group["betas"]
+            if group["bias_correction"]:
+                bias_correction1 = [1.0 - beta1 ** step.item() for step in steps]
+                bias_correction2 = [1.0 - beta2 ** step.item() for step in steps]
+            else:
+                bias_correction1 = bias_correction2 = [1.0] * len(params)
+            exp_avgs = [state["exp_avg"] for state in states]
+            exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+            kernels = fused.kernels_for(self.impl, params + grads + exp_avgs + exp_avg_sqs)
+            lamb_step = kernels.lamb_step if kernels else foreach_lamb_step
+            ratios = lamb_step(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                bias_correction1,
+                bias_correction2,
+                group["lr"],
+                beta1,
+                beta2,
+                group["eps"],
+                group["weight_decay"],
+                group["trust_clip"],
+                group["adapt"],
+            )
+            for state, ratio in zip(states, ratios.unbind()):
+                state["trust_ratio"] = ratio
+        return loss
+
+    def _state(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        return state
+
+
+def foreach_lamb_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    bias_correction1: list[float],
+    bias_correction2: list[float],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    trust_clip: float | None,
+    adapt: bool,
+) -> Tensor:
+    """One LAMB step with torch._foreach_* ops; returns the trust ratios used, one per tensor."""
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, [math.sqrt(bc) for bc in bias_correction2])
+    torch._foreach_add_(denom, eps)
+    updates = torch._foreach_div(exp_avgs, bias_correction1)
+    torch._foreach_div_(updates, denom)
+    if weight_decay != 0.0:
+        torch._foreach_add_(updates, params, alpha=weight_decay)
+
+    if adapt:
+        w_norm = torch.stack(torch._foreach_norm(params))
+        u_norm = torch.stack(torch._foreach_norm(updates))
+        ratio = w_norm / u_norm
+        if trust_clip is not None:
+            ratio = torch.clamp(ratio, 0.0, trust_clip)
+        ratio = torch.where((w_norm > 0) & (u_norm > 0), ratio, 1.0)
+        torch._foreach_mul_(updates, ratio.unbind())
+    else:
+        ratio = torch.ones(len(params), device=params[0].device)
+    torch._foreach_add_(params, updates, alpha=-lr)
+    return ratio

@@ -1,0 +1,152 @@
+"""LARS: momentum SGD with a layer-wise trust ratio.
+
+You, Gitman & Ginsburg 2017, "Large Batch Training of Convolutional Networks",
+https://arxiv.org/abs/1708.03888
+"""
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from largebatch.optim import fused
+
+
+class LARS(Optimizer):
+    """Momentum SGD whose gradient for each tensor is scaled by that tensor's trust ratio (eq. 6).
+
+    For a tensor w with gradient g in a group with ``adapt=True`` (the default)::
+
+        g' = g + wd·w
+        ratio = η·‖w‖ / (‖g‖ + wd·‖w‖ + eps), or 1 where ‖w‖ or ‖g‖ is 0
+        m = μ·m + ratio·g'
+        w = w - lr·m                    (nesterov: w - lr·(ratio·g' + μ·m), as torch.optim.SGD)
+
+    The ratio scales the gradient before it enters the momentum buffer, as timm and
+    torch-optimizer do (the paper scales the step, ``m = μ·m + lr·ratio·g'``; the two agree for a
+    constant lr). ``trust_clip=True`` is LARC: ratio = min(ratio / lr, 1), so a tensor never steps
+    faster than lr; a zero-norm tensor keeps ratio 1 (timm clips that 1 too, which differs only for
+    lr > 1).
+
+    Groups with ``adapt=False`` (biases and norm weights, which should also get weight_decay=0)
+    take plain momentum SGD with ratio 1. Unlike timm and torch-optimizer, a group with
+    weight_decay=0 is not excluded from adaptation silently: exclusion is its ``adapt`` key.
+
+    After each step ``state[p]["trust_ratio"]`` is the ratio used, a 0-d tensor (no host sync).
+    ``impl``: "foreach" uses torch._foreach_* ops on any device; "fused" uses a C++ kernel for
+    contiguous fp32 CPU tensors and foreach for the rest; "auto" is fused if the kernel builds,
+    else foreach with one warning. State is the same for every impl.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        eps: float = 1e-8,
+        nesterov: bool = False,
+        trust_clip: bool = False,
+        impl: str = "auto",
+    ) -> None:
+        if lr <= 0.0:
+            raise ValueError(f"lr={lr} must be positive")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum={momentum} must be in [0, 1)")
+        if weight_decay < 0.0:
+            raise ValueError(f"weight_decay={weight_decay} must be >= 0")
+        if nesterov and momentum == 0.0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+            nesterov=nesterov,
+            trust_clip=trust_clip,
+            adapt=True,
+        )
+        super().__init__(params, defaults)
+        self.impl = fused.check_impl(impl)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError("LARS does not support sparse gradients")
+            buffers = self._momentum_buffers(params) if group["momentum"] != 0.0 else []
+            kernels = fused.kernels_for(self.impl, params + grads + buffers)
+            lars_step = kernels.lars_step if kernels else foreach_lars_step
+            ratios = lars_step(
+                params,
+                grads,
+                buffers,
+                group["lr"],
+                group["momentum"],
+                group["weight_decay"],
+                group["trust_coefficient"],
+                group["eps"],
+                group["nesterov"],
+                group["trust_clip"],
+                group["adapt"],
+            )
+            for p, ratio in zip(params, ratios.unbind()):
+                self.state[p]["trust_ratio"] = ratio
+        return loss
+
+    def _momentum_buffers(self, params: list[Tensor]) -> list[Tensor]:
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return [self.state[p]["momentum_buffer"] for p in params]
+
+
+def foreach_lars_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    nesterov: bool,
+    trust_clip: bool,
+    adapt: bool,
+) -> Tensor:
+    """One LARS step with torch._foreach_* ops; returns the trust ratios used, one per tensor."""
+    if adapt:
+        w_norm = torch.stack(torch._foreach_norm(params))
+        g_norm = torch.stack(torch._foreach_norm(grads))
+        ratio = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
+        if trust_clip:
+            ratio = torch.clamp(ratio / lr, max=1.0)
+        ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)
+    else:
+        ratio = torch.ones(len(params), device=params[0].device)
+
+    updates = torch._foreach_add(grads, params, alpha=weight_decay)
+    if adapt:
+        torch._foreach_mul_(updates, ratio.unbind())
+    if momentum != 0.0:
+        torch._foreach_mul_(momentum_buffers, momentum)
+        torch._foreach_add_(momentum_buffers, updates)
+        if nesterov:
+            torch._foreach_add_(updates, momentum_buffers, alpha=momentum)
+        else:
+            updates = momentum_buffers
+    torch._foreach_add_(params, updates, alpha=-lr)
+    return ratio

@@ -1,0 +1,39 @@
+"""Shared helpers: run the real CLI, alone or under real torchrun (gloo, loopback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def cli(*args: str, nproc: int = 1, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m largebatch ARGS`, or the same under torchrun with `nproc` processes on 127.0.0.1."""
+    launcher = [sys.executable, "-m", "largebatch"]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                    "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "largebatch"]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([*launcher, *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def train(run_dir: Path, *overrides: str, nproc: int = 1, config: str | None = None) -> dict:
+    """Train to completion and return summary.json; fails the test with the output if the run fails."""
+    args = ["train", *(["--config", config] if config else []), f"run.dir={run_dir}", "logging.progress=false", *overrides]
+    result = cli(*args, nproc=nproc)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def run_dirs(tmp_path: Path):
+    """A fresh run directory per name."""
+    return lambda name: tmp_path / name

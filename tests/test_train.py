@@ -1,0 +1,80 @@
+"""`largebatch train` end to end: the run directory contract, reproducibility, the quickstart result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import cli, metrics, train
+from largebatch.config import ScheduleConfig
+from largebatch.optim.schedules import Schedule
+
+SMALL = ("data.size=1024", "data.eval_size=256", "model.width=32", "train.steps=20", "train.log_every=5")
+
+
+def test_run_directory_holds_resolved_config_metrics_and_summary(run_dirs):
+    run = run_dirs("contract")
+    summary = train(run, *SMALL, "batch.global_size=64", "batch.micro_size=16", "optim.lr=0.1",
+                    "optim.reference_batch=32", "train.eval_every=10")
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    derived = resolved["derived"]
+    assert (derived["global_batch"], derived["micro_batch"], derived["accum_steps"]) == (64, 16, 4)
+    assert derived["peak_lr"] == pytest.approx(0.2) and derived["world_size"] == 1
+    assert resolved["optim"]["lr"] == 0.1 and resolved["batch"]["global_size"] == 64
+    records = metrics(run)
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    assert [r["samples"] for r in records] == [320, 640, 960, 1280]
+    for r in records:
+        assert {"step", "samples", "loss", "lr", "grad_norm", "samples_per_s"} <= set(r)
+        assert r["grad_norm"] > 0 and r["samples_per_s"] > 0
+    assert "eval/accuracy" in records[1] and "eval/accuracy" in records[3] and "eval/accuracy" not in records[0]
+    assert summary["steps"] == 20 and summary["samples"] == 1280
+    assert summary["final_loss"] == records[-1]["loss"]
+    assert set(summary["eval"]) == {"loss", "accuracy"}
+    assert (summary["global_batch"], summary["micro_batch"], summary["accum_steps"], summary["world_size"]) == (64, 16, 4, 1)
+    assert summary["peak_lr"] == pytest.approx(0.2) and len(summary["params_sha256"]) == 64
+
+
+def test_logged_lr_follows_warmup_then_cosine(run_dirs):
+    run = run_dirs("lr")
+    train(run, *SMALL, "train.log_every=1", "schedule.name=cosine", "schedule.warmup_steps=5",
+          "optim.scaling=none", "optim.lr=0.3")
+    schedule = Schedule(ScheduleConfig(name="cosine"), total_steps=20, warmup_steps=5)
+    assert [r["lr"] for r in metrics(run)] == pytest.approx([0.3 * schedule.factor(s) for s in range(20)])
+
+
+def test_same_seed_is_bit_identical_and_another_seed_is_not(run_dirs):
+    a = train(run_dirs("a"), *SMALL)["params_sha256"]
+    b = train(run_dirs("b"), *SMALL)["params_sha256"]
+    c = train(run_dirs("c"), *SMALL, "run.seed=1")["params_sha256"]
+    assert a == b != c
+
+
+def test_results_do_not_depend_on_dataloader_workers(run_dirs):
+    a = train(run_dirs("w0"), *SMALL, "data.workers=0")["params_sha256"]
+    b = train(run_dirs("w2"), *SMALL, "data.workers=2")["params_sha256"]
+    assert a == b
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "layer", "none"])
+def test_resnet_trains_with_each_norm(run_dirs, norm):
+    run = run_dirs(norm)
+    train(run, "data.name=digits", "model.name=resnet", f"model.norm={norm}", "model.width=8", "model.depth=1",
+          "train.steps=30", "train.log_every=1", "batch.global_size=128", "optim.lr=0.2", "optim.scaling=none")
+    losses = [r["loss"] for r in metrics(run)]
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_quickstart_reaches_its_stated_accuracy_on_two_processes(run_dirs):
+    summary = train(run_dirs("quickstart"), config="configs/quickstart.yaml", nproc=2)
+    assert summary["world_size"] == 2 and summary["global_batch"] == 512 and summary["peak_lr"] == pytest.approx(0.4)
+    assert summary["eval"]["accuracy"] >= 0.98
+
+
+def test_plan_command_prints_the_derived_plan():
+    result = cli("plan", "--config", "configs/quickstart.yaml", "--world-size", "4")
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(maxsplit=1) for line in result.stdout.splitlines())
+    assert (fields["micro_batch"], fields["accum_steps"], fields["peak_lr"]) == ("128", "1", "0.4")
