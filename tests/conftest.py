@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def cli(*args: str, nproc: int = 1, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m largebatch ARGS`, or the same under torchrun with `nproc` processes on 127.0.0.1."""
@@ -18,7 +20,8 @@ def cli(*args: str, nproc: int = 1, env: dict[str, str] | None = None, timeout: 
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                     "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "largebatch"]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([*launcher, *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+    return subprocess.run([*launcher, *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=ROOT)
 
 
 def train(run_dir: Path, *overrides: str, nproc: int = 1, config: str | None = None) -> dict:

@@ -1,9 +1,11 @@
-// Fused CPU steps for LARS and LAMB on fp32 tensors.
+// Fused CPU steps for LARS and LAMB on contiguous fp32 tensors.
 //
-// Each step makes two passes over every tensor: the first reduces the norms the trust ratio needs
-// (LAMB also updates its moments there), the second applies the update. Tensors are cut into fixed
-// chunks and the chunks are shared out among at::parallel_for threads by element count, so the
-// norms sum in the same order for any thread count.
+// A trust ratio needs a whole tensor's norms before any of it can be updated, so each tensor takes
+// two passes: the first reduces the norms (LAMB also updates its moments there), the second
+// applies the update. Finishing one tensor before starting the next keeps it in the last-level
+// cache for the second pass. Tensors of up to one chunk go whole to one thread; larger ones are
+// split into fixed chunks shared by all threads. Norms sum per chunk and then in chunk order, so
+// they do not depend on the thread count.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -17,75 +19,78 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 15;
 
-struct Chunk {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
+struct SumSquares {
+  double first = 0.0;
+  double second = 0.0;
 };
 
-struct Plan {
-  std::vector<Chunk> chunks;
-  std::vector<int64_t> starts;  // offset of each chunk in the concatenation of all tensors
-  int64_t total = 0;
-};
-
-Plan make_plan(const std::vector<at::Tensor>& tensors) {
-  Plan plan;
-  for (int64_t t = 0; t < static_cast<int64_t>(tensors.size()); ++t) {
-    const int64_t numel = tensors[t].numel();
-    for (int64_t begin = 0; begin < numel; begin += kChunk) {
-      plan.chunks.push_back({t, begin, std::min(begin + kChunk, numel)});
-      plan.starts.push_back(plan.total + begin);
-    }
-    plan.total += numel;
+// Runs, for each tensor t: sums = sum over its chunks of pass1(t, begin, end); ratio = ratio_of(t,
+// sums); pass2(t, begin, end, ratio) on each chunk.
+template <typename Pass1, typename RatioOf, typename Pass2>
+void two_passes(const std::vector<int64_t>& numels, const Pass1& pass1, const RatioOf& ratio_of,
+                const Pass2& pass2) {
+  std::vector<int64_t> small, large;
+  for (int64_t t = 0; t < static_cast<int64_t>(numels.size()); ++t) {
+    (numels[t] <= kChunk ? small : large).push_back(t);
   }
-  return plan;
-}
-
-template <typename F>
-void for_each_chunk(const Plan& plan, const F& f) {
-  at::parallel_for(0, plan.total, kChunk, [&](int64_t lo, int64_t hi) {
-    auto i = std::lower_bound(plan.starts.begin(), plan.starts.end(), lo) - plan.starts.begin();
-    for (; i < static_cast<int64_t>(plan.starts.size()) && plan.starts[i] < hi; ++i) {
-      f(i, plan.chunks[i]);
+  at::parallel_for(0, small.size(), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t t = small[i];
+      pass2(t, 0, numels[t], ratio_of(t, pass1(t, 0, numels[t])));
     }
   });
-}
-
-// Square roots of the per-tensor sums of the per-chunk partial sums, in chunk order.
-std::vector<float> tensor_norms(const Plan& plan, const std::vector<double>& partial, int64_t n) {
-  std::vector<double> sums(n, 0.0);
-  for (size_t i = 0; i < plan.chunks.size(); ++i) sums[plan.chunks[i].tensor] += partial[i];
-  std::vector<float> norms(n);
-  for (int64_t t = 0; t < n; ++t) norms[t] = static_cast<float>(std::sqrt(sums[t]));
-  return norms;
-}
-
-void check_like(const std::vector<at::Tensor>& tensors, const std::vector<at::Tensor>& params,
-                const char* what) {
-  TORCH_CHECK(tensors.size() == params.size(), what, ": expected ", params.size(), " tensors, got ",
-              tensors.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const auto& t = tensors[i];
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), what,
-                "[", i, "] must be a contiguous fp32 CPU tensor");
-    TORCH_CHECK(t.sizes() == params[i].sizes(), what, "[", i, "] has shape ", t.sizes(),
-                " but its parameter has shape ", params[i].sizes());
+  for (const int64_t t : large) {
+    const int64_t chunks = (numels[t] + kChunk - 1) / kChunk;
+    std::vector<SumSquares> partial(chunks);
+    at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        partial[c] = pass1(t, c * kChunk, std::min((c + 1) * kChunk, numels[t]));
+      }
+    });
+    SumSquares sums;
+    for (const auto& p : partial) {
+      sums.first += p.first;
+      sums.second += p.second;
+    }
+    const float ratio = ratio_of(t, sums);
+    at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        pass2(t, c * kChunk, std::min((c + 1) * kChunk, numels[t]), ratio);
+      }
+    });
   }
 }
 
-// Element loops over one chunk: plain pointers and by-value scalars so that they vectorise.
+std::vector<int64_t> check_and_count(const std::vector<std::vector<at::Tensor>>& lists,
+                                     const std::vector<at::Tensor>& params) {
+  for (const auto& list : lists) {
+    TORCH_CHECK(list.size() == params.size(), "expected ", params.size(), " tensors, got ",
+                list.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      const auto& t = list[i];
+      TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+                  "tensor ", i, " must be a contiguous fp32 CPU tensor");
+      TORCH_CHECK(t.sizes() == params[i].sizes(), "tensor ", i, " has shape ", t.sizes(),
+                  " but its parameter has shape ", params[i].sizes());
+    }
+  }
+  std::vector<int64_t> numels;
+  for (const auto& p : params) numels.push_back(p.numel());
+  return numels;
+}
 
-void sum_squares(const float* __restrict x, const float* __restrict y, int64_t n, double& sx,
-                 double& sy) {
+float* at_offset(const at::Tensor& t, int64_t offset) { return t.data_ptr<float>() + offset; }
+
+// The element loops take plain pointers and by-value scalars so that they vectorise.
+
+SumSquares sum_squares(const float* __restrict x, const float* __restrict y, int64_t n) {
   double a = 0.0, b = 0.0;
 #pragma omp simd reduction(+ : a, b)
   for (int64_t j = 0; j < n; ++j) {
     a += static_cast<double>(x[j]) * x[j];
     b += static_cast<double>(y[j]) * y[j];
   }
-  sx = a;
-  sy = b;
+  return {a, b};
 }
 
 void lars_update(float* __restrict w, const float* __restrict g, float* __restrict m, int64_t n,
@@ -115,9 +120,9 @@ struct AdamCoefficients {
   float beta1, beta2, inv_bc1, inv_sqrt_bc2, eps, wd;
 };
 
-// Updates the moments and returns the sums of squares of w and of u = m_hat / (sqrt(v_hat) + eps) + wd*w.
-void lamb_moments(const float* __restrict w, const float* __restrict g, float* __restrict m,
-                  float* __restrict v, int64_t n, AdamCoefficients k, double& sw, double& su) {
+// Updates the moments; returns the sums of squares of w and of u = m̂ / (sqrt(v̂) + eps) + wd*w.
+SumSquares lamb_moments(const float* __restrict w, const float* __restrict g, float* __restrict m,
+                        float* __restrict v, int64_t n, AdamCoefficients k) {
   double a = 0.0, b = 0.0;
 #pragma omp simd reduction(+ : a, b)
   for (int64_t j = 0; j < n; ++j) {
@@ -129,8 +134,7 @@ void lamb_moments(const float* __restrict w, const float* __restrict g, float* _
     a += static_cast<double>(w[j]) * w[j];
     b += static_cast<double>(u) * u;
   }
-  sw = a;
-  su = b;
+  return {a, b};
 }
 
 void lamb_update(float* __restrict w, const float* __restrict m, const float* __restrict v,
@@ -141,47 +145,42 @@ void lamb_update(float* __restrict w, const float* __restrict m, const float* __
   }
 }
 
-float* chunk_ptr(const at::Tensor& t, const Chunk& c) { return t.data_ptr<float>() + c.begin; }
-
 // You, Gitman & Ginsburg 2017, eq. 6: g' = g + wd*w; m = mu*m + ratio*g'; w -= lr*m.
 at::Tensor lars_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                      const std::vector<at::Tensor>& momentum_buffers, double lr, double momentum,
                      double weight_decay, double trust_coefficient, double eps, bool nesterov,
                      bool trust_clip, bool adapt) {
-  const int64_t n = params.size();
-  check_like(params, params, "params");
-  check_like(grads, params, "grads");
-  if (momentum != 0.0) check_like(momentum_buffers, params, "momentum_buffers");
-  const Plan plan = make_plan(params);
+  const bool has_momentum = momentum != 0.0;
+  const auto numels = has_momentum ? check_and_count({params, grads, momentum_buffers}, params)
+                                   : check_and_count({params, grads}, params);
+  at::Tensor ratios = at::ones({static_cast<int64_t>(params.size())}, at::kFloat);
+  float* ratio = ratios.data_ptr<float>();
   const float wd = weight_decay;
 
-  at::Tensor ratios = at::ones({n}, at::kFloat);
-  float* ratio = ratios.data_ptr<float>();
-  if (adapt) {
-    std::vector<double> w_sq(plan.chunks.size()), g_sq(plan.chunks.size());
-    for_each_chunk(plan, [&](int64_t i, const Chunk& c) {
-      sum_squares(chunk_ptr(params[c.tensor], c), chunk_ptr(grads[c.tensor], c), c.end - c.begin,
-                  w_sq[i], g_sq[i]);
-    });
-    const auto w_norm = tensor_norms(plan, w_sq, n), g_norm = tensor_norms(plan, g_sq, n);
-    for (int64_t t = 0; t < n; ++t) {
-      if (w_norm[t] > 0 && g_norm[t] > 0) {
-        const float r = static_cast<float>(trust_coefficient) * w_norm[t] /
-                        (g_norm[t] + wd * w_norm[t] + static_cast<float>(eps));
-        ratio[t] = trust_clip ? std::min(r / static_cast<float>(lr), 1.0f) : r;
-      }
-    }
-  }
-
-  for_each_chunk(plan, [&](int64_t, const Chunk& c) {
-    float* m = momentum == 0.0 ? nullptr : chunk_ptr(momentum_buffers[c.tensor], c);
-    lars_update(chunk_ptr(params[c.tensor], c), chunk_ptr(grads[c.tensor], c), m, c.end - c.begin,
-                lr, momentum, wd, ratio[c.tensor], nesterov);
-  });
+  two_passes(
+      numels,
+      [&](int64_t t, int64_t begin, int64_t end) {
+        if (!adapt) return SumSquares{};
+        return sum_squares(at_offset(params[t], begin), at_offset(grads[t], begin), end - begin);
+      },
+      [&](int64_t t, SumSquares sums) {
+        const float w_norm = std::sqrt(sums.first), g_norm = std::sqrt(sums.second);
+        if (adapt && w_norm > 0 && g_norm > 0) {
+          const float r = static_cast<float>(trust_coefficient) * w_norm /
+                          (g_norm + wd * w_norm + static_cast<float>(eps));
+          ratio[t] = trust_clip ? std::min(r / static_cast<float>(lr), 1.0f) : r;
+        }
+        return ratio[t];
+      },
+      [&](int64_t t, int64_t begin, int64_t end, float r) {
+        lars_update(at_offset(params[t], begin), at_offset(grads[t], begin),
+                    has_momentum ? at_offset(momentum_buffers[t], begin) : nullptr, end - begin,
+                    lr, momentum, wd, r, nesterov);
+      });
   return ratios;
 }
 
-// You et al. 2019, Algorithm 2: u = m_hat / (sqrt(v_hat) + eps) + wd*w; w -= lr * ||w||/||u|| * u.
+// You et al. 2019, Algorithm 2: u = m̂ / (sqrt(v̂) + eps) + wd*w; w -= lr * ||w||/||u|| * u.
 at::Tensor lamb_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                      const std::vector<at::Tensor>& exp_avgs,
                      const std::vector<at::Tensor>& exp_avg_sqs,
@@ -189,15 +188,11 @@ at::Tensor lamb_step(const std::vector<at::Tensor>& params, const std::vector<at
                      const std::vector<double>& bias_correction2, double lr, double beta1,
                      double beta2, double eps, double weight_decay,
                      std::optional<double> trust_clip, bool adapt) {
+  const auto numels = check_and_count({params, grads, exp_avgs, exp_avg_sqs}, params);
   const int64_t n = params.size();
-  check_like(params, params, "params");
-  check_like(grads, params, "grads");
-  check_like(exp_avgs, params, "exp_avgs");
-  check_like(exp_avg_sqs, params, "exp_avg_sqs");
   TORCH_CHECK(static_cast<int64_t>(bias_correction1.size()) == n &&
                   static_cast<int64_t>(bias_correction2.size()) == n,
               "expected one bias correction per parameter");
-  const Plan plan = make_plan(params);
   std::vector<AdamCoefficients> coefficients(n);
   for (int64_t t = 0; t < n; ++t) {
     coefficients[t] = {static_cast<float>(beta1),
@@ -207,31 +202,29 @@ at::Tensor lamb_step(const std::vector<at::Tensor>& params, const std::vector<at
                        static_cast<float>(eps),
                        static_cast<float>(weight_decay)};
   }
-
-  std::vector<double> w_sq(plan.chunks.size()), u_sq(plan.chunks.size());
-  for_each_chunk(plan, [&](int64_t i, const Chunk& c) {
-    lamb_moments(chunk_ptr(params[c.tensor], c), chunk_ptr(grads[c.tensor], c),
-                 chunk_ptr(exp_avgs[c.tensor], c), chunk_ptr(exp_avg_sqs[c.tensor], c),
-                 c.end - c.begin, coefficients[c.tensor], w_sq[i], u_sq[i]);
-  });
-
   at::Tensor ratios = at::ones({n}, at::kFloat);
   float* ratio = ratios.data_ptr<float>();
-  if (adapt) {
-    const auto w_norm = tensor_norms(plan, w_sq, n), u_norm = tensor_norms(plan, u_sq, n);
-    for (int64_t t = 0; t < n; ++t) {
-      if (w_norm[t] > 0 && u_norm[t] > 0) {
-        const float r = w_norm[t] / u_norm[t];
-        ratio[t] = trust_clip ? std::clamp(r, 0.0f, static_cast<float>(*trust_clip)) : r;
-      }
-    }
-  }
 
-  for_each_chunk(plan, [&](int64_t, const Chunk& c) {
-    lamb_update(chunk_ptr(params[c.tensor], c), chunk_ptr(exp_avgs[c.tensor], c),
-                chunk_ptr(exp_avg_sqs[c.tensor], c), c.end - c.begin, coefficients[c.tensor],
-                static_cast<float>(lr) * ratio[c.tensor]);
-  });
+  two_passes(
+      numels,
+      [&](int64_t t, int64_t begin, int64_t end) {
+        return lamb_moments(at_offset(params[t], begin), at_offset(grads[t], begin),
+                            at_offset(exp_avgs[t], begin), at_offset(exp_avg_sqs[t], begin),
+                            end - begin, coefficients[t]);
+      },
+      [&](int64_t t, SumSquares sums) {
+        const float w_norm = std::sqrt(sums.first), u_norm = std::sqrt(sums.second);
+        if (adapt && w_norm > 0 && u_norm > 0) {
+          const float r = w_norm / u_norm;
+          ratio[t] = trust_clip ? std::clamp(r, 0.0f, static_cast<float>(*trust_clip)) : r;
+        }
+        return ratio[t];
+      },
+      [&](int64_t t, int64_t begin, int64_t end, float r) {
+        lamb_update(at_offset(params[t], begin), at_offset(exp_avgs[t], begin),
+                    at_offset(exp_avg_sqs[t], begin), end - begin, coefficients[t],
+                    static_cast<float>(lr) * r);
+      });
   return ratios;
 }
 
