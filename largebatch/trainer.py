@@ -49,7 +49,7 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
     batches = iter(loader)
     loss_sum = torch.zeros((), device=info.device)
     start = last_log = time.perf_counter()
-    last_logged_step, record = 0, {}
+    last_logged_step, record, eval_s = 0, {}, 0.0
 
     for step in range(1, job.total_steps + 1):
         engine.model.train()
@@ -82,18 +82,19 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
             }
             if eval_now:
                 record.update({f"eval/{k}": v for k, v in evaluate(engine.module, job.task.eval, info).items()})
+                eval_s += time.perf_counter() - now
             tracker.log(record)
             last_log, last_logged_step = time.perf_counter(), step
         loss_sum.zero_()
 
-    train_s = time.perf_counter() - start
+    wall_s = time.perf_counter() - start
     summary = {
         "steps": job.total_steps,
         "samples": job.total_steps * plan.global_batch,
         "final_loss": record["loss"],
         "eval": {k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")},
-        "wall_s": train_s,
-        "samples_per_s": job.total_steps * plan.global_batch / train_s,
+        "wall_s": wall_s,
+        "samples_per_s": job.total_steps * plan.global_batch / (wall_s - eval_s),
         "world_size": plan.world_size,
         "global_batch": plan.global_batch,
         "micro_batch": plan.micro_batch,
