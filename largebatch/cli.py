@@ -56,7 +56,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="largebatch", description=__doc__)
+    parser = _Parser(prog="largebatch", description="Distributed large-batch training with one global-batch contract.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a config, alone or under torchrun")
