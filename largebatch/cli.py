@@ -8,7 +8,7 @@ import sys
 from typing import NoReturn
 
 from largebatch import config
-from largebatch.errors import UserError
+from largebatch.errors import TrainingStopped, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,9 +33,9 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         dist.teardown()
     if info.is_main:
-        acc = summary["eval"].get("accuracy")
         print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-              f"held-out accuracy {acc:.4f}, {summary['samples_per_s']:.0f} samples/s; run dir {cfg.run_dir}")
+              f"held-out accuracy {summary['eval']['accuracy']:.4f}, {summary['samples_per_s']:.0f} samples/s; "
+              f"run dir {cfg.run_dir}")
     return 0
 
 
@@ -83,5 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"largebatch: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"largebatch: stopped: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -24,6 +24,8 @@ class RunConfig:
     """Seeds model init, data order and any randomness in the task."""
     deterministic: bool = False
     """Turn on torch's deterministic algorithms (slower on some ops)."""
+    resume: str = "auto"
+    """auto (latest good checkpoint in run.dir, if any), never, or a checkpoint or run directory."""
 
 
 @dataclass
@@ -124,6 +126,12 @@ class TrainConfig:
     """Evaluate every N steps; 0 evaluates only at the end."""
     log_every: int = 10
     """Write a metrics.jsonl record (and reduce metrics across ranks) every N steps."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every N steps and at the end; 0 saves none."""
+    checkpoint_keep: int = 3
+    """Keep the newest N checkpoints."""
+    nonfinite: str = "skip"
+    """A NaN/inf loss or gradient: skip the step (counted and logged) or stop the run."""
 
 
 @dataclass
@@ -178,12 +186,14 @@ def validate(cfg: Config) -> None:
     check_choice("optim.scaling", cfg.optim.scaling, ("linear", "sqrt", "none"))
     check_choice("schedule.name", cfg.schedule.name, ("constant", "cosine", "step", "poly"))
     check_choice("train.precision", cfg.train.precision, ("fp32", "bf16", "fp16"))
+    check_choice("train.nonfinite", cfg.train.nonfinite, ("skip", "stop"))
     positive = {
         "data.size": cfg.data.size, "data.eval_size": cfg.data.eval_size, "data.classes": cfg.data.classes,
         "model.width": cfg.model.width, "model.depth": cfg.model.depth,
         "optim.lr": cfg.optim.lr, "optim.reference_batch": cfg.optim.reference_batch,
         "train.steps": cfg.train.steps, "train.epochs": cfg.train.epochs, "train.log_every": cfg.train.log_every,
         "train.clip_grad_norm": cfg.train.clip_grad_norm, "schedule.power": cfg.schedule.power,
+        "train.checkpoint_keep": cfg.train.checkpoint_keep,
     }
     for key, value in positive.items():
         if value is not None and value <= 0:
@@ -191,6 +201,7 @@ def validate(cfg: Config) -> None:
     non_negative = {
         "optim.weight_decay": cfg.optim.weight_decay, "optim.momentum": cfg.optim.momentum,
         "data.workers": cfg.data.workers, "train.eval_every": cfg.train.eval_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
         "schedule.warmup_steps": cfg.schedule.warmup_steps, "schedule.warmup_epochs": cfg.schedule.warmup_epochs,
     }
     for key, value in non_negative.items():

@@ -1,10 +1,22 @@
 """The one exception type for mistakes a user can make and fix."""
 
 import difflib
+import os
+import sys
 
 
 class UserError(Exception):
     """Bad config, CLI value, file or batch plan; the CLI prints it as one line and exits 2."""
+
+
+class TrainingStopped(Exception):
+    """The run stopped itself for a stated reason (e.g. a non-finite gradient with train.nonfinite=stop)."""
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr, from rank 0 only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"largebatch: warning: {message}", file=sys.stderr, flush=True)
 
 
 def check_choice(key: str, value: str, options: list[str] | tuple[str, ...]) -> str:

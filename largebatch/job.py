@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from largebatch import batch, data, models, optim
+from largebatch import batch, checkpoint, data, models, optim
 from largebatch.config import Config
 from largebatch.errors import UserError
 from largebatch.optim.scaling import peak_lr
@@ -21,6 +23,15 @@ class Job:
     total_steps: int
     warmup_steps: int
     peak_lr: float
+    resume_from: Path | None
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must share with the run that resumes it; world size and micro-batch may change."""
+        c = self.cfg
+        fixed = {"batch.global_size": self.plan.global_batch, "run.seed": c.run.seed, "optim.name": c.optim.name}
+        for section in ("data", "model"):
+            fixed |= {f"{section}.{k}": v for k, v in dataclasses.asdict(getattr(c, section)).items() if k != "workers"}
+        return fixed
 
     def derived(self) -> dict[str, Any]:
         """The values written beside the config in config.yaml."""
@@ -58,4 +69,24 @@ def prepare(cfg: Config, world_size: int) -> Job:
             f"shorten schedule.warmup_steps/warmup_epochs or train longer"
         )
     lr = peak_lr(cfg.optim.lr, plan.global_batch, cfg.optim.reference_batch, cfg.optim.scaling)
-    return Job(cfg, task, plan, steps_per_epoch, total_steps, warmup_steps, lr)
+    job = Job(cfg, task, plan, steps_per_epoch, total_steps, warmup_steps, lr, None)
+    job.resume_from = _resume_point(job)
+    return job
+
+
+def _resume_point(job: Job) -> Path | None:
+    """The checkpoint to resume from (per run.resume), checked against this run's identity."""
+    resume = job.cfg.run.resume
+    if resume == "never":
+        return None
+    path = checkpoint.latest_good(job.cfg.run_dir) if resume == "auto" else checkpoint.check_explicit(Path(resume))
+    if path is None:
+        return None
+    saved = checkpoint.manifest(path)["meta"]
+    for key, value in job.identity().items():
+        if saved.get(key) != value:
+            raise UserError(
+                f"checkpoint {path} was trained with {key}={saved.get(key)}, this config has {value}; "
+                f"use the same config, or run.resume=never (or another run.dir) to start afresh"
+            )
+    return path

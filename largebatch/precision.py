@@ -22,16 +22,17 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], clip: float | None,
-             want_norm: bool) -> torch.Tensor | None:
-        """Unscale, clip the (already all-reduced) gradient, step; returns the pre-clip norm when asked or clipping."""
+    def unscale_and_clip(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                         clip: float | None) -> torch.Tensor:
+        """Unscale the (already all-reduced) gradients and clip them; returns the global norm before clipping."""
         self.scaler.unscale_(optimizer)
-        norm = None
         if clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-        elif want_norm:
-            grads = [p.grad for p in params if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        self.scaler.step(optimizer)
+            return torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        grads = [p.grad for p in params if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+    def step(self, optimizer: torch.optim.Optimizer, skip: bool) -> None:
+        """Step unless `skip` (a non-finite gradient); the fp16 loss scale is updated either way."""
+        if not skip:
+            self.scaler.step(optimizer)
         self.scaler.update()
-        return norm

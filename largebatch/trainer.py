@@ -5,107 +5,153 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from largebatch import config, models, optim
+from largebatch import checkpoint, config, models, optim
 from largebatch.batch import GlobalBatchSampler
 from largebatch.data import ArrayDataset, keep_batch
 from largebatch.dist import DistInfo, all_reduce_sum
 from largebatch.engine.ddp import DDPEngine
+from largebatch.errors import TrainingStopped, warn
 from largebatch.job import Job
 from largebatch.optim.schedules import Schedule
 from largebatch.precision import Precision
 from largebatch.track import Tracker
 
 
-def fit(job: Job, info: DistInfo) -> dict[str, Any]:
-    """Train `job` on this rank (process group already joined); rank 0 writes the run directory. Returns the summary."""
-    cfg, plan = job.cfg, job.plan
-    torch.manual_seed(cfg.run.seed)
-    torch.use_deterministic_algorithms(cfg.run.deterministic)
-    run_dir = cfg.run_dir
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.dump(cfg, job.derived(), run_dir / "config.yaml")
-        print(f"{plan.describe()}; peak lr {job.peak_lr:.6g}; {job.total_steps} steps "
-              f"({job.steps_per_epoch} per epoch), warmup {job.warmup_steps}", flush=True)
+@dataclass
+class TrainState:
+    """Everything a checkpoint must hold to resume bit-exactly; the data position is `step` itself."""
 
+    engine: DDPEngine
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: Precision
+    step: int = 0
+    nonfinite_steps: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.engine.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict(),
+            "rng": torch.get_rng_state(), "step": self.step, "nonfinite_steps": self.nonfinite_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        self.step, self.nonfinite_steps = state["step"], state["nonfinite_steps"]
+
+
+def build_state(job: Job, info: DistInfo) -> TrainState:
+    cfg = job.cfg
+    torch.manual_seed(cfg.run.seed)
     engine = DDPEngine(models.build(cfg.model, job.task.input_shape, job.task.num_classes), info)
-    params = [p for p in engine.module.parameters() if p.requires_grad]
     optimizer = optim.build(engine.module, cfg.optim, job.peak_lr)
     schedule = Schedule(cfg.schedule, job.total_steps, job.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
-    precision = Precision(cfg.train.precision, info.device)
-    sampler = GlobalBatchSampler(len(job.task.train), plan, info.rank, cfg.run.seed, job.total_steps)
-    loader = torch.utils.data.DataLoader(
+    state = TrainState(engine, optimizer, scheduler, Precision(cfg.train.precision, info.device))
+    if job.resume_from is not None:
+        state.load_state_dict(checkpoint.load(job.resume_from))
+    return state
+
+
+def fit(job: Job, info: DistInfo) -> dict[str, Any]:
+    """Train `job` on this rank (process group already joined); rank 0 writes the run directory. Returns the summary."""
+    cfg, plan = job.cfg, job.plan
+    torch.use_deterministic_algorithms(cfg.run.deterministic)
+    if info.is_main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        config.dump(cfg, job.derived(), cfg.run_dir / "config.yaml")
+        print(f"{plan.describe()}; peak lr {job.peak_lr:.6g}; {job.total_steps} steps "
+              f"({job.steps_per_epoch} per epoch), warmup {job.warmup_steps}", flush=True)
+    s = build_state(job, info)
+    if job.resume_from is not None and info.is_main:
+        print(f"resuming from {job.resume_from} at step {s.step}", flush=True)
+    model, params = s.engine.model, [p for p in s.engine.module.parameters() if p.requires_grad]
+    sampler = GlobalBatchSampler(len(job.task.train), plan, info.rank, cfg.run.seed, job.total_steps, s.step)
+    batches = iter(torch.utils.data.DataLoader(
         job.task.train, batch_sampler=sampler, collate_fn=keep_batch, num_workers=cfg.data.workers,
         pin_memory=info.device.type == "cuda",
-    )
-    tracker = Tracker(run_dir, info.is_main, cfg.logging.progress, job.total_steps)
-    batches = iter(loader)
+    ))
+    tracker = Tracker(cfg.run_dir, info.is_main, cfg.logging.progress, job.total_steps, s.step)
     loss_sum = torch.zeros((), device=info.device)
     start = last_log = time.perf_counter()
-    last_logged_step, record, eval_s = 0, {}, 0.0
+    first_step = last_logged_step = s.step
+    eval_s = 0.0
 
-    for step in range(1, job.total_steps + 1):
-        engine.model.train()
+    while s.step < job.total_steps:
+        model.train()
         for micro_step in range(plan.accum_steps):
             x, y = (t.to(info.device, non_blocking=True) for t in next(batches))
-            engine.sync_gradients(micro_step == plan.accum_steps - 1)
-            with precision.autocast():
+            s.engine.sync_gradients(micro_step == plan.accum_steps - 1)
+            with s.precision.autocast():
                 # Sum over the micro-batch / examples per rank per step; DDP's mean over ranks then
                 # makes the gradient the mean over the global batch, whatever the split.
-                loss = F.cross_entropy(engine.model(x), y, reduction="sum") / plan.per_rank
-            precision.backward(loss)
+                loss = F.cross_entropy(model(x), y, reduction="sum") / plan.per_rank
+            s.precision.backward(loss)
             loss_sum += loss.detach()
-        log_now = step % cfg.train.log_every == 0 or step == job.total_steps
-        eval_now = (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == job.total_steps
-        grad_norm = precision.step(optimizer, params, cfg.train.clip_grad_norm, want_norm=log_now)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = s.precision.unscale_and_clip(s.optimizer, params, cfg.train.clip_grad_norm)
+        finite = bool(torch.isfinite(grad_norm))
+        if not finite and cfg.train.nonfinite == "stop":
+            raise TrainingStopped(f"non-finite gradient at step {s.step + 1} (train.nonfinite=stop); "
+                                  f"lower optim.lr, set train.clip_grad_norm or use train.precision=fp32")
+        s.precision.step(s.optimizer, skip=not finite)
+        s.nonfinite_steps += not finite
+        lr = s.scheduler.get_last_lr()[0]
+        s.scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        s.step += 1
 
-        if log_now or eval_now:
+        last = s.step == job.total_steps
+        eval_now = (cfg.train.eval_every and s.step % cfg.train.eval_every == 0) or last
+        if s.step % cfg.train.log_every == 0 or eval_now or not finite:
             now = time.perf_counter()
             record = {
-                "step": step,
-                "samples": step * plan.global_batch,
-                "epoch": step / job.steps_per_epoch,
-                "loss": all_reduce_sum(loss_sum).item() / info.world_size,
-                "lr": lr,
-                "grad_norm": grad_norm.item() if grad_norm is not None else None,
-                "samples_per_s": (step - last_logged_step) * plan.global_batch / (now - last_log),
+                "step": s.step, "samples": s.step * plan.global_batch, "epoch": s.step / job.steps_per_epoch,
+                "loss": all_reduce_sum(loss_sum).item() / info.world_size, "lr": lr, "grad_norm": grad_norm.item(),
+                "samples_per_s": (s.step - last_logged_step) * plan.global_batch / (now - last_log),
+                "nonfinite_steps": s.nonfinite_steps,
             }
             if eval_now:
-                record.update({f"eval/{k}": v for k, v in evaluate(engine.module, job.task.eval, info).items()})
+                record.update({f"eval/{k}": v for k, v in evaluate(s.engine.module, job.task.eval, info).items()})
                 eval_s += time.perf_counter() - now
             tracker.log(record)
-            last_log, last_logged_step = time.perf_counter(), step
+            last_log, last_logged_step = time.perf_counter(), s.step
         loss_sum.zero_()
+        if cfg.train.checkpoint_every and (s.step % cfg.train.checkpoint_every == 0 or last) and info.is_main:
+            checkpoint.save(cfg.run_dir, s.step, s.state_dict(), job.identity(), cfg.train.checkpoint_keep)
 
+    if s.nonfinite_steps:
+        warn(f"{s.nonfinite_steps} step(s) had a non-finite loss or gradient and were skipped")
     wall_s = time.perf_counter() - start
     summary = {
         "steps": job.total_steps,
         "samples": job.total_steps * plan.global_batch,
-        "final_loss": record["loss"],
-        "eval": {k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")},
+        "final_loss": tracker.last.get("loss"),
+        "eval": {k.removeprefix("eval/"): v for k, v in tracker.last.items() if k.startswith("eval/")},
         "wall_s": wall_s,
-        "samples_per_s": job.total_steps * plan.global_batch / (wall_s - eval_s),
+        "samples_per_s": (job.total_steps - first_step) * plan.global_batch / max(wall_s - eval_s, 1e-9),
         "world_size": plan.world_size,
         "global_batch": plan.global_batch,
         "micro_batch": plan.micro_batch,
         "accum_steps": plan.accum_steps,
         "peak_lr": job.peak_lr,
-        "params_sha256": params_sha256(engine.module),
+        "nonfinite_steps": s.nonfinite_steps,
+        "params_sha256": params_sha256(s.engine.module),
     }
     tracker.close()
     if info.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        torch.save(engine.module.state_dict(), run_dir / "model.pt")
+        (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        torch.save(s.engine.module.state_dict(), cfg.run_dir / "model.pt")
     return summary
 
 

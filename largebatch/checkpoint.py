@@ -1,0 +1,120 @@
+"""Checkpoints that survive kill -9: atomic directories with a checksum manifest, verified on load.
+
+Layout: `<run.dir>/checkpoints/step_00000100/{state.pt, manifest.json}`. A checkpoint is written
+into a temporary sibling directory, every file fsynced, the manifest written last, then renamed
+into place, so a directory named `step_*` is complete or absent. Loading re-hashes every file, and
+`latest_good` falls back to the previous checkpoint when the newest is truncated or corrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from largebatch.errors import UserError, warn
+
+STATE = "state.pt"
+MANIFEST = "manifest.json"
+PREFIX = "step_"
+
+
+def directory(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def save(run_dir: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
+    """Write `state` for `step` atomically (with `meta` in the manifest), then keep only the newest `keep`."""
+    parent = directory(run_dir)
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / f"{PREFIX}{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=parent))
+    with (tmp / STATE).open("wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    manifest = {"step": step, "meta": meta, "files": {STATE: _sha256(tmp / STATE)}}
+    with (tmp / MANIFEST).open("w") as f:
+        json.dump(manifest, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(parent)
+    for old in sorted(parent.glob(f"{PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint at `path` is complete and its checksums match, else what is wrong."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return "no manifest.json (incomplete or not a checkpoint)"
+    except (ValueError, KeyError, TypeError):
+        return "manifest.json is unreadable"
+    for name, digest in files.items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if _sha256(path / name) != digest:
+            return f"{name} does not match its checksum (truncated or corrupt)"
+    return None
+
+
+def latest_good(run_dir: Path) -> Path | None:
+    """The newest checkpoint in `run_dir` that verifies; each bad newer one is reported in one line."""
+    for path in sorted(directory(run_dir).glob(f"{PREFIX}*"), reverse=True):
+        problem = verify(path)
+        if problem is None:
+            return path
+        warn(f"skipping checkpoint {path}: {problem}")
+    return None
+
+
+def check_explicit(path: Path) -> Path:
+    """A user-named checkpoint (run.resume=PATH) must exist and verify; a run directory means its latest good one."""
+    if not path.exists():
+        raise UserError(f"run.resume={path} does not exist; give a checkpoint directory, a run directory, auto or never")
+    if directory(path).is_dir():
+        found = latest_good(path)
+        if found is None:
+            raise UserError(f"run.resume={path} has no complete checkpoint in {directory(path)}")
+        return found
+    problem = verify(path)
+    if problem:
+        raise UserError(f"checkpoint {path} is unusable: {problem}; pick an older one under checkpoints/")
+    return path
+
+
+def load(path: Path) -> dict[str, Any]:
+    return torch.load(path / STATE, map_location="cpu", weights_only=True)
+
+
+def manifest(path: Path) -> dict[str, Any]:
+    """`step` and `meta` (what the run was: batch plan, model, data) of a verified checkpoint, without loading it."""
+    return json.loads((path / MANIFEST).read_text())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
