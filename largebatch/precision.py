@@ -8,10 +8,10 @@ import torch
 
 
 class Precision:
-    def __init__(self, name: str, device: torch.device) -> None:
+    def __init__(self, name: str, device: torch.device, init_scale: float = 65536.0) -> None:
         self.name = name
         self.device_type = device.type
-        self.scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=name == "fp16")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.name == "fp32":

@@ -35,14 +35,20 @@ def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, 
 
 @dataclass
 class Task:
+    """Train/eval data; labels are classes per example, or per token for language modelling."""
+
     train: ArrayDataset
     eval: ArrayDataset
     input_shape: tuple[int, ...]
     num_classes: int
+    items_per_example: int = 1
+    """Loss terms per example (tokens per window for text); the loss is averaged over all of them."""
 
 
 def build(cfg: DataConfig) -> Task:
-    from largebatch.data import digits, synthetic
+    from largebatch.data import digits, synthetic, text
 
-    builders: dict[str, Callable[[DataConfig], Task]] = {"synthetic": synthetic.build, "digits": digits.build}
+    builders: dict[str, Callable[[DataConfig], Task]] = {
+        "synthetic": synthetic.build, "digits": digits.build, "text": text.build,
+    }
     return builders[check_choice("data.name", cfg.name, list(builders))](cfg)

@@ -1,0 +1,87 @@
+"""Mixed precision, gradient checkpointing and norm choice (issue: memory and precision)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import cli, metrics, train
+from largebatch import models
+from largebatch.config import ModelConfig
+
+QUICK = ("--config", "configs/quickstart.yaml")
+
+
+@pytest.fixture(scope="module")
+def fp32_curve(tmp_path_factory):
+    run = tmp_path_factory.mktemp("fp32")
+    train(run, "train.epochs=30", "train.precision=fp32", config=QUICK[1])
+    return [r["loss"] for r in metrics(run)]
+
+
+@pytest.mark.parametrize("precision, tolerance", [("bf16", 0.05), ("fp16", 0.02)])
+def test_mixed_precision_tracks_the_fp32_loss_curve(run_dirs, fp32_curve, precision, tolerance):
+    """Stated tolerance: every logged loss within `tolerance` absolute of fp32 on the quickstart task (30 epochs)."""
+    run = run_dirs(precision)
+    summary = train(run, "train.epochs=30", f"train.precision={precision}", config=QUICK[1])
+    curve = [r["loss"] for r in metrics(run)]
+    assert len(curve) == len(fp32_curve)
+    assert max(abs(a - b) for a, b in zip(curve, fp32_curve)) <= tolerance
+    assert summary["nonfinite_steps"] == 0
+
+
+def test_fp16_overflow_is_skipped_and_counted_by_the_loss_scale(run_dirs):
+    """An fp16 loss scale of 2^40 overflows the first gradients: those steps are skipped, counted, and training recovers."""
+    run = run_dirs("fp16_overflow")
+    summary = train(run, "data.size=512", "model.width=32", "train.steps=40", "train.log_every=1",
+                    "train.precision=fp16", "train.fp16_init_scale=1e12")
+    assert summary["nonfinite_steps"] > 0
+    assert all(torch.isfinite(t).all() for t in torch.load(run / "model.pt").values())
+    losses = [r["loss"] for r in metrics(run)]
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name, shape, inputs", [
+    ("resnet", (3, 8, 8), lambda: torch.randn(6, 3, 8, 8)),
+    ("gpt", (16,), lambda: torch.randint(0, 256, (6, 16))),
+])
+@pytest.mark.parametrize("every", [True, 2])
+def test_checkpointed_and_plain_models_give_equal_gradients(name, shape, inputs, every):
+    cfg = ModelConfig(name=name, norm="group", width=16, depth=2, heads=2)
+    torch.manual_seed(0)
+    plain = models.build(cfg, shape, 256 if name == "gpt" else 10)
+    torch.manual_seed(0)
+    checkpointed = models.build(ModelConfig(**{**vars(cfg), "grad_checkpointing": every}), shape, 256 if name == "gpt" else 10)
+    assert any(type(m).__name__ == "Checkpointed" for m in checkpointed.modules())
+    x = inputs()
+    for model in (plain, checkpointed):
+        model.train()
+        model(x).float().square().mean().backward()
+    grads_plain = [p.grad for p in plain.parameters()]
+    grads_ckpt = [p.grad for p in checkpointed.parameters()]
+    assert len(grads_plain) == len(grads_ckpt)
+    for a, b in zip(grads_plain, grads_ckpt):
+        torch.testing.assert_close(a, b)
+
+
+def test_checkpointing_under_ddp_with_accumulation_and_bf16_matches_without(run_dirs):
+    common = ("data.name=text", "model.name=gpt", "model.width=32", "model.depth=2", "model.heads=2",
+              "data.context=16", "batch.global_size=16", "batch.micro_size=4", "optim.name=adamw", "optim.lr=1e-3",
+              "optim.scaling=none", "train.steps=6", "train.log_every=1", "train.precision=bf16")
+    a, b = run_dirs("plain"), run_dirs("ckpt")
+    train(a, *common, nproc=2)
+    train(b, *common, "model.grad_checkpointing=true", nproc=2)
+    for x, y in zip(metrics(a), metrics(b)):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+
+
+def test_syncbatchnorm_on_cpu_is_a_one_line_error():
+    result = cli("train", "data.name=digits", "model.name=resnet", "model.norm=syncbatch")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("largebatch: error: model.norm=syncbatch needs CUDA (SyncBatchNorm runs on NCCL); "
+                                     "use batch or group on CPU")
+
+
+def test_grad_checkpointing_on_a_model_without_blocks_is_a_one_line_error():
+    result = cli("train", "model.grad_checkpointing=true")
+    assert result.returncode == 2 and "needs a model with blocks" in result.stderr
