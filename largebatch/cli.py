@@ -5,15 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import NoReturn
 
 from largebatch import config
-from largebatch.errors import TrainingStopped, UserError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message} (see '{self.prog} --help')")
+from largebatch.errors import ArgumentParser, TrainingStopped, UserError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -55,9 +49,15 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.run(args.what, args.rest)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from largebatch import report
+
+    return report.main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="largebatch", description="Distributed large-batch training with one global-batch contract.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = ArgumentParser(prog="largebatch", description="Distributed large-batch training with one global-batch contract.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     train = commands.add_parser("train", help="train a config, alone or under torchrun")
     _add_config_args(train)
@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", help="which benchmark: loop")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     bench.set_defaults(func=_bench)
+
+    report = commands.add_parser("report", help="PNG plots and one HTML page from run directories", add_help=False)
+    report.add_argument("rest", nargs=argparse.REMAINDER, help="RUN_DIR... [--out DIR] (see 'largebatch report --help')")
+    report.set_defaults(func=_report)
     return parser
 
 

@@ -31,7 +31,7 @@ class RunConfig:
 @dataclass
 class DataConfig:
     name: str = "synthetic"
-    """Dataset: synthetic (teacher-labelled Gaussian inputs) or digits (8×8 handwritten digits, shipped)."""
+    """Dataset: synthetic (teacher-labelled Gaussian inputs), digits (8×8 handwritten digits) or text (bytes of Python's docs); nothing is downloaded."""
     seed: int = 0
     """Seeds data generation and the held-out split, independently of run.seed."""
     size: int = 8192
@@ -45,7 +45,9 @@ class DataConfig:
     label_noise: float = 0.0
     """synthetic: fraction of labels replaced by a random class."""
     eval_fraction: float = 0.2
-    """digits: fraction held out for evaluation."""
+    """digits, text: fraction held out for evaluation."""
+    context: int = 64
+    """text: bytes per example (the model's context length)."""
     workers: int = 0
     """DataLoader worker processes per rank; results do not depend on it."""
 
@@ -53,13 +55,17 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "mlp"
-    """Model: mlp or resnet (a small ResNet-style CNN for image-shaped inputs)."""
+    """Model: mlp, resnet (a small ResNet for image-shaped inputs) or gpt (a small causal transformer for text)."""
     norm: str = "none"
-    """Normalisation layers: batch, group, layer or none."""
+    """Normalisation: batch, syncbatch (BatchNorm synchronised across ranks; CUDA only), group, layer or none."""
     width: int = 256
-    """mlp: hidden units; resnet: channels of the first stage."""
+    """mlp: hidden units; resnet: channels of the first stage; gpt: embedding size."""
     depth: int = 2
-    """mlp: hidden layers; resnet: residual blocks per stage."""
+    """mlp: hidden layers; resnet: residual blocks per stage; gpt: transformer blocks."""
+    heads: int = 4
+    """gpt: attention heads (must divide model.width)."""
+    grad_checkpointing: bool | int = False
+    """Recompute activations in backward: true for every block, N for every N-th (resnet, gpt)."""
 
 
 @dataclass
@@ -130,6 +136,8 @@ class TrainConfig:
     """Save a checkpoint every N steps and at the end; 0 saves none."""
     checkpoint_keep: int = 3
     """Keep the newest N checkpoints."""
+    fp16_init_scale: float = 65536.0
+    """fp16: initial loss scale of the GradScaler (halved on overflow, doubled after 2000 good steps)."""
     nonfinite: str = "skip"
     """A NaN/inf loss or gradient: skip the step (counted and logged) or stop the run."""
 
@@ -138,6 +146,10 @@ class TrainConfig:
 class LoggingConfig:
     progress: bool = True
     """Print a progress line on rank 0 at every log step."""
+    wandb: str = "disabled"
+    """Mirror metrics to Weights & Biases from rank 0: disabled, offline or online (WANDB_* variables win)."""
+    project: str | None = None
+    """wandb project (default largebatch)."""
 
 
 @dataclass
@@ -182,18 +194,21 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def validate(cfg: Config) -> None:
     """Checks that need no data or torch: choices and value ranges."""
-    check_choice("model.norm", cfg.model.norm, ("batch", "group", "layer", "none"))
+    check_choice("model.norm", cfg.model.norm, ("batch", "syncbatch", "group", "layer", "none"))
     check_choice("optim.scaling", cfg.optim.scaling, ("linear", "sqrt", "none"))
     check_choice("schedule.name", cfg.schedule.name, ("constant", "cosine", "step", "poly"))
     check_choice("train.precision", cfg.train.precision, ("fp32", "bf16", "fp16"))
     check_choice("train.nonfinite", cfg.train.nonfinite, ("skip", "stop"))
+    check_choice("logging.wandb", cfg.logging.wandb, ("disabled", "offline", "online"))
     positive = {
         "data.size": cfg.data.size, "data.eval_size": cfg.data.eval_size, "data.classes": cfg.data.classes,
-        "model.width": cfg.model.width, "model.depth": cfg.model.depth,
+        "model.width": cfg.model.width, "model.depth": cfg.model.depth, "model.heads": cfg.model.heads,
+        "data.context": cfg.data.context,
         "optim.lr": cfg.optim.lr, "optim.reference_batch": cfg.optim.reference_batch,
         "train.steps": cfg.train.steps, "train.epochs": cfg.train.epochs, "train.log_every": cfg.train.log_every,
         "train.clip_grad_norm": cfg.train.clip_grad_norm, "schedule.power": cfg.schedule.power,
         "train.checkpoint_keep": cfg.train.checkpoint_keep,
+        "train.fp16_init_scale": cfg.train.fp16_init_scale,
     }
     for key, value in positive.items():
         if value is not None and value <= 0:
@@ -201,7 +216,7 @@ def validate(cfg: Config) -> None:
     non_negative = {
         "optim.weight_decay": cfg.optim.weight_decay, "optim.momentum": cfg.optim.momentum,
         "data.workers": cfg.data.workers, "train.eval_every": cfg.train.eval_every,
-        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every, "model.grad_checkpointing": cfg.model.grad_checkpointing,
         "schedule.warmup_steps": cfg.schedule.warmup_steps, "schedule.warmup_epochs": cfg.schedule.warmup_epochs,
     }
     for key, value in non_negative.items():

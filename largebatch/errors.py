@@ -1,8 +1,10 @@
 """The one exception type for mistakes a user can make and fix."""
 
+import argparse
 import difflib
 import os
 import sys
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -26,3 +28,10 @@ def check_choice(key: str, value: str, options: list[str] | tuple[str, ...]) -> 
     close = difflib.get_close_matches(str(value), options, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     raise UserError(f"{key}={value!r} is not one of {', '.join(options)}{hint}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors, so they too end as one line and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see '{self.prog} --help')")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +57,7 @@ def build_state(job: Job, info: DistInfo) -> TrainState:
     optimizer = optim.build(engine.module, cfg.optim, job.peak_lr)
     schedule = Schedule(cfg.schedule, job.total_steps, job.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
-    state = TrainState(engine, optimizer, scheduler, Precision(cfg.train.precision, info.device))
+    state = TrainState(engine, optimizer, scheduler, Precision(cfg.train.precision, info.device, cfg.train.fp16_init_scale))
     if job.resume_from is not None:
         state.load_state_dict(checkpoint.load(job.resume_from))
     return state
@@ -82,8 +81,9 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
         job.task.train, batch_sampler=sampler, collate_fn=keep_batch, num_workers=cfg.data.workers,
         pin_memory=info.device.type == "cuda",
     ))
-    tracker = Tracker(cfg.run_dir, info.is_main, cfg.logging.progress, job.total_steps, s.step)
+    tracker = Tracker(job, info.is_main, s.step)
     loss_sum = torch.zeros((), device=info.device)
+    items_per_step = plan.per_rank * job.task.items_per_example
     start = last_log = time.perf_counter()
     first_step = last_logged_step = s.step
     eval_s = 0.0
@@ -94,9 +94,9 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
             x, y = (t.to(info.device, non_blocking=True) for t in next(batches))
             s.engine.sync_gradients(micro_step == plan.accum_steps - 1)
             with s.precision.autocast():
-                # Sum over the micro-batch / examples per rank per step; DDP's mean over ranks then
+                # Sum over the micro-batch / loss terms per rank per step; DDP's mean over ranks then
                 # makes the gradient the mean over the global batch, whatever the split.
-                loss = F.cross_entropy(model(x), y, reduction="sum") / plan.per_rank
+                loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten(), reduction="sum") / items_per_step
             s.precision.backward(loss)
             loss_sum += loss.detach()
         grad_norm = s.precision.unscale_and_clip(s.optimizer, params, cfg.train.clip_grad_norm)
@@ -148,24 +148,23 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
         "nonfinite_steps": s.nonfinite_steps,
         "params_sha256": params_sha256(s.engine.module),
     }
-    tracker.close()
+    tracker.finish(summary)
     if info.is_main:
-        (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         torch.save(s.engine.module.state_dict(), cfg.run_dir / "model.pt")
     return summary
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: ArrayDataset, info: DistInfo, batch_size: int = 1024) -> dict[str, float]:
-    """Mean loss and accuracy on the held-out set, sharded over ranks (rank r takes every world_size-th example)."""
+    """Mean loss and accuracy (per example, or per token) on the held-out set, sharded over ranks."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=info.device)
     mine = torch.arange(info.rank, len(dataset), info.world_size)
     for chunk in mine.split(batch_size):
         x, y = (t.to(info.device) for t in dataset.__getitems__(chunk.tolist()))
-        logits = model(x)
+        logits, y = model(x).flatten(0, -2).float(), y.flatten()
         totals += torch.stack([
-            F.cross_entropy(logits.float(), y, reduction="sum").double(),
+            F.cross_entropy(logits, y, reduction="sum").double(),
             (logits.argmax(1) == y).sum().double(),
             torch.tensor(len(y), dtype=torch.float64, device=info.device),
         ])

@@ -1,0 +1,283 @@
+"""`largebatch report RUN_DIR... [--out DIR]`: PNG plots and one self-contained HTML page comparing runs.
+
+Reads only each run directory's metrics.jsonl, summary.json and config.yaml, so it works offline, without
+wandb, and on runs still in progress. Plots are matplotlib `Figure`s rendered by Agg (no pyplot, no display).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+from largebatch.errors import ArgumentParser, UserError
+
+REQUIRED = ("step", "samples", "loss")
+STEP, SAMPLES = "optimizer step", "examples seen"
+
+
+@dataclass
+class Run:
+    """One run directory as the report sees it."""
+
+    name: str
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+    derived: dict[str, Any]
+    color: str = "C0"
+
+    @property
+    def global_batch(self) -> int | None:
+        return self.summary.get("global_batch", self.derived.get("global_batch"))
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (global {self.global_batch})" if self.global_batch else self.name
+
+    def series(self, key: str, x: str = "step") -> tuple[list[float], list[float]]:
+        """The (x, key) pairs of the records that have a number for `key`."""
+        points = [(r[x], r[key]) for r in self.records if _number(r.get(key))]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    def last(self, key: str) -> Any:
+        return next((r[key] for r in reversed(self.records) if _number(r.get(key))), None)
+
+
+def load_run(run_dir: Path, name: str | None = None) -> Run:
+    """Read a run directory; anything missing or unreadable is a UserError saying which file and what to do."""
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist; pass the run.dir of a `largebatch train` run")
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no metrics.jsonl; pass a run directory written by `largebatch train`")
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} line {number} is not valid JSON ({exc.msg}); delete or fix that line "
+                            "(a run killed mid-write can leave a partial last line)") from None
+        missing = [k for k in REQUIRED if not isinstance(record, dict) or k not in record]
+        if missing:
+            raise UserError(f"{path} line {number} has no {', '.join(missing)}; each line must be one "
+                            "metrics.jsonl record as `largebatch train` writes it")
+        records.append(record)
+    if not records:
+        raise UserError(f"{path} is empty; the run has not logged a step yet (wait for train.log_every steps)")
+    summary = _read(run_dir / "summary.json", json.loads, json.JSONDecodeError)
+    config = _read(run_dir / "config.yaml", yaml.safe_load, yaml.YAMLError)
+    return Run(name or run_dir.name, records, summary, config.get("derived") or {})
+
+
+def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
+    """Write one PNG per panel and report.html (PNGs embedded) under `out`; returns the PNGs, then the HTML."""
+    if not run_dirs:
+        raise UserError("no run directories given; pass one or more run.dir paths")
+    dirs = [Path(d) for d in run_dirs]
+    names = [d.name for d in dirs]
+    if len(set(names)) < len(names):
+        names = [str(d) for d in dirs]
+    runs = [load_run(d, n) for d, n in zip(dirs, names)]
+    for i, run in enumerate(runs):
+        run.color = f"C{i % 10}"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = []
+    for name, caption, panel in PANELS:
+        fig = panel(runs)
+        if fig is not None:
+            FigureCanvasAgg(fig)
+            fig.savefig(out / f"{name}.png", dpi=110)
+            figures.append((caption, out / f"{name}.png"))
+    page = out / "report.html"
+    page.write_text(_html(runs, figures))
+    return [path for _, path in figures] + [page]
+
+
+def _read(path: Path, parse: Callable[[str], Any], error: type[Exception]) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        value = parse(path.read_text(errors="replace"))
+    except error as exc:
+        raise UserError(f"{path} is unreadable ({' '.join(str(exc).split())}); fix or delete it") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} does not hold a mapping; fix or delete it")
+    return value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _axes(ax: Any, title: str, xlabel: str, ylabel: str, log: bool = False) -> None:
+    """Label `ax`; with `log`, a log y axis once the data spans more than a decade (linear reads better below)."""
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if xlabel == STEP:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+    low, high = ax.dataLim.y0, ax.dataLim.y1
+    if log and low > 0 and high / low > 10:
+        _log_y(ax)
+    ax.grid(True, alpha=0.3)
+
+
+def _log_y(ax: Any) -> None:
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _lines(runs: list[Run], key: str, x: str, ax: Any, **style: Any) -> bool:
+    drawn = False
+    for run in runs:
+        xs, ys = run.series(key, x)
+        if xs:
+            ax.plot(xs, ys, color=run.color, label=run.label, **style)
+            drawn = True
+    return drawn
+
+
+def _single(runs: list[Run], key: str, title: str, ylabel: str, x: str = "step", log: bool = False,
+            **style: Any) -> Figure | None:
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    if not _lines(runs, key, x, ax, **style):
+        return None
+    _axes(ax, title, STEP if x == "step" else SAMPLES, ylabel, log)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def loss_panel(runs: list[Run]) -> Figure:
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    by_step, by_samples = fig.subplots(1, 2)
+    _lines(runs, "loss", "step", by_step)
+    _lines(runs, "loss", "samples", by_samples)
+    _axes(by_step, "Training loss vs optimizer steps", STEP, "loss (mean over the global batch)", log=True)
+    _axes(by_samples, "Training loss vs examples seen", SAMPLES, "loss (mean over the global batch)", log=True)
+    by_samples.legend(fontsize="small")
+    return fig
+
+
+def noise_scale_panel(runs: list[Run]) -> Figure | None:
+    """B_noise over training, and each run's late-training median against its global batch (McCandlish et al. 2018)."""
+    measured = [run for run in runs if run.series("gns")[0]]
+    if not measured:
+        return None
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    over_time, vs_batch = fig.subplots(1, 2)
+    _lines(measured, "gns", "samples", over_time)
+    _axes(over_time, "Gradient noise scale during training", SAMPLES, "B_noise", log=True)
+    batches = sorted({run.global_batch for run in measured if run.global_batch})
+    for run in measured:
+        if run.global_batch:
+            values = run.series("gns")[1]
+            vs_batch.scatter([run.global_batch], [statistics.median(values[len(values) // 2:])], color=run.color,
+                             label=run.label, s=50, zorder=3)
+    if batches:
+        lo, hi = batches[0] / 2, batches[-1] * 2
+        vs_batch.plot([lo, hi], [lo, hi], "k--", lw=1, label="B_noise = global batch")
+        vs_batch.set_xscale("log")
+        vs_batch.set_xticks(batches, [str(b) for b in batches])
+        vs_batch.xaxis.set_minor_formatter(NullFormatter())
+        _log_y(vs_batch)
+        vs_batch.legend(fontsize="small")
+    _axes(vs_batch, "Noise scale (median, 2nd half) vs global batch", "global batch", "B_noise")
+    return fig
+
+
+def trust_ratio_panel(runs: list[Run]) -> Figure | None:
+    """One heatmap per run: log10 of each layer's trust ratio (LARS/LAMB) at each logged step."""
+    tables = []
+    for run in runs:
+        layers = list(dict.fromkeys(k for r in run.records for k in r if k.startswith("trust_ratio/")))
+        rows = [r for r in run.records if any(k in r for k in layers)]
+        if layers:
+            grid = [[math.log10(r[k]) if _number(r.get(k)) and r[k] > 0 else math.nan for r in rows] for k in layers]
+            tables.append((run, layers, [r["step"] for r in rows], grid))
+    if not tables:
+        return None
+    height = sum(1.2 + 0.22 * len(layers) for _, layers, _, _ in tables)
+    fig = Figure(figsize=(10, max(3.0, height)), layout="constrained")
+    axes = fig.subplots(len(tables), 1, squeeze=False)[:, 0]
+    for ax, (run, layers, steps, grid) in zip(axes, tables):
+        image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
+                          extent=(steps[0], max(steps[-1], steps[0] + 1), len(layers) - 0.5, -0.5))
+        ax.set_yticks(range(len(layers)), [k.removeprefix("trust_ratio/") for k in layers], fontsize="x-small")
+        ax.set(title=f"Per-layer trust ratio: {run.label}", xlabel=STEP)
+        fig.colorbar(image, ax=ax, label="log10 trust ratio")
+    return fig
+
+
+PANELS: list[tuple[str, str, Callable[[list[Run]], Figure | None]]] = [
+    ("loss", "Training loss against optimizer steps and against examples seen.", loss_panel),
+    ("lr", "Learning-rate schedule (warmup, then decay) at each logged step.",
+     lambda runs: _single(runs, "lr", "Learning rate", "learning rate")),
+    ("grad_norm", "Global gradient norm before clipping.",
+     lambda runs: _single(runs, "grad_norm", "Gradient norm", "‖g‖ (global, before clipping)", log=True)),
+    ("throughput", "Training throughput between logged steps.",
+     lambda runs: _single(runs, "samples_per_s", "Throughput", "samples/s")),
+    ("eval_accuracy", "Held-out accuracy against examples seen.",
+     lambda runs: _single(runs, "eval/accuracy", "Held-out accuracy", "accuracy", x="samples", marker="o")),
+    ("noise_scale", "Gradient noise scale B_noise (McCandlish et al. 2018). A run above the dashed line trains at a "
+     "batch below its B_noise; below the line, a larger batch gives diminishing returns per example.",
+     noise_scale_panel),
+    ("trust_ratio", "Per-layer trust ratios (LARS/LAMB) over training.", trust_ratio_panel),
+]
+
+
+def _row(run: Run) -> list[str]:
+    s, d = run.summary, run.derived
+    plan = [s.get(k, d.get(k)) for k in ("world_size", "micro_batch", "accum_steps")]
+    accuracy = s.get("eval", {}).get("accuracy", run.last("eval/accuracy"))
+    cells = [
+        run.name, run.global_batch, " × ".join(map(str, plan)) if None not in plan else None,
+        _fmt(s.get("peak_lr", d.get("peak_lr")), ".4g"), s.get("steps", run.records[-1]["step"]),
+        _fmt(s.get("samples", run.records[-1]["samples"]), ","), _fmt(s.get("final_loss", run.last("loss")), ".4f"),
+        _fmt(accuracy, ".4f"), _fmt(s.get("samples_per_s", run.last("samples_per_s")), ",.0f"),
+        (s.get("params_sha256") or "")[:12] or None,
+    ]
+    return ["—" if c is None else html.escape(str(c)) for c in cells]
+
+
+def _fmt(value: Any, spec: str) -> str | None:
+    return format(value, spec) if _number(value) else None
+
+
+def _html(runs: list[Run], figures: list[tuple[str, Path]]) -> str:
+    head = ["run", "global batch", "world × micro × accum", "peak LR", "steps", "samples", "final loss",
+            "eval accuracy", "samples/s", "params sha256"]
+    rows = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in _row(run)) + "</tr>\n" for run in runs)
+    images = "".join(
+        f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,'
+        f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{html.escape(caption)}</figcaption></figure>\n'
+        for caption, path in figures)
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
+             "img{max-width:100%}figure{margin:2em 0}figcaption{color:#555}")
+    return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>largebatch report</title>'
+            f"<style>{style}</style></head><body>\n<h1>largebatch report</h1>\n"
+            f"<table><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>\n{rows}</table>\n{images}</body></html>\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`largebatch report RUN_DIR... [--out DIR]`; user errors propagate as UserError (the CLI exits 2)."""
+    parser = ArgumentParser(prog="largebatch report", description="Plots and an HTML page comparing run directories.")
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories (run.dir)")
+    parser.add_argument("--out", type=Path, default=Path("report"), help="output directory (default: report/)")
+    args = parser.parse_args(argv)
+    written = write_report(args.run_dirs, args.out)
+    print(f"wrote {written[-1]} and {len(written) - 1} plots in {args.out}")
+    return 0
