@@ -49,10 +49,20 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.run(args.what, args.rest)
 
 
-def _report(args: argparse.Namespace) -> int:
+def _report(argv: list[str]) -> int:
     from largebatch import report
 
-    return report.main(args.rest)
+    return report.main(argv)
+
+
+def _find_batch(argv: list[str]) -> int:
+    from largebatch import find_batch
+
+    return find_batch.main(argv)
+
+
+SUBPROGRAMS = {"find-batch": _find_batch, "report": _report}
+"""Commands with their own argument parser: everything after the command name goes to it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,14 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     bench.set_defaults(func=_bench)
 
-    report = commands.add_parser("report", help="PNG plots and one HTML page from run directories", add_help=False)
-    report.add_argument("rest", nargs=argparse.REMAINDER, help="RUN_DIR... [--out DIR] (see 'largebatch report --help')")
-    report.set_defaults(func=_report)
+    commands.add_parser("find-batch", help="micro-batch size vs memory and speed, and the plan that fits")
+    commands.add_parser("report", help="PNG plots and one HTML page from run directories")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv and argv[0] in SUBPROGRAMS:
+            return SUBPROGRAMS[argv[0]](argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as exc:

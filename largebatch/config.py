@@ -72,10 +72,12 @@ class ModelConfig:
 class BatchConfig:
     global_size: int | None = 256
     """Examples per optimizer step over all processes (the number the science is about)."""
-    micro_size: int | None = None
-    """Examples per process per forward/backward; derived when unset."""
+    micro_size: int | str | None = None
+    """Examples per process per forward/backward; derived when unset; auto finds the largest that fits."""
     accum_steps: int | None = None
     """Micro-steps per optimizer step; derived, and must agree if given."""
+    memory_limit: str | None = None
+    """Per-process memory budget for micro_size=auto, e.g. 2GiB (default: the GPU's memory; none on CPU)."""
 
 
 @dataclass
@@ -200,6 +202,8 @@ def validate(cfg: Config) -> None:
     check_choice("train.precision", cfg.train.precision, ("fp32", "bf16", "fp16"))
     check_choice("train.nonfinite", cfg.train.nonfinite, ("skip", "stop"))
     check_choice("logging.wandb", cfg.logging.wandb, ("disabled", "offline", "online"))
+    if isinstance(cfg.batch.micro_size, str):
+        check_choice("batch.micro_size", cfg.batch.micro_size, ("auto",))
     positive = {
         "data.size": cfg.data.size, "data.eval_size": cfg.data.eval_size, "data.classes": cfg.data.classes,
         "model.width": cfg.model.width, "model.depth": cfg.model.depth, "model.heads": cfg.model.heads,

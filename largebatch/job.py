@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from largebatch import batch, checkpoint, data, models, optim
+from largebatch import batch, checkpoint, data, memory, models, optim
 from largebatch.config import Config
 from largebatch.errors import UserError
 from largebatch.optim.scaling import peak_lr
@@ -24,6 +24,13 @@ class Job:
     warmup_steps: int
     peak_lr: float
     resume_from: Path | None
+    memory_limit: int | None = None
+    """batch.memory_limit in bytes."""
+
+    @property
+    def auto_micro(self) -> bool:
+        """The micro-batch adapts to memory: found at start, halved on out-of-memory."""
+        return self.cfg.batch.micro_size == "auto"
 
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it; world size and micro-batch may change."""
@@ -51,7 +58,10 @@ class Job:
 
 def prepare(cfg: Config, world_size: int) -> Job:
     """Build the (small, deterministic) dataset, derive the batch plan, lengths and peak LR; raise UserError if any is impossible."""
-    plan = batch.plan(world_size, cfg.batch.global_size, cfg.batch.micro_size, cfg.batch.accum_steps)
+    if cfg.batch.micro_size == "auto" and cfg.batch.accum_steps is not None:
+        raise UserError("batch.micro_size=auto derives batch.accum_steps; drop batch.accum_steps")
+    micro = None if cfg.batch.micro_size == "auto" else cfg.batch.micro_size
+    plan = batch.plan(world_size, cfg.batch.global_size, micro, cfg.batch.accum_steps)
     task = data.build(cfg.data)
     models.check(cfg.model, task.input_shape)
     optim.check(cfg.optim)
@@ -69,7 +79,8 @@ def prepare(cfg: Config, world_size: int) -> Job:
             f"shorten schedule.warmup_steps/warmup_epochs or train longer"
         )
     lr = peak_lr(cfg.optim.lr, plan.global_batch, cfg.optim.reference_batch, cfg.optim.scaling)
-    job = Job(cfg, task, plan, steps_per_epoch, total_steps, warmup_steps, lr, None)
+    limit = memory.parse_size(cfg.batch.memory_limit, "batch.memory_limit") if cfg.batch.memory_limit else None
+    job = Job(cfg, task, plan, steps_per_epoch, total_steps, warmup_steps, lr, None, limit)
     job.resume_from = _resume_point(job)
     return job
 

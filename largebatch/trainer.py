@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from largebatch import checkpoint, config, models, optim
-from largebatch.batch import GlobalBatchSampler
+from largebatch import autobatch, checkpoint, config, models, optim
+from largebatch.batch import BatchPlan, GlobalBatchSampler
 from largebatch.data import ArrayDataset, keep_batch
 from largebatch.dist import DistInfo, all_reduce_sum
 from largebatch.engine.ddp import DDPEngine
@@ -63,6 +66,25 @@ def build_state(job: Job, info: DistInfo) -> TrainState:
     return state
 
 
+class Batches:
+    """This rank's micro-batches from a given step on, under a given plan (rebuilt when the plan changes)."""
+
+    def __init__(self, job: Job, info: DistInfo) -> None:
+        self.job, self.info = job, info
+        self._it = iter(())
+
+    def restart(self, plan: BatchPlan, step: int) -> None:
+        sampler = GlobalBatchSampler(len(self.job.task.train), plan, self.info.rank, self.job.cfg.run.seed,
+                                     self.job.total_steps, step)
+        self._it = iter(torch.utils.data.DataLoader(
+            self.job.task.train, batch_sampler=sampler, collate_fn=keep_batch,
+            num_workers=self.job.cfg.data.workers, pin_memory=self.info.device.type == "cuda",
+        ))
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(t.to(self.info.device, non_blocking=True) for t in next(self._it))
+
+
 def fit(job: Job, info: DistInfo) -> dict[str, Any]:
     """Train `job` on this rank (process group already joined); rank 0 writes the run directory. Returns the summary."""
     cfg, plan = job.cfg, job.plan
@@ -70,35 +92,56 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
     if info.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         config.dump(cfg, job.derived(), cfg.run_dir / "config.yaml")
+    s = build_state(job, info)
+    model, params = s.engine.model, [p for p in s.engine.module.parameters() if p.requires_grad]
+    items_per_step = plan.per_rank * job.task.items_per_example
+    loss_sum = torch.zeros((), device=info.device)
+    inject_oom_at = int(os.environ.get("LARGEBATCH_INJECT_OOM_AT_STEP", 0))
+    budget = autobatch.budget_bytes(job.memory_limit, info.device)
+    meter = autobatch.training_meter(budget, s.engine.module, s.optimizer, info.device) if job.auto_micro else None
+
+    def accumulate(plan: BatchPlan) -> None:
+        """Forward and backward over this rank's micro-batches of the step; gradients sync on the last one
+        (or, when the micro-batch adapts to memory, after all of them, once every rank got through)."""
+        nonlocal inject_oom_at, loss_sum
+        for micro_step in range(plan.accum_steps):
+            x, y = batches.next()
+            s.engine.sync_gradients(not job.auto_micro and micro_step == plan.accum_steps - 1)
+            if inject_oom_at == s.step + 1 and micro_step == plan.accum_steps - 1:
+                inject_oom_at = 0
+                raise torch.OutOfMemoryError("injected by LARGEBATCH_INJECT_OOM_AT_STEP")
+            with meter.track(s.engine.module) if meter else contextlib.nullcontext(), s.precision.autocast():
+                # Sum over the micro-batch / loss terms per rank per step; DDP's mean over ranks then
+                # makes the gradient the mean over the global batch, whatever the split.
+                loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten(), reduction="sum") / items_per_step
+            s.precision.backward(loss)
+            loss_sum += loss.detach()
+
+    def probe(micro: int) -> None:
+        x, y = (t[:micro].clone().to(info.device) for t in (job.task.train.inputs, job.task.train.labels))
+        with s.precision.autocast():
+            F.cross_entropy(s.engine.module(x).flatten(0, -2), y.flatten(), reduction="sum").backward()
+
+    if job.auto_micro:
+        plan = autobatch.fit(plan, s.engine.module, s.optimizer, probe, budget, info.device)
+    if info.is_main:
         print(f"{plan.describe()}; peak lr {job.peak_lr:.6g}; {job.total_steps} steps "
               f"({job.steps_per_epoch} per epoch), warmup {job.warmup_steps}", flush=True)
-    s = build_state(job, info)
-    if job.resume_from is not None and info.is_main:
-        print(f"resuming from {job.resume_from} at step {s.step}", flush=True)
-    model, params = s.engine.model, [p for p in s.engine.module.parameters() if p.requires_grad]
-    sampler = GlobalBatchSampler(len(job.task.train), plan, info.rank, cfg.run.seed, job.total_steps, s.step)
-    batches = iter(torch.utils.data.DataLoader(
-        job.task.train, batch_sampler=sampler, collate_fn=keep_batch, num_workers=cfg.data.workers,
-        pin_memory=info.device.type == "cuda",
-    ))
+        if job.resume_from is not None:
+            print(f"resuming from {job.resume_from} at step {s.step}", flush=True)
+    batches = Batches(job, info)
+    batches.restart(plan, s.step)
     tracker = Tracker(job, info.is_main, s.step)
-    loss_sum = torch.zeros((), device=info.device)
-    items_per_step = plan.per_rank * job.task.items_per_example
     start = last_log = time.perf_counter()
     first_step = last_logged_step = s.step
     eval_s = 0.0
 
     while s.step < job.total_steps:
         model.train()
-        for micro_step in range(plan.accum_steps):
-            x, y = (t.to(info.device, non_blocking=True) for t in next(batches))
-            s.engine.sync_gradients(micro_step == plan.accum_steps - 1)
-            with s.precision.autocast():
-                # Sum over the micro-batch / loss terms per rank per step; DDP's mean over ranks then
-                # makes the gradient the mean over the global batch, whatever the split.
-                loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten(), reduction="sum") / items_per_step
-            s.precision.backward(loss)
-            loss_sum += loss.detach()
+        if not job.auto_micro:
+            accumulate(plan)
+        else:
+            plan = _accumulate_or_shrink(accumulate, plan, s, batches, info)
         grad_norm = s.precision.unscale_and_clip(s.optimizer, params, cfg.train.clip_grad_norm)
         finite = bool(torch.isfinite(grad_norm))
         if not finite and cfg.train.nonfinite == "stop":
@@ -119,6 +162,7 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
                 "step": s.step, "samples": s.step * plan.global_batch, "epoch": s.step / job.steps_per_epoch,
                 "loss": all_reduce_sum(loss_sum).item() / info.world_size, "lr": lr, "grad_norm": grad_norm.item(),
                 "samples_per_s": (s.step - last_logged_step) * plan.global_batch / (now - last_log),
+                "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps,
                 "nonfinite_steps": s.nonfinite_steps,
             }
             if eval_now:
@@ -152,6 +196,29 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
     if info.is_main:
         torch.save(s.engine.module.state_dict(), cfg.run_dir / "model.pt")
     return summary
+
+
+def _accumulate_or_shrink(accumulate: Callable[[BatchPlan], None], plan: BatchPlan, s: TrainState,
+                          batches: Batches, info: DistInfo) -> BatchPlan:
+    """Run the step's micro-steps; if any rank ran out of memory, all halve the micro-batch and redo the step."""
+    while True:
+        try:
+            accumulate(plan)
+            ok = 1
+        except torch.OutOfMemoryError:
+            ok = 0
+        if autobatch.agree_min(ok, info.device):
+            s.engine.all_reduce_gradients()
+            return plan
+        s.optimizer.zero_grad(set_to_none=True)
+        smaller = autobatch.smaller(plan)
+        if smaller is None:
+            raise TrainingStopped(f"out of memory at step {s.step + 1} even with micro-batch 1; "
+                                  f"raise batch.memory_limit or use model.grad_checkpointing")
+        warn(f"out of memory at step {s.step + 1} with micro-batch {plan.micro_batch}; "
+             f"redoing the step as {smaller.describe()}")
+        plan = smaller
+        batches.restart(plan, s.step)
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -22,3 +24,14 @@ class DDPEngine:
         """All-reduce gradients in the next backward only if `enabled` (what `no_sync()` toggles)."""
         if isinstance(self.model, DistributedDataParallel):
             self.model.require_backward_grad_sync = enabled
+
+    def all_reduce_gradients(self) -> None:
+        """Average gradients over ranks by hand, for steps whose micro-steps all ran with sync off."""
+        if not isinstance(self.model, DistributedDataParallel):
+            return
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(synced)

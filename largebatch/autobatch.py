@@ -1,0 +1,88 @@
+"""`batch.micro_size: auto`: the largest micro-batch that fits, agreed by all ranks, halved on out-of-memory.
+
+The global batch never changes: a smaller micro-batch means more accumulation steps over the same
+examples. On CUDA "fits" means under the device memory (or `batch.memory_limit`); on CPU it means
+under `batch.memory_limit`, counted as in `largebatch.memory`, and no limit means the whole per-rank share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from largebatch.batch import BatchPlan
+from largebatch.memory import ActivationMeter, peak_bytes, state_bytes
+
+
+def with_micro(plan: BatchPlan, micro: int) -> BatchPlan:
+    return BatchPlan(plan.global_batch, micro, plan.per_rank // micro, plan.world_size)
+
+
+def smaller(plan: BatchPlan) -> BatchPlan | None:
+    """The plan with the largest micro-batch ≤ half the current one that still divides the per-rank share."""
+    for micro in range(plan.micro_batch // 2, 0, -1):
+        if plan.per_rank % micro == 0:
+            return with_micro(plan, micro)
+    return None
+
+
+def agree_min(value: int, device: torch.device) -> int:
+    """The smallest `value` over all ranks (every rank must call it)."""
+    tensor = torch.tensor([value], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def budget_bytes(limit: int | None, device: torch.device) -> int | None:
+    """The memory a rank may use: the configured limit, else the whole GPU on CUDA, else unlimited."""
+    if limit is not None:
+        return limit
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
+def training_meter(budget: int | None, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   device: torch.device) -> ActivationMeter | None:
+    """What enforces the budget while training: on CUDA the allocator itself (capped at the budget),
+    on CPU a meter that raises OverBudget when the saved activations pass what the state leaves free."""
+    if budget is None:
+        return None
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+        return None
+    return ActivationMeter(max(0, budget - state_bytes(model, optimizer)))
+
+
+def fits(model: nn.Module, optimizer: torch.optim.Optimizer, run_micro_step: Callable[[int], None],
+         micro: int, budget: int | None, device: torch.device) -> bool:
+    """Forward + backward one micro-batch of `micro` and compare its peak memory with `budget`; leaves no trace."""
+    if budget is None:
+        return True
+    saved = {k: v.clone() for k, v in model.state_dict().items()}  # BatchNorm statistics move in a train forward
+    meter = training_meter(budget, model, optimizer, device) or ActivationMeter()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with meter.track(model):
+            run_micro_step(micro)
+        return peak_bytes(device, meter, model, optimizer) <= budget
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)
+
+
+def fit(plan: BatchPlan, model: nn.Module, optimizer: torch.optim.Optimizer, run_micro_step: Callable[[int], None],
+        budget: int | None, device: torch.device) -> BatchPlan:
+    """The largest micro-batch dividing the per-rank share that fits on every rank."""
+    candidates = [m for m in range(plan.per_rank, 0, -1) if plan.per_rank % m == 0]
+    mine = next((m for m in candidates if fits(model, optimizer, run_micro_step, m, budget, device)), 1)
+    return with_micro(plan, agree_min(mine, device))

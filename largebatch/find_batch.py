@@ -1,0 +1,157 @@
+"""`largebatch find-batch`: micro-batch size → peak memory, samples/s, fits or not; and the plan that keeps the global batch.
+
+Sizes grow 1, 2, 4, then multiples of 8 doubling (8, 16, 32, ...) up to the per-rank share of the
+global batch, and stop at the first that passes the memory budget or raises a real out-of-memory
+error. Memory is measured as in `largebatch.memory`: the allocator's peak on CUDA; on CPU a count of
+parameters + gradients + optimizer state + the activations autograd saves for backward (training), or
+parameters + the largest module input + output (inference: nothing is saved for backward).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from largebatch import config, job, models, optim
+from largebatch.errors import ArgumentParser
+from largebatch.memory import ActivationMeter, parse_size, state_bytes
+from largebatch.precision import Precision
+
+
+def sizes(limit: int) -> list[int]:
+    out = [m for m in (1, 2, 4) if m <= limit]
+    m = 8
+    while m <= limit:
+        out.append(m)
+        m *= 2
+    return out if out[-1] == limit else [*out, limit]
+
+
+def _timed(fn: Callable[[], None], repeats: int) -> float:
+    fn()  # warm-up: allocations, thread pools
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+class _OutputMeter:
+    """Peak of (input + output bytes) over leaf modules during a no-grad forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.peak = 0
+        self._handles = [m.register_forward_hook(self._hook) for m in model.modules() if not list(m.children())]
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        tensors = [t for t in (*inputs, output) if isinstance(t, torch.Tensor)]
+        self.peak = max(self.peak, sum(t.numel() * t.element_size() for t in tensors))
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def measure(prepared: job.Job, micro: int, inference: bool, repeats: int, device: torch.device) -> tuple[int, float]:
+    """(peak bytes, samples/s) of one training step, or one forward pass, at micro-batch `micro`."""
+    cfg, task = prepared.cfg, prepared.task
+    torch.manual_seed(cfg.run.seed)
+    model = models.build(cfg.model, task.input_shape, task.num_classes).to(device)
+    optimizer = optim.build(model, cfg.optim, prepared.peak_lr)
+    precision = Precision(cfg.train.precision, device)
+    take = torch.arange(micro) % len(task.train)
+    x, y = (t.to(device) for t in task.train.__getitems__(take.tolist()))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    if inference:
+        model.eval()
+        meter = _OutputMeter(model)
+
+        def run() -> None:
+            with torch.no_grad(), precision.autocast():
+                model(x)
+        seconds = _timed(run, repeats)
+        meter.close()
+        counted = state_bytes(model) // 2 + meter.peak  # parameters and buffers, no gradients
+    else:
+        model.train()
+        activations = ActivationMeter()
+
+        def run() -> None:
+            with activations.track(model), precision.autocast():
+                loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten())
+            precision.backward(loss)
+            precision.unscale_and_clip(optimizer, list(model.parameters()), None)
+            precision.step(optimizer, skip=False)
+            optimizer.zero_grad(set_to_none=True)
+        seconds = _timed(run, repeats)
+        counted = state_bytes(model, optimizer) + activations.bytes
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else counted
+    return peak, micro / seconds
+
+
+def output_drift(prepared: job.Job, batch_sizes: list[int], device: torch.device, examples: int = 64) -> float:
+    """Max |difference| of eval-mode outputs on the same examples computed at each batch size vs one at a time."""
+    cfg, task = prepared.cfg, prepared.task
+    torch.manual_seed(cfg.run.seed)
+    model = models.build(cfg.model, task.input_shape, task.num_classes).to(device).eval()
+    x = task.eval.inputs[:examples].to(device)
+    with torch.no_grad():
+        reference = torch.cat([model(chunk) for chunk in x.split(1)])
+        return max(float((torch.cat([model(c) for c in x.split(b)]) - reference).abs().max()) for b in batch_sizes)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="largebatch find-batch", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser.add_argument("--memory-limit", help="per-process budget, e.g. 8GiB (default: the GPU's memory; required on CPU to stop early)")
+    parser.add_argument("--world-size", type=int, default=1, help="processes the job will run on (for the recommended plan)")
+    parser.add_argument("--inference", action="store_true", help="forward passes in eval mode, and check outputs do not depend on the batch size")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per size (after one warm-up)")
+    args = parser.parse_args(argv)
+    cfg = config.load(args.config, args.overrides)
+    cfg.batch.micro_size = None if cfg.batch.micro_size == "auto" else cfg.batch.micro_size
+    prepared = job.prepare(cfg, args.world_size)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    budget = parse_size(args.memory_limit, "--memory-limit") if args.memory_limit else (
+        torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
+    plan = prepared.plan
+    how = "allocator peak" if device.type == "cuda" else (
+        "parameters + largest module input/output (counted)" if args.inference
+        else "parameters + gradients + optimizer state + saved activations (counted)")
+    print(f"{'inference' if args.inference else 'training'}: {cfg.model.name} on {cfg.data.name}, {cfg.train.precision}, "
+          f"{device.type}; memory = {how}; budget {_mib(budget) if budget else 'none'}")
+    print(f"{'micro':>7} {'peak memory':>13} {'samples/s':>11}  status")
+    fitting: list[int] = []
+    for micro in sizes(plan.per_rank):
+        try:
+            peak, rate = measure(prepared, micro, args.inference, args.repeats, device)
+            status = "ok" if budget is None or peak <= budget else "over budget"
+        except torch.OutOfMemoryError:
+            peak, rate, status = 0, 0.0, "out of memory"
+        print(f"{micro:>7} {_mib(peak) if peak else '-':>13} {rate:>11.0f}  {status}")
+        if status != "ok":
+            break
+        fitting.append(micro)
+    if not fitting:
+        print("nothing fits: lower the model size, use model.grad_checkpointing or train.precision=bf16")
+        return 0
+    if args.inference:
+        print(f"max |output difference| across batch sizes {fitting} vs one example at a time: "
+              f"{output_drift(prepared, fitting, device):.3g}")
+        print(f"recommend: evaluate with batch size {fitting[-1]}")
+        return 0
+    best = max(m for m in fitting if plan.per_rank % m == 0)
+    accum = plan.per_rank // best
+    print(f"recommend: batch.micro_size={best} → global batch {plan.global_batch} = world {plan.world_size} × "
+          f"micro {best} × accum {accum}")
+    return 0

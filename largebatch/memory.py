@@ -1,0 +1,82 @@
+"""Measuring training memory the same way on CPU and CUDA, and a budget that acts like an out-of-memory error.
+
+On CUDA the figure is the allocator's peak (`torch.cuda.max_memory_allocated`). On CPU, where torch
+keeps no allocator statistics, it is counted: parameters + gradients + optimizer state + the bytes of
+the tensors autograd saves for backward during the forward pass (unique storages, via
+`saved_tensors_hooks`). With gradient checkpointing, backward briefly recomputes one block's
+activations on top of that; the count leaves that out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from largebatch.errors import UserError
+
+UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str, key: str) -> int:
+    """'512MiB', '2GiB', '1.5GB' → bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]+)\s*", str(text))
+    if not match or match.group(2).upper() not in UNITS:
+        raise UserError(f"{key}={text!r} must be a size with a unit, e.g. 512MiB or 2GiB")
+    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Parameters, their gradients and buffers, plus the optimizer's state (estimated before its first step)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    total = 2 * param_bytes + sum(b.numel() * b.element_size() for b in model.buffers())
+    if optimizer is None:
+        return total
+    if optimizer.state:
+        return total + sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                           for t in s.values() if isinstance(t, torch.Tensor))
+    group = optimizer.param_groups[0]
+    slots = 2 if "betas" in group else int(group.get("momentum", 0) > 0)
+    return total + slots * param_bytes
+
+
+class OverBudget(torch.OutOfMemoryError):
+    """The memory budget (batch.memory_limit) would be exceeded: handled exactly like a real CUDA OOM."""
+
+
+class ActivationMeter:
+    """Counts the bytes autograd saves for backward, parameters excluded (they are state);
+    optionally raises OverBudget once `limit` is passed."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.bytes = 0
+        self._seen: set[int] = set()
+
+    @contextlib.contextmanager
+    def track(self, model: nn.Module) -> Iterator[ActivationMeter]:
+        self.bytes = 0
+        self._seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            yield self
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._seen:
+            self._seen.add(storage.data_ptr())
+            self.bytes += storage.nbytes()
+            if self.limit is not None and self.bytes > self.limit:
+                raise OverBudget(f"activations passed the budget of {self.limit} bytes")
+        return tensor
+
+
+def peak_bytes(device: torch.device, meter: ActivationMeter, model: nn.Module,
+               optimizer: torch.optim.Optimizer | None) -> int:
+    """The step's peak: the allocator's on CUDA, counted state + saved activations on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return state_bytes(model, optimizer) + meter.bytes
