@@ -83,7 +83,7 @@ class BatchConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"
-    """Optimizer: sgd or adamw."""
+    """Optimizer: sgd, adamw, lars, larc, lamb, lambc, or torch_optimizer:<Class> (e.g. torch_optimizer:Lamb)."""
     lr: float = 0.1
     """Base learning rate at optim.reference_batch; the peak LR is scaled from it."""
     reference_batch: int = 256
@@ -91,15 +91,29 @@ class OptimConfig:
     scaling: str = "linear"
     """LR scaling rule from the reference batch: linear, sqrt or none."""
     weight_decay: float = 0.0
-    """Decoupled (adamw) or L2 (sgd) weight decay; never applied to biases and norm weights."""
+    """Weight decay (decoupled for adamw and lamb, L2 for sgd and lars); never on excluded parameters."""
+    exclude_1d: bool = True
+    """Exclude every ≤ 1-D parameter (biases, norm weights) from weight decay and layer-wise adaptation."""
+    exclude: list[str] = field(default_factory=list)
+    """More parameter-name patterns (fnmatch, e.g. '*.bias', 'token.*') to exclude the same way."""
     momentum: float = 0.9
-    """sgd: momentum."""
+    """sgd, lars: momentum."""
     nesterov: bool = False
-    """sgd: Nesterov momentum."""
+    """sgd, lars: Nesterov momentum."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """adamw: moment coefficients."""
+    """adamw, lamb: moment coefficients."""
     eps: float = 1e-8
-    """adamw: denominator epsilon."""
+    """adamw, lamb: denominator epsilon; lars: added to the trust-ratio denominator."""
+    trust_coefficient: float = 0.001
+    """lars, larc: η in the local LR η·‖w‖/(‖g‖ + wd·‖w‖)."""
+    trust_clip: float | None = None
+    """lamb: clamp the trust ratio to [0, trust_clip] (lambc defaults to 10)."""
+    bias_correction: bool = True
+    """lamb: Adam's bias correction of the moments."""
+    impl: str = "auto"
+    """lars, lamb: auto (fused kernel where it builds), fused, or foreach (the readable reference)."""
+    options: dict = field(default_factory=dict)
+    """torch_optimizer:<Class>: keyword options passed through, e.g. {clamp_value: 10}."""
 
 
 @dataclass
@@ -198,6 +212,7 @@ def validate(cfg: Config) -> None:
     """Checks that need no data or torch: choices and value ranges."""
     check_choice("model.norm", cfg.model.norm, ("batch", "syncbatch", "group", "layer", "none"))
     check_choice("optim.scaling", cfg.optim.scaling, ("linear", "sqrt", "none"))
+    check_choice("optim.impl", cfg.optim.impl, ("auto", "fused", "foreach"))
     check_choice("schedule.name", cfg.schedule.name, ("constant", "cosine", "step", "poly"))
     check_choice("train.precision", cfg.train.precision, ("fp32", "bf16", "fp16"))
     check_choice("train.nonfinite", cfg.train.nonfinite, ("skip", "stop"))
@@ -209,6 +224,7 @@ def validate(cfg: Config) -> None:
         "model.width": cfg.model.width, "model.depth": cfg.model.depth, "model.heads": cfg.model.heads,
         "data.context": cfg.data.context,
         "optim.lr": cfg.optim.lr, "optim.reference_batch": cfg.optim.reference_batch,
+        "optim.trust_coefficient": cfg.optim.trust_coefficient, "optim.trust_clip": cfg.optim.trust_clip,
         "train.steps": cfg.train.steps, "train.epochs": cfg.train.epochs, "train.log_every": cfg.train.log_every,
         "train.clip_grad_norm": cfg.train.clip_grad_norm, "schedule.power": cfg.schedule.power,
         "train.checkpoint_keep": cfg.train.checkpoint_keep,
@@ -302,6 +318,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             except UserError:
                 continue
         raise UserError(f"{key}={value!r} must be {_type_name(hint)}")
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key}={value!r} must be a mapping, e.g. {{name: value}}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise UserError(f"{key}={value!r} must be a list, e.g. [{_type_name(args[0])}, ...]")

@@ -163,7 +163,7 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
                 "loss": all_reduce_sum(loss_sum).item() / info.world_size, "lr": lr, "grad_norm": grad_norm.item(),
                 "samples_per_s": (s.step - last_logged_step) * plan.global_batch / (now - last_log),
                 "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps,
-                "nonfinite_steps": s.nonfinite_steps,
+                "nonfinite_steps": s.nonfinite_steps, **optim.trust_ratios(s.engine.module, s.optimizer),
             }
             if eval_now:
                 record.update({f"eval/{k}": v for k, v in evaluate(s.engine.module, job.task.eval, info).items()})

@@ -27,15 +27,15 @@ def _assert_same_training(a, b):
         torch.testing.assert_close(params_a[name], params_b[name], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "lars", "lamb"])
 def test_two_ranks_equal_one_rank_with_accumulation_and_one_big_micro_batch(run_dirs, optimizer):
     two_ranks = run_dirs("w2_m4")
     accumulated = run_dirs("w1_m4_a2")
     one_batch = run_dirs("w1_m8")
-    opt = f"optim.name={optimizer}"
-    s2 = train(two_ranks, *COMMON, opt, "batch.global_size=8", "batch.micro_size=4", nproc=2)
-    s1a = train(accumulated, *COMMON, opt, "batch.global_size=8", "batch.micro_size=4")
-    s1 = train(one_batch, *COMMON, opt, "batch.global_size=8", "batch.micro_size=8")
+    opt = f"optim.name={optimizer}", "optim.weight_decay=0.01"
+    s2 = train(two_ranks, *COMMON, *opt, "batch.global_size=8", "batch.micro_size=4", nproc=2)
+    s1a = train(accumulated, *COMMON, *opt, "batch.global_size=8", "batch.micro_size=4")
+    s1 = train(one_batch, *COMMON, *opt, "batch.global_size=8", "batch.micro_size=8")
     assert (s2["world_size"], s2["micro_batch"], s2["accum_steps"]) == (2, 4, 1)
     assert (s1a["world_size"], s1a["micro_batch"], s1a["accum_steps"]) == (1, 4, 2)
     assert (s1["world_size"], s1["micro_batch"], s1["accum_steps"]) == (1, 8, 1)

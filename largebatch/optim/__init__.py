@@ -1,7 +1,14 @@
-"""Optimizer registry and parameter groups."""
+"""Optimizer registry and parameter groups.
+
+Names: sgd, adamw, lars, larc (LARS with trust clipping), lamb, lambc (LAMB with the trust ratio
+clamped to optim.trust_clip, default 10), and torch_optimizer:<Class> for any optimizer of the
+torch-optimizer package, with optim.options passed through as keyword arguments.
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -9,17 +16,24 @@ from torch import nn
 
 from largebatch.config import OptimConfig
 from largebatch.errors import UserError, check_choice
+from largebatch.optim.lamb import LAMB
+from largebatch.optim.lars import LARS
 
 ParamGroups = list[dict]
+TORCH_OPTIMIZER = "torch_optimizer:"
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> ParamGroups:
-    """Biases and norm weights (ndim ≤ 1) get no weight decay and no layer-wise adaptation (Goyal et al. §5.1)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+def excluded(name: str, param: torch.Tensor, cfg: OptimConfig) -> bool:
+    """No weight decay and no layer-wise adaptation: ≤ 1-D tensors (biases, norm weights; Goyal et al. §5.1)
+    when optim.exclude_1d, and names matching an optim.exclude pattern."""
+    return (cfg.exclude_1d and param.ndim <= 1) or any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude)
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> ParamGroups:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": rest, "weight_decay": 0.0},
+        {"params": [p for n, p in named if not excluded(n, p, cfg)], "weight_decay": cfg.weight_decay, "adapt": True},
+        {"params": [p for n, p in named if excluded(n, p, cfg)], "weight_decay": 0.0, "adapt": False},
     ]
 
 
@@ -31,14 +45,49 @@ def _adamw(groups: ParamGroups, cfg: OptimConfig, lr: float) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
 
 
+def _lars(groups: ParamGroups, cfg: OptimConfig, lr: float, clip: bool = False) -> torch.optim.Optimizer:
+    return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient, eps=cfg.eps,
+                nesterov=cfg.nesterov, trust_clip=clip, impl=cfg.impl)
+
+
+def _lamb(groups: ParamGroups, cfg: OptimConfig, lr: float, clip: float | None = None) -> torch.optim.Optimizer:
+    return LAMB(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, bias_correction=cfg.bias_correction,
+                trust_clip=clip, impl=cfg.impl)
+
+
 OPTIMIZERS: dict[str, Callable[[ParamGroups, OptimConfig, float], torch.optim.Optimizer]] = {
     "sgd": _sgd,
     "adamw": _adamw,
+    "lars": _lars,
+    "larc": lambda groups, cfg, lr: _lars(groups, cfg, lr, clip=True),
+    "lamb": lambda groups, cfg, lr: _lamb(groups, cfg, lr, clip=cfg.trust_clip),
+    "lambc": lambda groups, cfg, lr: _lamb(groups, cfg, lr, clip=cfg.trust_clip or 10.0),
 }
 
 
+def _torch_optimizer_class(cfg: OptimConfig) -> type[torch.optim.Optimizer]:
+    import torch_optimizer
+
+    name = cfg.name.removeprefix(TORCH_OPTIMIZER)
+    classes = sorted(n for n, c in vars(torch_optimizer).items() if inspect.isclass(c)
+                     and issubclass(c, torch.optim.Optimizer) and c.__module__.startswith("torch_optimizer"))
+    cls = getattr(torch_optimizer, check_choice("optim.name torch_optimizer class", name, classes))
+    accepted = inspect.signature(cls).parameters
+    for option in cfg.options:
+        if option not in accepted:
+            raise UserError(f"torch_optimizer.{name} has no option {option!r} (optim.options); it takes "
+                            f"{', '.join(p for p in accepted if p not in ('self', 'params'))}")
+    return cls
+
+
 def check(cfg: OptimConfig) -> None:
-    check_choice("optim.name", cfg.name, list(OPTIMIZERS))
+    """Fail before any process starts on an unknown optimizer, option or impossible combination."""
+    if cfg.name.startswith(TORCH_OPTIMIZER):
+        _torch_optimizer_class(cfg)
+    else:
+        check_choice("optim.name", cfg.name, [*OPTIMIZERS, f"{TORCH_OPTIMIZER}<Class>"])
+        if cfg.options:
+            raise UserError(f"optim.options are for torch_optimizer:<Class> optimizers; use the optim.* keys for {cfg.name}")
     if cfg.nesterov and cfg.momentum == 0:
         raise UserError("optim.nesterov=true needs optim.momentum > 0")
 
@@ -46,4 +95,20 @@ def check(cfg: OptimConfig) -> None:
 def build(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """The optimizer named by `cfg.name` over `model`'s parameter groups, starting at `lr`."""
     check(cfg)
-    return OPTIMIZERS[cfg.name](param_groups(model, cfg.weight_decay), cfg, lr)
+    groups = param_groups(model, cfg)
+    if cfg.name.startswith(TORCH_OPTIMIZER):
+        for group in groups:
+            group.pop("adapt")
+        return _torch_optimizer_class(cfg)(groups, lr=lr, **cfg.options)
+    return OPTIMIZERS[cfg.name](groups, cfg, lr)
+
+
+def trust_ratios(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """`trust_ratio/<parameter>` of the last step for every adapted parameter (one host sync), or {}."""
+    fixed = {id(p) for g in optimizer.param_groups if not g.get("adapt", True) for p in g["params"]}
+    named = [(n, optimizer.state[p]["trust_ratio"]) for n, p in model.named_parameters()
+             if id(p) not in fixed and "trust_ratio" in optimizer.state.get(p, {})]
+    if not named:
+        return {}
+    values = torch.stack([r.float() for _, r in named]).tolist()
+    return {f"trust_ratio/{n}": v for (n, _), v in zip(named, values)}
