@@ -154,6 +154,8 @@ class TrainConfig:
     """Keep the newest N checkpoints."""
     fp16_init_scale: float = 65536.0
     """fp16: initial loss scale of the GradScaler (halved on overflow, doubled after 2000 good steps)."""
+    noise_scale: bool = False
+    """Estimate the gradient noise scale (≈ critical batch size) on log steps; needs 2+ processes or accumulation."""
     nonfinite: str = "skip"
     """A NaN/inf loss or gradient: skip the step (counted and logged) or stop the run."""
 

@@ -65,6 +65,9 @@ def prepare(cfg: Config, world_size: int) -> Job:
     task = data.build(cfg.data)
     models.check(cfg.model, task.input_shape)
     optim.check(cfg.optim)
+    if cfg.train.noise_scale and plan.world_size == 1 and plan.accum_steps == 1 and cfg.batch.micro_size != "auto":
+        raise UserError("train.noise_scale compares two batch sizes: run on 2+ processes or set batch.micro_size "
+                        "below batch.global_size (accumulation)")
     steps_per_epoch = batch.steps_per_epoch(len(task.train), plan)
     if cfg.train.epochs is not None:
         total_steps = max(1, math.floor(cfg.train.epochs * steps_per_epoch))

@@ -21,6 +21,7 @@ from largebatch.dist import DistInfo, all_reduce_sum
 from largebatch.engine.ddp import DDPEngine
 from largebatch.errors import TrainingStopped, warn
 from largebatch.job import Job
+from largebatch.noise import NoiseScale
 from largebatch.optim.schedules import Schedule
 from largebatch.precision import Precision
 from largebatch.track import Tracker
@@ -100,13 +101,16 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
     budget = autobatch.budget_bytes(job.memory_limit, info.device)
     meter = autobatch.training_meter(budget, s.engine.module, s.optimizer, info.device) if job.auto_micro else None
 
-    def accumulate(plan: BatchPlan) -> None:
+    noise = NoiseScale() if cfg.train.noise_scale else None
+    first_micro_sq = 0.0
+
+    def accumulate(plan: BatchPlan, manual_sync: bool) -> None:
         """Forward and backward over this rank's micro-batches of the step; gradients sync on the last one
-        (or, when the micro-batch adapts to memory, after all of them, once every rank got through)."""
-        nonlocal inject_oom_at, loss_sum
+        (or, with `manual_sync`, not at all: the caller all-reduces once every rank got through)."""
+        nonlocal inject_oom_at, first_micro_sq, loss_sum
         for micro_step in range(plan.accum_steps):
             x, y = batches.next()
-            s.engine.sync_gradients(not job.auto_micro and micro_step == plan.accum_steps - 1)
+            s.engine.sync_gradients(not manual_sync and micro_step == plan.accum_steps - 1)
             if inject_oom_at == s.step + 1 and micro_step == plan.accum_steps - 1:
                 inject_oom_at = 0
                 raise torch.OutOfMemoryError("injected by LARGEBATCH_INJECT_OOM_AT_STEP")
@@ -116,6 +120,8 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
                 loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten(), reduction="sum") / items_per_step
             s.precision.backward(loss)
             loss_sum += loss.detach()
+            if micro_step == 0 and measuring and info.world_size == 1:
+                first_micro_sq = _grad_sq(params, s.precision) * plan.accum_steps**2
 
     def probe(micro: int) -> None:
         x, y = (t[:micro].clone().to(info.device) for t in (job.task.train.inputs, job.task.train.labels))
@@ -138,10 +144,17 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
 
     while s.step < job.total_steps:
         model.train()
-        if not job.auto_micro:
-            accumulate(plan)
-        else:
+        measuring = noise is not None and (s.step + 1) % cfg.train.log_every == 0
+        manual_sync = job.auto_micro or (measuring and info.world_size > 1)
+        if job.auto_micro:
             plan = _accumulate_or_shrink(accumulate, plan, s, batches, info)
+        else:
+            accumulate(plan, manual_sync)
+        if measuring:
+            small = (_mean_over_ranks(_grad_sq(params, s.precision), info), plan.per_rank) if info.world_size > 1 \
+                else (first_micro_sq, plan.micro_batch)
+        if manual_sync:
+            s.engine.all_reduce_gradients()
         grad_norm = s.precision.unscale_and_clip(s.optimizer, params, cfg.train.clip_grad_norm)
         finite = bool(torch.isfinite(grad_norm))
         if not finite and cfg.train.nonfinite == "stop":
@@ -165,6 +178,8 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
                 "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps,
                 "nonfinite_steps": s.nonfinite_steps, **optim.trust_ratios(s.engine.module, s.optimizer),
             }
+            if measuring and finite and small[1] < plan.global_batch:
+                record.update(noise.update(*small, record["grad_norm"] ** 2, plan.global_batch))
             if eval_now:
                 record.update({f"eval/{k}": v for k, v in evaluate(s.engine.module, job.task.eval, info).items()})
                 eval_s += time.perf_counter() - now
@@ -198,17 +213,28 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
     return summary
 
 
-def _accumulate_or_shrink(accumulate: Callable[[BatchPlan], None], plan: BatchPlan, s: TrainState,
+def _grad_sq(params: list[torch.Tensor], precision: Precision) -> float:
+    """Squared norm of this rank's (unsynchronised, possibly loss-scaled) gradient, unscaled."""
+    grads = [p.grad for p in params if p.grad is not None]
+    scale = precision.scaler.get_scale() if precision.scaler.is_enabled() else 1.0
+    return float(torch.stack(torch._foreach_norm(grads)).square().sum()) / scale**2
+
+
+def _mean_over_ranks(value: float, info: DistInfo) -> float:
+    return all_reduce_sum(torch.tensor(value, dtype=torch.float64, device=info.device)).item() / info.world_size
+
+
+def _accumulate_or_shrink(accumulate: Callable[[BatchPlan, bool], None], plan: BatchPlan, s: TrainState,
                           batches: Batches, info: DistInfo) -> BatchPlan:
-    """Run the step's micro-steps; if any rank ran out of memory, all halve the micro-batch and redo the step."""
+    """Run the step's micro-steps unsynchronised; if any rank ran out of memory, all halve the micro-batch
+    and redo the step. The caller all-reduces the gradients."""
     while True:
         try:
-            accumulate(plan)
+            accumulate(plan, True)
             ok = 1
         except torch.OutOfMemoryError:
             ok = 0
         if autobatch.agree_min(ok, info.device):
-            s.engine.all_reduce_gradients()
             return plan
         s.optimizer.zero_grad(set_to_none=True)
         smaller = autobatch.smaller(plan)
