@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
 from torch.optim import Optimizer
 
 from largebatch.optim.lamb import LAMB
@@ -76,16 +75,23 @@ def _candidates() -> dict[str, Callable[[list[dict]], Optimizer]]:
     return candidates
 
 
-def time_steps(optimizer: Optimizer, steps: int, warmup: int) -> float:
-    """Median wall time of one optimizer.step(), in milliseconds, after `warmup` untimed steps."""
-    for _ in range(warmup):
-        optimizer.step()
-    times = []
+def time_steps(optimizers: dict[str, Optimizer], steps: int, warmup: int) -> dict[str, float]:
+    """Median wall time of one step() per optimizer, in milliseconds, after `warmup` untimed steps.
+
+    The optimizers take turns, one step each per round, so that load from other processes hits all
+    of them alike, and each step starts with caches full of another model's state, as it does
+    after a backward pass.
+    """
+    for optimizer in optimizers.values():
+        for _ in range(warmup):
+            optimizer.step()
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
     for _ in range(steps):
-        start = time.perf_counter()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for name, optimizer in optimizers.items():
+            start = time.perf_counter()
+            optimizer.step()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,9 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     numel = sum(torch.Size(s).numel() for s in shapes)
     print(f"ResNet-50: {len(shapes)} tensors, {numel:,} values; {args.threads} threads, "
           f"median of {args.steps} steps after {args.warmup}")
-    ms: dict[str, float] = {}
-    for name, make in _candidates().items():
-        ms[name] = time_steps(make(_param_groups(seed=0)), args.steps, args.warmup)
+    optimizers = {name: make(_param_groups(seed=0)) for name, make in _candidates().items()}
+    ms = time_steps(optimizers, args.steps, args.warmup)
 
     adamw, sgd = ms["torch AdamW(fused)"], ms["torch SGD(fused)"]
     print(f"{'optimizer':<24}{'ms/step':>9}{'/AdamW(fused)':>15}{'/SGD(fused)':>13}")

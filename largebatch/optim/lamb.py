@@ -28,11 +28,12 @@ class LAMB(Optimizer):
 
     Implementations disagree on which tensors adapt and on clamping: apex FusedLAMB and timm adapt
     only tensors with weight decay (timm: unless always_adapt); DeepSpeed and torch-optimizer adapt
-    all; DeepSpeed clamps the ratio to [0.01, 10]; torch-optimizer clamps ‖w‖ to 10 instead and
-    skips bias correction by default. Here every group adapts unless its ``adapt`` key is False
-    (give biases and norm weights adapt=False and weight_decay=0), bias correction is on, and there
-    is no clamp; trust_clip=10 gives DeepSpeed's upper bound. Gradients are not clipped here:
-    clip the global norm before step().
+    all. DeepSpeed clamps the ratio to [0.01, 10]; torch-optimizer clamps ‖w‖ to [0, 10] instead
+    (the paper's φ) and skips bias correction by default; apex does not clamp; timm's lambc clamps
+    the ratio at 1. Here every group adapts unless its ``adapt`` key is False (give biases and norm
+    weights adapt=False and weight_decay=0), bias correction is on, and there is no clamp;
+    trust_clip=10 gives DeepSpeed's upper bound. Gradients are not clipped here: clip the global
+    norm before step().
 
     After each step ``state[p]["trust_ratio"]`` is the ratio used, a 0-d tensor (no host sync).
     ``impl``: "foreach" uses torch._foreach_* ops on any device; "fused" uses a C++ kernel for
@@ -86,35 +87,21 @@ class LAMB(Optimizer):
             if any(g.is_sparse for g in grads):
                 raise RuntimeError("LAMB does not support sparse gradients")
             states = [self._state(p) for p in params]
-            steps = [state["step"] for state in states]
-            torch._foreach_add_(steps, 1.0)
-            beta1, beta2 = group["betas"]
-            if group["bias_correction"]:
-                bias_correction1 = [1.0 - beta1 ** step.item() for step in steps]
-                bias_correction2 = [1.0 - beta2 ** step.item() for step in steps]
-            else:
-                bias_correction1 = bias_correction2 = [1.0] * len(params)
-            exp_avgs = [state["exp_avg"] for state in states]
-            exp_avg_sqs = [state["exp_avg_sq"] for state in states]
-            kernels = fused.kernels_for(self.impl, params + grads + exp_avgs + exp_avg_sqs)
-            lamb_step = kernels.lamb_step if kernels else foreach_lamb_step
-            ratios = lamb_step(
+            tensors = [grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]]
+            kernels = fused.kernels_for(self.impl, params, tensors)
+            (kernels.lamb_step if kernels else foreach_lamb_step)(
                 params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                bias_correction1,
-                bias_correction2,
+                *tensors,
+                [state["step"] for state in states],
+                [state["trust_ratio"] for state in states],
                 group["lr"],
-                beta1,
-                beta2,
+                *group["betas"],
                 group["eps"],
                 group["weight_decay"],
+                group["bias_correction"],
                 group["trust_clip"],
                 group["adapt"],
             )
-            for state, ratio in zip(states, ratios.unbind()):
-                state["trust_ratio"] = ratio
         return loss
 
     def _state(self, p: Tensor) -> dict[str, Any]:
@@ -123,6 +110,7 @@ class LAMB(Optimizer):
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
+            state["trust_ratio"] = torch.ones((), device=p.device)
         return state
 
 
@@ -131,17 +119,25 @@ def foreach_lamb_step(
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
-    bias_correction1: list[float],
-    bias_correction2: list[float],
+    steps: list[Tensor],
+    trust_ratios: list[Tensor],
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
+    bias_correction: bool,
     trust_clip: float | None,
     adapt: bool,
-) -> Tensor:
-    """One LAMB step with torch._foreach_* ops; returns the trust ratios used, one per tensor."""
+) -> None:
+    """One LAMB step with torch._foreach_* ops; counts `steps` and copies ratios into `trust_ratios`."""
+    torch._foreach_add_(steps, 1.0)
+    if bias_correction:
+        bias_correction1 = [1.0 - beta1 ** step.item() for step in steps]
+        bias_correction2 = [1.0 - beta2 ** step.item() for step in steps]
+    else:
+        bias_correction1 = bias_correction2 = [1.0] * len(steps)
+
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -166,4 +162,4 @@ def foreach_lamb_step(
     else:
         ratio = torch.ones(len(params), device=params[0].device)
     torch._foreach_add_(params, updates, alpha=-lr)
-    return ratio
+    torch._foreach_copy_(trust_ratios, ratio.unbind())

@@ -15,7 +15,7 @@ from largebatch.optim import fused
 
 
 class LARS(Optimizer):
-    """Momentum SGD whose gradient for each tensor is scaled by that tensor's trust ratio (eq. 6).
+    """Momentum SGD whose gradient for each tensor is scaled by its trust ratio (eq. 6, Algorithm 1).
 
     For a tensor w with gradient g in a group with ``adapt=True`` (the default)::
 
@@ -87,13 +87,14 @@ class LARS(Optimizer):
             grads = [p.grad for p in params]
             if any(g.is_sparse for g in grads):
                 raise RuntimeError("LARS does not support sparse gradients")
-            buffers = self._momentum_buffers(params) if group["momentum"] != 0.0 else []
-            kernels = fused.kernels_for(self.impl, params + grads + buffers)
-            lars_step = kernels.lars_step if kernels else foreach_lars_step
-            ratios = lars_step(
+            states = [self._state(p, group["momentum"]) for p in params]
+            buffers = [state["momentum_buffer"] for state in states] if group["momentum"] != 0.0 else []
+            kernels = fused.kernels_for(self.impl, params, [grads, buffers] if buffers else [grads])
+            (kernels.lars_step if kernels else foreach_lars_step)(
                 params,
                 grads,
                 buffers,
+                [state["trust_ratio"] for state in states],
                 group["lr"],
                 group["momentum"],
                 group["weight_decay"],
@@ -103,21 +104,22 @@ class LARS(Optimizer):
                 group["trust_clip"],
                 group["adapt"],
             )
-            for p, ratio in zip(params, ratios.unbind()):
-                self.state[p]["trust_ratio"] = ratio
         return loss
 
-    def _momentum_buffers(self, params: list[Tensor]) -> list[Tensor]:
-        for p in params:
-            if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        return [self.state[p]["momentum_buffer"] for p in params]
+    def _state(self, p: Tensor, momentum: float) -> dict[str, Any]:
+        state = self.state[p]
+        if "trust_ratio" not in state:
+            state["trust_ratio"] = torch.ones((), device=p.device)
+        if momentum != 0.0 and "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        return state
 
 
 def foreach_lars_step(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor],
+    trust_ratios: list[Tensor],
     lr: float,
     momentum: float,
     weight_decay: float,
@@ -126,8 +128,8 @@ def foreach_lars_step(
     nesterov: bool,
     trust_clip: bool,
     adapt: bool,
-) -> Tensor:
-    """One LARS step with torch._foreach_* ops; returns the trust ratios used, one per tensor."""
+) -> None:
+    """One LARS step with torch._foreach_* ops; copies each tensor's ratio into `trust_ratios`."""
     if adapt:
         w_norm = torch.stack(torch._foreach_norm(params))
         g_norm = torch.stack(torch._foreach_norm(grads))
@@ -149,4 +151,4 @@ def foreach_lars_step(
         else:
             updates = momentum_buffers
     torch._foreach_add_(params, updates, alpha=-lr)
-    return ratio
+    torch._foreach_copy_(trust_ratios, ratio.unbind())

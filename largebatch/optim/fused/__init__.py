@@ -43,8 +43,9 @@ def _build() -> ModuleType | str:
             extra_ldflags=["-fopenmp"],
         )
     except Exception as exc:  # noqa: BLE001 - any build failure means "no fused kernel"
-        first_line = next(iter(str(exc).splitlines()), "")
-        return f"{type(exc).__name__}: {first_line[:200]}"
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+        reason = next((line for line in lines[1:] if "error" in line or "not found" in line), lines[0])
+        return f"{type(exc).__name__}: {reason[:200]}"
 
 
 def load() -> ModuleType:
@@ -53,7 +54,7 @@ def load() -> ModuleType:
         built = _build()
     if isinstance(built, str):
         raise RuntimeError(
-            f"impl='fused' needs the C++ optimizer kernel, which failed to build ({built}); "
+            f"the fused optimizer kernel failed to build ({built}); "
             "install g++ and ninja, or use impl='foreach'"
         )
     return built
@@ -65,19 +66,15 @@ def _load_or_warn() -> ModuleType | None:
     try:
         return load()
     except RuntimeError as exc:
-        warnings.warn(f"{exc}; impl='auto' uses impl='foreach'", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"{exc}. impl='auto' falls back to impl='foreach' (slower)", RuntimeWarning, stacklevel=3)
         return None
 
 
-def _fusable(tensors: list[torch.Tensor]) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-
-
-def kernels_for(impl: str, tensors: list[torch.Tensor]) -> ModuleType | None:
-    """The fused kernels if `impl` asks for them and all `tensors` are contiguous fp32 on the CPU.
-
-    None means: use the foreach implementation (always the case on CUDA and for other dtypes).
+def kernels_for(impl: str, params: list[torch.Tensor], tensors: list[list[torch.Tensor]]) -> ModuleType | None:
+    """The fused kernels if `impl` allows them and `params` and the parameter-shaped `tensors`
+    are all contiguous fp32 on the CPU; None means: use foreach (always so on CUDA or for bf16).
     """
-    if impl == "foreach" or not _fusable(tensors):
+    if impl == "foreach" or not all(p.is_cpu and p.dtype == torch.float32 for p in params):
         return None
-    return load() if impl == "fused" else _load_or_warn()
+    kernels = load() if impl == "fused" else _load_or_warn()
+    return kernels if kernels is not None and kernels.fusable([params, *tensors]) else None
