@@ -1,5 +1,6 @@
 # make run   : set up .venv, then train the quickstart on 2 processes (~10 s after setup)
 # make test  : set up .venv, then run the test suite (what CI runs)
+# make test-cluster : the docker-compose cluster test (needs root or a Docker daemon; not part of make test)
 PYTHON ?= python3
 TORCH ?= 2.13.0
 VENV ?= .venv
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 # JIT-compiled extensions (DeepSpeed's CPU comm op, our fused optimizer kernels) are built once and kept here.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/largebatch/torch_extensions
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-cluster bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +24,10 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# 2-node compose job (2 containers × 2 processes) must equal the same job run natively, bit for bit
+test-cluster: setup
+	PYTHON=$(BIN)/python docker/test-cluster.sh
 
 bench: setup
 	$(BIN)/largebatch bench loop

@@ -27,9 +27,9 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         dist.teardown()
     if info.is_main:
-        print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-              f"held-out accuracy {summary['eval']['accuracy']:.4f}, {summary['samples_per_s']:.0f} samples/s; "
-              f"run dir {cfg.run_dir}")
+        held_out = ", ".join(f"held-out {k} {v:.4f}" for k, v in summary["eval"].items() if k == "accuracy")
+        print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, {held_out}, "
+              f"{summary['samples_per_s']:.0f} samples/s; run dir {cfg.run_dir}")
     return 0
 
 

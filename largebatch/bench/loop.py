@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="largebatch bench loop", description=__doc__)
     parser.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per measurement")
-    parser.add_argument("--repeats", type=int, default=5, help="alternating measurements of each loop")
+    parser.add_argument("--repeats", type=int, default=9, help="alternating measurements of each loop")
     args = parser.parse_args(argv)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
                "-m", "largebatch.bench.loop", "--worker", str(args.steps), str(args.repeats)]
