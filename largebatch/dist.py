@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -53,7 +54,23 @@ def init(info: DistInfo) -> None:
         torch.cuda.set_device(info.device)
     if info.world_size > 1:
         backend = "nccl" if info.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
+        dist.init_process_group(backend, store=_store(info), rank=info.rank, world_size=info.world_size)
+
+
+def _store(info: DistInfo) -> dist.Store:
+    """The rendezvous store, its keys prefixed by torchrun's restart count.
+
+    After a restart (`--max-restarts`) torchrun's c10d agent store can still hold the previous
+    attempt's process-group keys; without the prefix a restarted rank may read a dead peer's
+    address and fail with "connectFullMesh ... Connection refused".
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 29500), info.world_size,
+        is_master=not agent_store and info.rank == 0, multi_tenant=not agent_store,
+        timeout=timedelta(minutes=10),
+    )
+    return dist.PrefixStore(f"largebatch/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown() -> None:

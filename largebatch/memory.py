@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import resource
 from collections.abc import Iterator
 
 import torch
@@ -80,3 +81,10 @@ def peak_bytes(device: torch.device, meter: ActivationMeter, model: nn.Module,
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return state_bytes(model, optimizer) + meter.bytes
+
+
+def process_peak_mib(device: torch.device) -> float:
+    """For the metrics: the allocator's peak on CUDA, else this process's peak resident set size (Linux: KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10

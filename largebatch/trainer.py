@@ -21,6 +21,7 @@ from largebatch.dist import DistInfo, all_reduce_sum
 from largebatch.engine.ddp import DDPEngine
 from largebatch.errors import TrainingStopped, warn
 from largebatch.job import Job
+from largebatch.memory import process_peak_mib
 from largebatch.noise import NoiseScale
 from largebatch.optim.schedules import Schedule
 from largebatch.precision import Precision
@@ -176,6 +177,7 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
                 "loss": all_reduce_sum(loss_sum).item() / info.world_size, "lr": lr, "grad_norm": grad_norm.item(),
                 "samples_per_s": (s.step - last_logged_step) * plan.global_batch / (now - last_log),
                 "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps,
+                "memory_mib": process_peak_mib(info.device),
                 "nonfinite_steps": s.nonfinite_steps, **optim.trust_ratios(s.engine.module, s.optimizer),
             }
             if measuring and finite and small[1] < plan.global_batch:
