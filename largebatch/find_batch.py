@@ -4,7 +4,7 @@ Sizes grow 1, 2, 4, then multiples of 8 doubling (8, 16, 32, ...) up to the per-
 global batch, and stop at the first that passes the memory budget or raises a real out-of-memory
 error. Memory is measured as in `largebatch.memory`: the allocator's peak on CUDA; on CPU a count of
 parameters + gradients + optimizer state + the activations autograd saves for backward (training), or
-parameters + the largest module input + output (inference: nothing is saved for backward).
+parameters and buffers + the largest module input + output (inference: nothing is saved for backward).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 
 from largebatch import config, job, models, optim
 from largebatch.errors import ArgumentParser
-from largebatch.memory import ActivationMeter, parse_size, state_bytes
+from largebatch.memory import ActivationMeter, parse_size, peak_bytes, state_bytes
 from largebatch.precision import Precision
 
 
@@ -76,7 +76,8 @@ def measure(prepared: job.Job, micro: int, inference: bool, repeats: int, device
                 model(x)
         seconds = _timed(run, repeats)
         meter.close()
-        counted = state_bytes(model) // 2 + meter.peak  # parameters and buffers, no gradients
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
+            state_bytes(model, gradients=False) + meter.peak
     else:
         model.train()
         activations = ActivationMeter()
@@ -89,8 +90,7 @@ def measure(prepared: job.Job, micro: int, inference: bool, repeats: int, device
             precision.step(optimizer, skip=False)
             optimizer.zero_grad(set_to_none=True)
         seconds = _timed(run, repeats)
-        counted = state_bytes(model, optimizer) + activations.bytes
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else counted
+        peak = peak_bytes(device, activations, model, optimizer)
     return peak, micro / seconds
 
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
     plan = prepared.plan
     how = "allocator peak" if device.type == "cuda" else (
-        "parameters + largest module input/output (counted)" if args.inference
+        "parameters and buffers + largest module input/output (counted)" if args.inference
         else "parameters + gradients + optimizer state + saved activations (counted)")
     print(f"{'inference' if args.inference else 'training'}: {cfg.model.name} on {cfg.data.name}, {cfg.train.precision}, "
           f"{device.type}; memory = {how}; budget {_mib(budget) if budget else 'none'}")

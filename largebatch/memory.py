@@ -30,11 +30,12 @@ def parse_size(text: str, key: str) -> int:
     return int(float(match.group(1)) * UNITS[match.group(2).upper()])
 
 
-def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Parameters, their gradients and buffers, plus the optimizer's state (estimated before its first step)."""
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, gradients: bool = True) -> int:
+    """Parameters and buffers, their gradients unless `gradients=False`, plus the optimizer's state
+    (estimated before its first step)."""
     params = [p for p in model.parameters() if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    total = 2 * param_bytes + sum(b.numel() * b.element_size() for b in model.buffers())
+    total = (2 if gradients else 1) * param_bytes + sum(b.numel() * b.element_size() for b in model.buffers())
     if optimizer is None:
         return total
     if optimizer.state:
