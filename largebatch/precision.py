@@ -7,6 +7,11 @@ import contextlib
 import torch
 
 
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm over all of `params`' gradients, as one multi-tensor pass (no host sync)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None])))
+
+
 class Precision:
     def __init__(self, name: str, device: torch.device, init_scale: float = 65536.0) -> None:
         self.name = name
@@ -28,8 +33,7 @@ class Precision:
         self.scaler.unscale_(optimizer)
         if clip is not None:
             return torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-        grads = [p.grad for p in params if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        return grad_norm(params)
 
     def step(self, optimizer: torch.optim.Optimizer, skip: bool) -> None:
         """Step unless `skip` (a non-finite gradient); the fp16 loss scale is updated either way."""

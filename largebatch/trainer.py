@@ -24,7 +24,7 @@ from largebatch.job import Job
 from largebatch.memory import process_peak_mib
 from largebatch.noise import NoiseScale
 from largebatch.optim.schedules import Schedule
-from largebatch.precision import Precision
+from largebatch.precision import Precision, grad_norm
 from largebatch.track import Tracker
 
 
@@ -217,9 +217,8 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
 
 def _grad_sq(params: list[torch.Tensor], precision: Precision) -> float:
     """Squared norm of this rank's (unsynchronised, possibly loss-scaled) gradient, unscaled."""
-    grads = [p.grad for p in params if p.grad is not None]
     scale = precision.scaler.get_scale() if precision.scaler.is_enabled() else 1.0
-    return float(torch.stack(torch._foreach_norm(grads)).square().sum()) / scale**2
+    return (grad_norm(params).item() / scale) ** 2
 
 
 def _mean_over_ranks(value: float, info: DistInfo) -> float:
