@@ -14,12 +14,9 @@ if [ $# -lt 1 ]; then
 fi
 CONFIG=$1
 shift
-here=$(cd "$(dirname "$0")/.." && pwd)
-if [ -z "${PYTHON:-}" ]; then
-  PYTHON=python3
-  [ -x "$here/.venv/bin/python" ] && PYTHON="$here/.venv/bin/python"
-fi
-NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')}
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
+NPROC=${NPROC:-$(default_nproc)}
 hosts=()
 world=$NPROC
 if [ -n "${HOSTFILE:-}" ]; then

@@ -23,18 +23,15 @@ if [ $# -lt 1 ]; then
 fi
 CONFIG=$1
 shift
-here=$(cd "$(dirname "$0")/.." && pwd)
-if [ -z "${PYTHON:-}" ]; then
-  PYTHON=python3
-  [ -x "$here/.venv/bin/python" ] && PYTHON="$here/.venv/bin/python"
-fi
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
 positive() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 
 RDZV=${RDZV:-c10d}
 [ -n "${NNODES:-}" ] || die "NNODES is not set; export the number of nodes in the job, e.g. NNODES=2"
 positive "$NNODES" || die "NNODES=$NNODES must be a positive integer"
 [ -n "${MASTER_ADDR:-}" ] || die "MASTER_ADDR is not set; export a host every node can reach (node 0 or the rendezvous host)"
-NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')}
+NPROC=${NPROC:-$(default_nproc)}
 positive "$NPROC" || die "NPROC=$NPROC must be a positive integer (processes per node)"
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 [[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || die "MAX_RESTARTS=$MAX_RESTARTS must be a non-negative integer"

@@ -10,12 +10,9 @@ if [ $# -lt 1 ]; then
 fi
 CONFIG=$1
 shift
-here=$(cd "$(dirname "$0")/.." && pwd)
-if [ -z "${PYTHON:-}" ]; then
-  PYTHON=python3
-  [ -x "$here/.venv/bin/python" ] && PYTHON="$here/.venv/bin/python"
-fi
-NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')}
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
+NPROC=${NPROC:-$(default_nproc)}
 "$PYTHON" -m largebatch plan --config "$CONFIG" --world-size "$NPROC" "$@" >/dev/null
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
   -m largebatch train --config "$CONFIG" "$@"
