@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from largebatch import config, job, models, optim
+from largebatch.data import task_loss
 from largebatch.errors import ArgumentParser
 from largebatch.memory import ActivationMeter, parse_size, peak_bytes, state_bytes
 from largebatch.precision import Precision
@@ -84,7 +84,7 @@ def measure(prepared: job.Job, micro: int, inference: bool, repeats: int, device
 
         def run() -> None:
             with activations.track(model), precision.autocast():
-                loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten())
+                loss = task_loss(model(x), y)
             precision.backward(loss)
             precision.unscale_and_clip(optimizer, list(model.parameters()), None)
             precision.step(optimizer, skip=False)

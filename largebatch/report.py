@@ -6,7 +6,6 @@ wandb, and on runs still in progress. Plots are matplotlib `Figure`s rendered by
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json

@@ -16,7 +16,7 @@ from torch import nn
 
 from largebatch import autobatch, checkpoint, config, models, optim
 from largebatch.batch import BatchPlan, GlobalBatchSampler
-from largebatch.data import ArrayDataset, keep_batch
+from largebatch.data import ArrayDataset, keep_batch, task_loss
 from largebatch.dist import DistInfo, all_reduce_sum
 from largebatch.engine.ddp import DDPEngine
 from largebatch.errors import TrainingStopped, warn
@@ -118,7 +118,7 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
             with meter.track(s.engine.module) if meter else contextlib.nullcontext(), s.precision.autocast():
                 # Sum over the micro-batch / loss terms per rank per step; DDP's mean over ranks then
                 # makes the gradient the mean over the global batch, whatever the split.
-                loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten(), reduction="sum") / items_per_step
+                loss = task_loss(model(x), y, reduction="sum") / items_per_step
             s.precision.backward(loss)
             loss_sum += loss.detach()
             if micro_step == 0 and measuring and info.world_size == 1:
@@ -127,7 +127,7 @@ def fit(job: Job, info: DistInfo) -> dict[str, Any]:
     def probe(micro: int) -> None:
         x, y = (t[:micro].clone().to(info.device) for t in (job.task.train.inputs, job.task.train.labels))
         with s.precision.autocast():
-            F.cross_entropy(s.engine.module(x).flatten(0, -2), y.flatten(), reduction="sum").backward()
+            task_loss(s.engine.module(x), y, reduction="sum").backward()
 
     if job.auto_micro:
         plan = autobatch.fit(plan, s.engine.module, s.optimizer, probe, budget, info.device)

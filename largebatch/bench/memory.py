@@ -11,7 +11,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from largebatch import config, data, models
 from largebatch.errors import ArgumentParser
@@ -37,7 +36,7 @@ def measure(overrides: tuple[str, ...], micro: int, checkpointing: bool, steps: 
     for _ in range(steps + 1):
         start = time.perf_counter()
         with meter.track(model):
-            loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten())
+            loss = data.task_loss(model(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -28,6 +28,11 @@ class ArrayDataset(torch.utils.data.Dataset):
         return self.inputs[index], self.labels[index]
 
 
+def task_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over every loss term: one per example for classification, one per token for text."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction=reduction)
+
+
 def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Collate for `__getitems__` batches, which arrive already stacked."""
     return batch
