@@ -26,6 +26,8 @@ IMAGE=${IMAGE:-largebatch:test-cluster}
 TORCH=${TORCH:-2.13.0}
 EPOCHS=${EPOCHS:-20}
 NPROC=2
+# Both jobs take their threads by the same rule on this machine (compose does not pass the caller's OMP_NUM_THREADS).
+unset OMP_NUM_THREADS
 PROJECT=largebatch-test-cluster
 if [ -z "${PYTHON:-}" ]; then
   PYTHON=python3

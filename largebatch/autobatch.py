@@ -81,8 +81,8 @@ def fits(model: nn.Module, optimizer: torch.optim.Optimizer, run_micro_step: Cal
 
 
 def fit(plan: BatchPlan, model: nn.Module, optimizer: torch.optim.Optimizer, run_micro_step: Callable[[int], None],
-        budget: int | None, device: torch.device) -> BatchPlan:
-    """The largest micro-batch dividing the per-rank share that fits on every rank."""
-    candidates = [m for m in range(plan.per_rank, 0, -1) if plan.per_rank % m == 0]
+        budget: int | None, device: torch.device, largest: int | None = None) -> BatchPlan:
+    """The largest micro-batch dividing the per-rank share (and at most `largest`) that fits on every rank."""
+    candidates = [m for m in range(min(plan.per_rank, largest or plan.per_rank), 0, -1) if plan.per_rank % m == 0]
     mine = next((m for m in candidates if fits(model, optimizer, run_micro_step, m, budget, device)), 1)
     return with_micro(plan, agree_min(mine, device))

@@ -34,6 +34,8 @@ def save(run_dir: Path, step: int, state: dict[str, Any], meta: dict[str, Any], 
     parent = directory(run_dir)
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / f"{PREFIX}{step:08d}"
+    for stale in parent.glob(f".{PREFIX}*"):  # left by a writer killed mid-save; only rank 0 writes
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=parent))
     with (tmp / STATE).open("wb") as f:
         torch.save(state, f)

@@ -7,7 +7,7 @@ import os
 import sys
 
 from largebatch import config
-from largebatch.errors import ArgumentParser, TrainingStopped, UserError
+from largebatch.errors import ArgumentParser, Preempted, TrainingStopped, UserError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -24,8 +24,11 @@ def _train(args: argparse.Namespace) -> int:
     dist.init(info)
     try:
         summary = trainer.fit(prepared, info)
-    finally:
-        dist.teardown()
+    except (TrainingStopped, Preempted):
+        dist.teardown()  # every rank stopped at the same step, so every rank reaches the barrier
+        raise
+    # Not after an unexpected error: this rank would wait in the barrier while the others wait in a collective.
+    dist.teardown()
     if info.is_main:
         held_out = ", ".join(f"held-out {k} {v:.4f}" for k, v in summary["eval"].items() if k == "accuracy")
         print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, {held_out}, "
@@ -103,5 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"largebatch: stopped: {exc}", file=sys.stderr)
         return 1
+    except Preempted as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"largebatch: stopped: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130

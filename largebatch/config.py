@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ class RunConfig:
     """Turn on torch's deterministic algorithms (slower on some ops)."""
     resume: str = "auto"
     """auto (latest good checkpoint in run.dir, if any), never, or a checkpoint or run directory."""
+    threads: int | None = None
+    """CPU threads per process (torch intra-op); default OMP_NUM_THREADS if set, else usable cores ÷ processes on this node."""
 
 
 @dataclass
@@ -211,7 +214,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no data or torch: choices and value ranges."""
+    """Checks that need no data or torch: choices, value ranges and keys that the chosen mode ignores."""
     check_choice("model.norm", cfg.model.norm, ("batch", "syncbatch", "group", "layer", "none"))
     check_choice("optim.scaling", cfg.optim.scaling, ("linear", "sqrt", "none"))
     check_choice("optim.impl", cfg.optim.impl, ("auto", "fused", "foreach"))
@@ -221,8 +224,9 @@ def validate(cfg: Config) -> None:
     check_choice("logging.wandb", cfg.logging.wandb, ("disabled", "offline", "online"))
     if isinstance(cfg.batch.micro_size, str):
         check_choice("batch.micro_size", cfg.batch.micro_size, ("auto",))
+    _check_finite(cfg)
     positive = {
-        "data.size": cfg.data.size, "data.eval_size": cfg.data.eval_size, "data.classes": cfg.data.classes,
+        "data.size": cfg.data.size, "data.eval_size": cfg.data.eval_size,
         "model.width": cfg.model.width, "model.depth": cfg.model.depth, "model.heads": cfg.model.heads,
         "data.context": cfg.data.context,
         "optim.lr": cfg.optim.lr, "optim.reference_batch": cfg.optim.reference_batch,
@@ -230,13 +234,13 @@ def validate(cfg: Config) -> None:
         "train.steps": cfg.train.steps, "train.epochs": cfg.train.epochs, "train.log_every": cfg.train.log_every,
         "train.clip_grad_norm": cfg.train.clip_grad_norm, "schedule.power": cfg.schedule.power,
         "train.checkpoint_keep": cfg.train.checkpoint_keep,
-        "train.fp16_init_scale": cfg.train.fp16_init_scale,
+        "train.fp16_init_scale": cfg.train.fp16_init_scale, "run.threads": cfg.run.threads,
     }
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise UserError(f"{key}={value} must be positive")
     non_negative = {
-        "optim.weight_decay": cfg.optim.weight_decay, "optim.momentum": cfg.optim.momentum,
+        "optim.weight_decay": cfg.optim.weight_decay, "optim.eps": cfg.optim.eps,
         "data.workers": cfg.data.workers, "train.eval_every": cfg.train.eval_every,
         "train.checkpoint_every": cfg.train.checkpoint_every, "model.grad_checkpointing": cfg.model.grad_checkpointing,
         "schedule.warmup_steps": cfg.schedule.warmup_steps, "schedule.warmup_epochs": cfg.schedule.warmup_epochs,
@@ -244,21 +248,88 @@ def validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value is not None and value < 0:
             raise UserError(f"{key}={value} must not be negative")
+    for key, value in (("run.seed", cfg.run.seed), ("data.seed", cfg.data.seed)):
+        if not 0 <= value < 2**63:
+            raise UserError(f"{key}={value} must be an integer in [0, 2**63), e.g. 0")
     for key, value in (("data.label_noise", cfg.data.label_noise), ("schedule.min_lr_ratio", cfg.schedule.min_lr_ratio)):
         if not 0 <= value <= 1:
             raise UserError(f"{key}={value} must be between 0 and 1")
     if not 0 < cfg.data.eval_fraction < 1:
         raise UserError(f"data.eval_fraction={cfg.data.eval_fraction} must be between 0 and 1 (exclusive)")
+    if cfg.data.classes < 2:
+        raise UserError(f"data.classes={cfg.data.classes} must be at least 2")
     if not cfg.data.shape or any(d < 1 for d in cfg.data.shape):
         raise UserError(f"data.shape={cfg.data.shape} must be a non-empty list of positive sizes, e.g. [32]")
     if cfg.train.steps is not None and cfg.train.epochs is not None:
         raise UserError("set train.steps or train.epochs, not both")
     if cfg.schedule.warmup_steps is not None and cfg.schedule.warmup_epochs is not None:
         raise UserError("set schedule.warmup_steps or schedule.warmup_epochs, not both")
+    if not 0 <= cfg.optim.momentum < 1:
+        raise UserError(f"optim.momentum={cfg.optim.momentum} must be in [0, 1), e.g. 0.9")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise UserError(f"optim.betas={cfg.optim.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if not 0 < cfg.schedule.gamma <= 1:
+        raise UserError(f"schedule.gamma={cfg.schedule.gamma} must be a decay factor in (0, 1], e.g. 0.1")
     if any(not 0 < m < 1 for m in cfg.schedule.milestones) or cfg.schedule.milestones != sorted(cfg.schedule.milestones):
         raise UserError(f"schedule.milestones={cfg.schedule.milestones} must be increasing fractions of training in (0, 1)")
+    _check_used(cfg)
+
+
+def _check_finite(cfg: Config) -> None:
+    """Reject NaN and inf (YAML .nan, .inf) in every number: they pass any range check, since NaN compares false."""
+    for section in dataclasses.fields(cfg):
+        for key, value in vars(getattr(cfg, section.name)).items():
+            numbers = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                raise UserError(f"{section.name}.{key}={value} must be finite")
+
+
+MODE_KEYS: dict[str, dict[Any, tuple[str, ...]]] = {
+    "data.name": {
+        "synthetic": ("data.size", "data.eval_size", "data.shape", "data.classes", "data.label_noise"),
+        "digits": ("data.eval_fraction",),
+        "text": ("data.eval_fraction", "data.context"),
+    },
+    "model.name": {"mlp": ("model.norm",), "resnet": ("model.norm",), "gpt": ("model.heads",)},
+    "batch.micro_size": {"auto": ("batch.memory_limit",)},
+    "schedule.name": {
+        "constant": (),
+        "cosine": ("schedule.min_lr_ratio",),
+        "step": ("schedule.milestones", "schedule.gamma"),
+        "poly": ("schedule.min_lr_ratio", "schedule.power"),
+    },
+    "train.precision": {"fp32": (), "bf16": (), "fp16": ("train.fp16_init_scale",)},
+}
+"""{deciding key: {value: the keys that value uses}}. A key listed under a deciding key is ignored by the values
+that do not list it; keys listed nowhere (data.seed, model.width, ...) apply whatever the mode."""
+
+
+def _check_used(cfg: Config) -> None:
+    """Reject a key set away from its default that the chosen dataset, model, micro-batch mode, schedule or
+    precision ignores (MODE_KEYS)."""
+    defaults = Config()
+    for decider, uses in MODE_KEYS.items():
+        current = _get(cfg, decider)
+        if isinstance(current, str) and current not in uses:
+            continue  # an unknown name; the registry's own check says so, with "did you mean"
+        for key in dict.fromkeys(k for keys in uses.values() for k in keys):
+            if key not in uses.get(current, ()) and _get(cfg, key) != _get(defaults, key):
+                raise ignored_key(key, decider, current, [value for value, keys in uses.items() if key in keys])
+
+
+def ignored_key(key: str, decider: str, current: Any, users: list[str], fix: str | None = None) -> UserError:
+    """The error for `key`, set although `decider`=`current` ignores it; `users`: the values of `decider` that use it."""
+    *others, last = [str(u) for u in users]
+    names = f"{', '.join(others)} and {last}" if others else last
+    fix = fix or (f"set {decider}={last}" if not others else f"set {decider} to one of those")
+    shown = "null" if current is None else current
+    return UserError(f"{key} is ignored with {decider}={shown} (only {names} use{'s' if not others else ''} it); "
+                     f"remove it or {fix}")
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
 
 
 def dump(cfg: Config, derived: dict[str, Any], path: Path) -> None:

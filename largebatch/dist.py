@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from largebatch.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,24 @@ def from_env() -> DistInfo:
     return DistInfo(rank, local_rank, world_size, torch.device("cpu"))
 
 
+def threads(configured: int | None = None, local_processes: int | None = None) -> int:
+    """CPU threads per process, by one rule for every launcher: `run.threads` if set, else OMP_NUM_THREADS if the
+    caller set it, else the usable cores ÷ processes on this node (at least 1).
+
+    Floating-point results can change with the thread count, so a job's numbers must not depend on which
+    launcher started it (torchrun sets OMP_NUM_THREADS=1 only for 2+ processes per node; DeepSpeed never does).
+    """
+    if configured is not None:
+        return configured
+    if os.environ.get("OMP_NUM_THREADS"):
+        value = _env_int("OMP_NUM_THREADS", 1)
+        if value < 1:
+            raise UserError(f"OMP_NUM_THREADS={value} must be a positive integer; unset it or set run.threads")
+        return value
+    local = local_processes or _env_int("LOCAL_WORLD_SIZE", _env_int("LOCAL_SIZE", 1))
+    return max(1, len(os.sched_getaffinity(0)) // max(local, 1))
+
+
 def init(info: DistInfo) -> None:
     """Join the process group: NCCL on CUDA, gloo on CPU. A single process needs none."""
     if info.device.type == "cuda":
@@ -78,6 +99,15 @@ def teardown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def broadcast_from_main(value: T) -> T:
+    """Rank 0's `value` on every rank (picklable; a no-op in a single process)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

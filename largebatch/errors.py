@@ -3,6 +3,7 @@
 import argparse
 import difflib
 import os
+import signal
 import sys
 from typing import NoReturn
 
@@ -13,6 +14,15 @@ class UserError(Exception):
 
 class TrainingStopped(Exception):
     """The run stopped itself for a stated reason (e.g. a non-finite gradient with train.nonfinite=stop)."""
+
+
+class Preempted(Exception):
+    """Every rank stopped at a step boundary on a signal and saved a checkpoint; the process exits 128 + signal."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} after step {step}; checkpoint saved, "
+                         f"rerun the same command (run.resume=auto) to continue")
+        self.exit_code = 128 + signum
 
 
 def warn(message: str) -> None:

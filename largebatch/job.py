@@ -8,10 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from largebatch import batch, checkpoint, data, memory, models, optim
+from largebatch import batch, checkpoint, data, dist, memory, models, optim
 from largebatch.config import Config
-from largebatch.errors import UserError
+from largebatch.errors import UserError, warn
 from largebatch.optim.scaling import peak_lr
+
+
+CHECKPOINT_FORMAT = 2
+"""Bumped when the checkpoint layout changes (2: optimizer state by parameter name, applied-step count)."""
+CADENCE = ("log_every", "eval_every", "checkpoint_every", "checkpoint_keep")
+"""train.* keys that only change how often things happen, not the trajectory; not reported on resume."""
 
 
 @dataclass
@@ -24,8 +30,12 @@ class Job:
     warmup_steps: int
     peak_lr: float
     resume_from: Path | None
+    threads: int
+    """CPU threads per process (dist.threads: run.threads, OMP_NUM_THREADS, or cores ÷ local processes)."""
     memory_limit: int | None = None
     """batch.memory_limit in bytes."""
+    resumed_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """`settings()` of the checkpoint being resumed ({} when starting afresh)."""
 
     @property
     def auto_micro(self) -> bool:
@@ -40,6 +50,17 @@ class Job:
             fixed |= {f"{section}.{k}": v for k, v in dataclasses.asdict(getattr(c, section)).items() if k != "workers"}
         return fixed
 
+    def settings(self) -> dict[str, Any]:
+        """What a resume may change (applied from the resumed step on, and reported): optimizer, schedule,
+        training options and the batch split."""
+        c = self.cfg
+        flat = {f"{section}.{k}": v for section in ("optim", "schedule", "train")
+                for k, v in dataclasses.asdict(getattr(c, section)).items() if k not in CADENCE}
+        return {**flat, "micro_batch": self.plan.micro_batch, "world_size": self.plan.world_size}
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {**self.identity(), "format": CHECKPOINT_FORMAT, "settings": self.settings()}
+
     def derived(self) -> dict[str, Any]:
         """The values written beside the config in config.yaml."""
         return {
@@ -51,6 +72,7 @@ class Job:
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,
+            "threads": self.threads,
             "train_examples": len(self.task.train),
             "eval_examples": len(self.task.eval),
         }
@@ -83,7 +105,8 @@ def prepare(cfg: Config, world_size: int) -> Job:
         )
     lr = peak_lr(cfg.optim.lr, plan.global_batch, cfg.optim.reference_batch, cfg.optim.scaling)
     limit = memory.parse_size(cfg.batch.memory_limit, "batch.memory_limit") if cfg.batch.memory_limit else None
-    job = Job(cfg, task, plan, steps_per_epoch, total_steps, warmup_steps, lr, None, limit)
+    job = Job(cfg, task, plan, steps_per_epoch, total_steps, warmup_steps, lr, None, dist.threads(cfg.run.threads),
+              limit)
     job.resume_from = _resume_point(job)
     return job
 
@@ -97,10 +120,18 @@ def _resume_point(job: Job) -> Path | None:
     if path is None:
         return None
     saved = checkpoint.manifest(path)["meta"]
+    if saved.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint {path} was written by an older largebatch (format {saved.get('format', 1)}, "
+                        f"this one reads {CHECKPOINT_FORMAT}); resume it with that version, or run.resume=never")
     for key, value in job.identity().items():
         if saved.get(key) != value:
             raise UserError(
                 f"checkpoint {path} was trained with {key}={saved.get(key)}, this config has {value}; "
                 f"use the same config, or run.resume=never (or another run.dir) to start afresh"
             )
+    job.resumed_settings = saved["settings"]
+    changed = [f"{k} {saved['settings'].get(k)} → {v}" for k, v in job.settings().items()
+               if k.startswith(("optim.", "schedule.", "train.")) and saved["settings"].get(k) != v]
+    if changed:
+        warn(f"resuming {path.name} with changed settings, applied from its step on: {', '.join(changed)}")
     return path

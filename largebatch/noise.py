@@ -14,7 +14,8 @@ accumulation, the small batch is the first micro-batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 
 def estimate(sq_small: float, b_small: int, sq_big: float, b_big: int) -> tuple[float, float]:
@@ -40,3 +41,10 @@ class NoiseScale:
         if self.g2 > 0:
             out["gns"] = self.trace / self.g2
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The smoothed estimates, so a resumed run continues the same averages."""
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay, self.g2, self.trace = state["decay"], state["g2"], state["trace"]

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+MIN_LOSS_SCALE = 1.0
+"""fp16: a loss scale driven below this by back-to-back overflows means the gradients are not finite at any
+scale; such a step counts as non-finite (as DeepSpeed's min_loss_scale). Above it, overflow is routine."""
 
 
 def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     """The L2 norm over all of `params`' gradients, as one multi-tensor pass (no host sync)."""
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None])))
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    applied: bool
+    """The optimizer updated the parameters (the LR schedule advances only then)."""
+    nonfinite: bool
+    """A non-finite loss, a non-finite gradient (fp32, bf16), or an fp16 loss scale under MIN_LOSS_SCALE."""
 
 
 class Precision:
@@ -27,6 +42,11 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
+    @property
+    def loss_scale(self) -> float:
+        """The fp16 loss scale (1 without one)."""
+        return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+
     def unscale_and_clip(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
                          clip: float | None) -> torch.Tensor:
         """Unscale the (already all-reduced) gradients and clip them; returns the global norm before clipping."""
@@ -35,8 +55,26 @@ class Precision:
             return torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
         return grad_norm(params)
 
-    def step(self, optimizer: torch.optim.Optimizer, skip: bool) -> None:
-        """Step unless `skip` (a non-finite gradient); the fp16 loss scale is updated either way."""
-        if not skip:
+    def step(self, optimizer: torch.optim.Optimizer, loss: float, norm: float) -> StepOutcome:
+        """Step the optimizer if the step is usable. Under fp16 the GradScaler owns overflow: it skips the update
+        and halves the scale, which is routine and not a non-finite step unless the scale falls under the floor."""
+        finite_loss = math.isfinite(loss)
+        if not self.scaler.is_enabled():
+            applied = finite_loss and math.isfinite(norm)
+            if applied:
+                optimizer.step()
+            return StepOutcome(applied, not applied)
+        before = self.scaler.get_scale()
+        if finite_loss:
             self.scaler.step(optimizer)
         self.scaler.update()
+        after = self.scaler.get_scale()
+        return StepOutcome(finite_loss and after >= before, not finite_loss or after < MIN_LOSS_SCALE)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the loss scale; a checkpoint from another precision (no scaler state, or none wanted) starts afresh."""
+        if self.scaler.is_enabled() and state:
+            self.scaler.load_state_dict(state)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,14 +18,16 @@ from torch import nn
 from largebatch import autobatch, checkpoint, config, models, optim
 from largebatch.batch import BatchPlan, GlobalBatchSampler
 from largebatch.data import ArrayDataset, keep_batch, task_loss
-from largebatch.dist import DistInfo, all_reduce_sum
+from largebatch.dist import DistInfo, all_reduce_sum, broadcast_from_main
 from largebatch.engine.ddp import DDPEngine
-from largebatch.errors import TrainingStopped, warn
+from largebatch.errors import Preempted, TrainingStopped, warn
 from largebatch.job import Job
 from largebatch.memory import process_peak_mib
 from largebatch.noise import NoiseScale
 from largebatch.optim.schedules import Schedule
-from largebatch.precision import Precision, grad_norm
+from largebatch.optim.state import load_named_state_dict, named_state_dict
+from largebatch.precision import Precision, StepOutcome, grad_norm
+from largebatch.stop import StopFlags
 from largebatch.track import Tracker
 
 
@@ -34,37 +37,46 @@ class TrainState:
 
     engine: DDPEngine
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     precision: Precision
+    noise: NoiseScale | None
     step: int = 0
+    """Optimizer steps taken, applied or skipped: the position in the data."""
+    applied_steps: int = 0
+    """Steps whose update was applied: the position in the LR schedule."""
     nonfinite_steps: int = 0
 
     def state_dict(self) -> dict[str, Any]:
+        module = self.engine.module
         return {
-            "model": self.engine.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict(),
-            "rng": torch.get_rng_state(), "step": self.step, "nonfinite_steps": self.nonfinite_steps,
+            "model": module.state_dict(), "optimizer": named_state_dict(module, self.optimizer),
+            "scaler": self.precision.state_dict(), "noise": self.noise.state_dict() if self.noise else None,
+            "rng": torch.get_rng_state(), "step": self.step, "applied_steps": self.applied_steps,
+            "nonfinite_steps": self.nonfinite_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint; optimizer hyperparameters and precision stay as this run's config sets them."""
         self.engine.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.precision.scaler.load_state_dict(state["scaler"])
+        load_named_state_dict(self.engine.module, self.optimizer, state["optimizer"])
+        self.precision.load_state_dict(state["scaler"])
+        if self.noise is not None and state["noise"] is not None:
+            self.noise.load_state_dict(state["noise"])
         torch.set_rng_state(state["rng"])
-        self.step, self.nonfinite_steps = state["step"], state["nonfinite_steps"]
+        self.step, self.applied_steps, self.nonfinite_steps = (
+            state["step"], state["applied_steps"], state["nonfinite_steps"])
 
 
 def build_state(job: Job, info: DistInfo) -> TrainState:
+    """Model, optimizer and precision from the config, then the checkpoint rank 0 chose to resume from, if any."""
     cfg = job.cfg
     torch.manual_seed(cfg.run.seed)
     engine = DDPEngine(models.build(cfg.model, job.task.input_shape, job.task.num_classes), info)
-    optimizer = optim.build(engine.module, cfg.optim, job.peak_lr)
-    schedule = Schedule(cfg.schedule, job.total_steps, job.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
-    state = TrainState(engine, optimizer, scheduler, Precision(cfg.train.precision, info.device, cfg.train.fp16_init_scale))
-    if job.resume_from is not None:
-        state.load_state_dict(checkpoint.load(job.resume_from))
+    state = TrainState(engine, optim.build(engine.module, cfg.optim, job.peak_lr),
+                       Precision(cfg.train.precision, info.device, cfg.train.fp16_init_scale),
+                       NoiseScale() if cfg.train.noise_scale else None)
+    resume_from = broadcast_from_main(job.resume_from)
+    if resume_from is not None:
+        state.load_state_dict(checkpoint.load(resume_from))
     return state
 
 
@@ -87,165 +99,264 @@ class Batches:
         return tuple(t.to(self.info.device, non_blocking=True) for t in next(self._it))
 
 
+@dataclass
+class StepResult:
+    """What one optimizer step measured, for the log record and the stop decision."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    outcome: StepOutcome
+    small_batch: tuple[float, int] | None
+    """(squared gradient norm, batch size) of the smaller batch for the noise scale, on measuring steps."""
+    stop_signal: int
+
+
 def fit(job: Job, info: DistInfo) -> dict[str, Any]:
     """Train `job` on this rank (process group already joined); rank 0 writes the run directory. Returns the summary."""
-    cfg, plan = job.cfg, job.plan
-    torch.use_deterministic_algorithms(cfg.run.deterministic)
-    if info.is_main:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        config.dump(cfg, job.derived(), cfg.run_dir / "config.yaml")
-    s = build_state(job, info)
-    model, params = s.engine.model, [p for p in s.engine.module.parameters() if p.requires_grad]
-    items_per_step = plan.per_rank * job.task.items_per_example
-    loss_sum = torch.zeros((), device=info.device)
-    inject_oom_at = int(os.environ.get("LARGEBATCH_INJECT_OOM_AT_STEP", 0))
-    budget = autobatch.budget_bytes(job.memory_limit, info.device)
-    meter = autobatch.training_meter(budget, s.engine.module, s.optimizer, info.device) if job.auto_micro else None
+    return Trainer(job, info).fit()
 
-    noise = NoiseScale() if cfg.train.noise_scale else None
-    first_micro_sq = 0.0
 
-    def accumulate(plan: BatchPlan, manual_sync: bool) -> None:
-        """Forward and backward over this rank's micro-batches of the step; gradients sync on the last one
-        (or, with `manual_sync`, not at all: the caller all-reduces once every rank got through)."""
-        nonlocal inject_oom_at, first_micro_sq, loss_sum
+class Trainer:
+    """One rank's run: `fit()` steps to the end, or to a stop every rank agreed on (signal, fault, non-finite)."""
+
+    def __init__(self, job: Job, info: DistInfo) -> None:
+        self.job, self.info, self.cfg, self.plan = job, info, job.cfg, job.plan
+        torch.set_num_threads(job.threads)
+        torch.use_deterministic_algorithms(self.cfg.run.deterministic)
+        self.s = build_state(job, info)
+        self.engine, self.optimizer, self.precision = self.s.engine, self.s.optimizer, self.s.precision
+        self.params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.schedule = Schedule(self.cfg.schedule, job.total_steps, job.warmup_steps)
+        self.budget = autobatch.budget_bytes(job.memory_limit, info.device)
+        self.meter = autobatch.training_meter(self.budget, self.engine.module, self.optimizer, info.device) \
+            if job.auto_micro else None
+        self.inject_oom_at = int(os.environ.get("LARGEBATCH_INJECT_OOM_AT_STEP", 0))
+        self.flags = StopFlags()
+        self.batches = Batches(job, info)
+        self._set_lr()
+
+    def fit(self) -> dict[str, Any]:
+        self._start()
+        self.flags.install()
+        try:
+            while self.s.step < self.job.total_steps:
+                result = self.train_step()
+                self._after_step(result)
+        finally:
+            self.flags.uninstall()
+        return self._finish()
+
+    def _start(self) -> None:
+        """Fix the batch plan, write config.yaml and open the metrics (rank 0), and agree that it worked."""
+        job, info, s = self.job, self.info, self.s
+        if job.auto_micro:
+            largest = self.plan.per_rank // 2 if s.noise is not None and info.world_size == 1 else None
+            self.plan = autobatch.fit(self.plan, self.engine.module, self.optimizer, self._probe, self.budget,
+                                      info.device, largest)
+            self.job = job = dataclasses.replace(job, plan=self.plan)
+        self._warn_batchnorm()
+        self.tracker = Tracker(job, False, s.step)
+        if info.is_main:
+            print(f"{self.plan.describe()}; peak lr {job.peak_lr:.6g}; {job.total_steps} steps "
+                  f"({job.steps_per_epoch} per epoch), warmup {job.warmup_steps}; {job.threads} threads", flush=True)
+            if job.resume_from is not None:
+                print(f"resuming from {job.resume_from} at step {s.step}", flush=True)
+            with self.flags.guard(str(self.cfg.run_dir)):
+                self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
+                config.dump(self.cfg, job.derived(), self.cfg.run_dir / "config.yaml")
+                self.tracker = Tracker(job, True, s.step)
+        self.flags.agree_now(info.device)
+        self.batches.restart(self.plan, s.step)
+        self.start = self.last_log = time.perf_counter()
+        self.first_step = self.last_logged_step = s.step
+        self.eval_s = 0.0
+
+    def train_step(self) -> StepResult:
+        """One optimizer step over one global batch: micro-steps, gradient sync, one agreement, clip, step, LR."""
+        s, info = self.s, self.info
+        self.engine.model.train()
+        measuring = s.noise is not None and (s.step + 1) % self.cfg.train.log_every == 0
+        manual_sync = self.job.auto_micro or (measuring and info.world_size > 1)
+        if self.job.auto_micro:
+            loss_sum, first_sq = self._accumulate_or_shrink(measuring)
+        else:
+            loss_sum, first_sq = self.accumulate(manual_sync, measuring)
+        small = None
+        if measuring:
+            small = (_mean_over_ranks(_grad_sq(self.params, self.precision), info), self.plan.per_rank) \
+                if info.world_size > 1 else (first_sq, self.plan.micro_batch)
+        if manual_sync:
+            self.engine.all_reduce_gradients()
+        summed = all_reduce_sum(torch.cat([loss_sum.reshape(1), self.flags.as_tensor(info.device)]))
+        stop_signal = self.flags.agree(summed[1:])
+        loss = summed[0].item() / info.world_size
+        norm = self.precision.unscale_and_clip(self.optimizer, self.params, self.cfg.train.clip_grad_norm).item()
+        lr = self.optimizer.param_groups[0]["lr"]
+        outcome = self.precision.step(self.optimizer, loss, norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        s.step += 1
+        s.applied_steps += outcome.applied
+        s.nonfinite_steps += outcome.nonfinite
+        if outcome.nonfinite and self.cfg.train.nonfinite == "stop":
+            raise TrainingStopped(f"non-finite loss or gradient at step {s.step} (train.nonfinite=stop); "
+                                  f"lower optim.lr, set train.clip_grad_norm or use train.precision=fp32")
+        self._set_lr()
+        return StepResult(loss, norm, lr, outcome, small, stop_signal)
+
+    def accumulate(self, manual_sync: bool, measuring: bool) -> tuple[torch.Tensor, float]:
+        """Forward and backward over this rank's micro-batches of the step; gradients sync on the last one (or,
+        with `manual_sync`, not at all: the caller all-reduces once every rank got through). Returns the summed
+        loss and, when measuring the noise scale on one process, the first micro-batch's squared gradient norm."""
+        plan, info = self.plan, self.info
+        # Sum over the micro-batch / loss terms per rank per step; DDP's mean over ranks then
+        # makes the gradient the mean over the global batch, whatever the split.
+        items_per_step = plan.per_rank * self.job.task.items_per_example
+        loss_sum, first_sq = torch.zeros((), device=info.device), 0.0
         for micro_step in range(plan.accum_steps):
-            x, y = batches.next()
-            s.engine.sync_gradients(not manual_sync and micro_step == plan.accum_steps - 1)
-            if inject_oom_at == s.step + 1 and micro_step == plan.accum_steps - 1:
-                inject_oom_at = 0
+            x, y = self.batches.next()
+            last = micro_step == plan.accum_steps - 1
+            self.engine.sync_gradients(not manual_sync and last)
+            if self.inject_oom_at == self.s.step + 1 and last:
+                self.inject_oom_at = 0
                 raise torch.OutOfMemoryError("injected by LARGEBATCH_INJECT_OOM_AT_STEP")
-            with meter.track(s.engine.module) if meter else contextlib.nullcontext(), s.precision.autocast():
-                # Sum over the micro-batch / loss terms per rank per step; DDP's mean over ranks then
-                # makes the gradient the mean over the global batch, whatever the split.
-                loss = task_loss(model(x), y, reduction="sum") / items_per_step
-            s.precision.backward(loss)
+            with self.meter.track(self.engine.module) if self.meter else contextlib.nullcontext(), \
+                    self.precision.autocast():
+                loss = task_loss(self.engine.model(x), y, reduction="sum") / items_per_step
+            self.precision.backward(loss)
             loss_sum += loss.detach()
             if micro_step == 0 and measuring and info.world_size == 1:
-                first_micro_sq = _grad_sq(params, s.precision) * plan.accum_steps**2
+                first_sq = _grad_sq(self.params, self.precision) * plan.accum_steps**2
+        return loss_sum, first_sq
 
-    def probe(micro: int) -> None:
-        x, y = (t[:micro].clone().to(info.device) for t in (job.task.train.inputs, job.task.train.labels))
-        with s.precision.autocast():
-            task_loss(s.engine.module(x), y, reduction="sum").backward()
+    def _accumulate_or_shrink(self, measuring: bool) -> tuple[torch.Tensor, float]:
+        """Run the step's micro-steps unsynchronised; if any rank ran out of memory, all halve the micro-batch
+        and redo the step (its loss counted once). The caller all-reduces the gradients."""
+        while True:
+            try:
+                result, ok = self.accumulate(True, measuring), 1
+            except torch.OutOfMemoryError:
+                result, ok = None, 0
+            if autobatch.agree_min(ok, self.info.device):
+                return result
+            self.optimizer.zero_grad(set_to_none=True)
+            smaller = autobatch.smaller(self.plan)
+            step = self.s.step + 1
+            if smaller is None:
+                raise TrainingStopped(f"out of memory at step {step} even with micro-batch 1; "
+                                      f"raise batch.memory_limit or use model.grad_checkpointing")
+            warn(f"out of memory at step {step} with micro-batch {self.plan.micro_batch}; "
+                 f"redoing the step as {smaller.describe()}")
+            self.plan = smaller
+            self.batches.restart(self.plan, self.s.step)
 
-    if job.auto_micro:
-        plan = autobatch.fit(plan, s.engine.module, s.optimizer, probe, budget, info.device)
-    if info.is_main:
-        print(f"{plan.describe()}; peak lr {job.peak_lr:.6g}; {job.total_steps} steps "
-              f"({job.steps_per_epoch} per epoch), warmup {job.warmup_steps}", flush=True)
-        if job.resume_from is not None:
-            print(f"resuming from {job.resume_from} at step {s.step}", flush=True)
-    batches = Batches(job, info)
-    batches.restart(plan, s.step)
-    tracker = Tracker(job, info.is_main, s.step)
-    start = last_log = time.perf_counter()
-    first_step = last_logged_step = s.step
-    eval_s = 0.0
+    def _probe(self, micro: int) -> None:
+        """One forward and backward of `micro` training examples, for autobatch to measure."""
+        task = self.job.task
+        x, y = (t[:micro].clone().to(self.info.device) for t in (task.train.inputs, task.train.labels))
+        with self.precision.autocast():
+            task_loss(self.engine.module(x), y, reduction="sum").backward()
 
-    while s.step < job.total_steps:
-        model.train()
-        measuring = noise is not None and (s.step + 1) % cfg.train.log_every == 0
-        manual_sync = job.auto_micro or (measuring and info.world_size > 1)
-        if job.auto_micro:
-            plan = _accumulate_or_shrink(accumulate, plan, s, batches, info)
-        else:
-            accumulate(plan, manual_sync)
-        if measuring:
-            small = (_mean_over_ranks(_grad_sq(params, s.precision), info), plan.per_rank) if info.world_size > 1 \
-                else (first_micro_sq, plan.micro_batch)
-        if manual_sync:
-            s.engine.all_reduce_gradients()
-        grad_norm = s.precision.unscale_and_clip(s.optimizer, params, cfg.train.clip_grad_norm)
-        finite = bool(torch.isfinite(grad_norm))
-        if not finite and cfg.train.nonfinite == "stop":
-            raise TrainingStopped(f"non-finite gradient at step {s.step + 1} (train.nonfinite=stop); "
-                                  f"lower optim.lr, set train.clip_grad_norm or use train.precision=fp32")
-        s.precision.step(s.optimizer, skip=not finite)
-        s.nonfinite_steps += not finite
-        lr = s.scheduler.get_last_lr()[0]
-        s.scheduler.step()
-        s.optimizer.zero_grad(set_to_none=True)
-        s.step += 1
+    def _set_lr(self) -> None:
+        """The LR of the next step: a pure function of the applied steps, so skipped steps do not eat warmup."""
+        factor = self.schedule.factor(self.s.applied_steps)
+        for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
+            group["lr"] = peak * factor
 
-        last = s.step == job.total_steps
-        eval_now = (cfg.train.eval_every and s.step % cfg.train.eval_every == 0) or last
-        if s.step % cfg.train.log_every == 0 or eval_now or not finite:
-            now = time.perf_counter()
-            record = {
-                "step": s.step, "samples": s.step * plan.global_batch, "epoch": s.step / job.steps_per_epoch,
-                "loss": all_reduce_sum(loss_sum).item() / info.world_size, "lr": lr, "grad_norm": grad_norm.item(),
-                "samples_per_s": (s.step - last_logged_step) * plan.global_batch / (now - last_log),
-                "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps,
-                "memory_mib": process_peak_mib(info.device),
-                "nonfinite_steps": s.nonfinite_steps, **optim.trust_ratios(s.engine.module, s.optimizer),
-            }
-            if measuring and finite and small[1] < plan.global_batch:
-                record.update(noise.update(*small, record["grad_norm"] ** 2, plan.global_batch))
-            if eval_now:
-                record.update({f"eval/{k}": v for k, v in evaluate(s.engine.module, job.task.eval, info).items()})
-                eval_s += time.perf_counter() - now
-            tracker.log(record)
-            last_log, last_logged_step = time.perf_counter(), s.step
-        loss_sum.zero_()
-        if cfg.train.checkpoint_every and (s.step % cfg.train.checkpoint_every == 0 or last) and info.is_main:
-            checkpoint.save(cfg.run_dir, s.step, s.state_dict(), job.identity(), cfg.train.checkpoint_keep)
+    def _after_step(self, result: StepResult) -> None:
+        """Log, evaluate and checkpoint on their cadence; on an agreed signal, checkpoint and stop."""
+        s, train = self.s, self.cfg.train
+        last = s.step == self.job.total_steps
+        eval_now = bool(train.eval_every and s.step % train.eval_every == 0) or last
+        if s.step % train.log_every == 0 or eval_now or result.outcome.nonfinite:
+            self._log(result, eval_now)
+        if result.stop_signal:
+            self._save_checkpoint()
+            self.flags.agree_now(self.info.device)
+            raise Preempted(result.stop_signal, s.step)
+        if train.checkpoint_every and (s.step % train.checkpoint_every == 0 or last):
+            self._save_checkpoint()
 
-    if s.nonfinite_steps:
-        warn(f"{s.nonfinite_steps} step(s) had a non-finite loss or gradient and were skipped")
-    wall_s = time.perf_counter() - start
-    summary = {
-        "steps": job.total_steps,
-        "samples": job.total_steps * plan.global_batch,
-        "final_loss": tracker.last.get("loss"),
-        "eval": {k.removeprefix("eval/"): v for k, v in tracker.last.items() if k.startswith("eval/")},
-        "wall_s": wall_s,
-        "samples_per_s": (job.total_steps - first_step) * plan.global_batch / max(wall_s - eval_s, 1e-9),
-        "world_size": plan.world_size,
-        "global_batch": plan.global_batch,
-        "micro_batch": plan.micro_batch,
-        "accum_steps": plan.accum_steps,
-        "peak_lr": job.peak_lr,
-        "nonfinite_steps": s.nonfinite_steps,
-        "params_sha256": params_sha256(s.engine.module),
-    }
-    tracker.finish(summary)
-    if info.is_main:
-        torch.save(s.engine.module.state_dict(), cfg.run_dir / "model.pt")
-    return summary
+    def _log(self, result: StepResult, eval_now: bool) -> None:
+        s, plan, now = self.s, self.plan, time.perf_counter()
+        record = {
+            "step": s.step, "samples": s.step * plan.global_batch, "epoch": s.step / self.job.steps_per_epoch,
+            "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+            "samples_per_s": (s.step - self.last_logged_step) * plan.global_batch / (now - self.last_log),
+            "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps,
+            "memory_mib": process_peak_mib(self.info.device),
+            "nonfinite_steps": s.nonfinite_steps, "applied_steps": s.applied_steps,
+            **optim.trust_ratios(self.engine.module, self.optimizer),
+        }
+        if self.precision.scaler.is_enabled():
+            record["loss_scale"] = self.precision.loss_scale
+        if result.small_batch is not None and math.isfinite(result.grad_norm) \
+                and result.small_batch[1] < plan.global_batch:
+            record.update(s.noise.update(*result.small_batch, result.grad_norm**2, plan.global_batch))
+        if eval_now:
+            self.engine.sync_buffers()
+            record.update({f"eval/{k}": v for k, v in evaluate(self.engine.module, self.job.task.eval, self.info).items()})
+            self.eval_s += time.perf_counter() - now
+        with self.flags.guard(f"{self.cfg.run_dir}/metrics.jsonl"):
+            self.tracker.log(record)
+        self.last_log, self.last_logged_step = time.perf_counter(), s.step
+
+    def _save_checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint (with rank 0's buffers on every rank); a failed write stops all ranks."""
+        self.engine.sync_buffers()
+        if self.info.is_main:
+            with self.flags.guard(f"a checkpoint under {checkpoint.directory(self.cfg.run_dir)}"):
+                checkpoint.save(self.cfg.run_dir, self.s.step, self.s.state_dict(), self.job.checkpoint_meta(),
+                                self.cfg.train.checkpoint_keep)
+
+    def _warn_batchnorm(self) -> None:
+        """BatchNorm normalises per micro-batch, so a changed split changes the gradient: say so once."""
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.engine.module.modules()):
+            return
+        resumed = self.job.resumed_settings.get("micro_batch")
+        if self.plan.accum_steps > 1 or self.job.auto_micro or resumed not in (None, self.plan.micro_batch):
+            warn(f"BatchNorm normalises each micro-batch of {self.plan.micro_batch} examples, so this run's gradients "
+                 f"depend on the micro-batch split (accumulation, micro_size=auto or a resume at another micro-batch); "
+                 f"use model.norm=group or layer for results that do not")
+
+    def _finish(self) -> dict[str, Any]:
+        s, plan, job = self.s, self.plan, self.job
+        if s.nonfinite_steps:
+            warn(f"{s.nonfinite_steps} step(s) had a non-finite loss or gradient and were skipped")
+        wall_s = time.perf_counter() - self.start
+        summary = {
+            "steps": job.total_steps,
+            "samples": job.total_steps * plan.global_batch,
+            "final_loss": self.tracker.last.get("loss"),
+            "eval": {k.removeprefix("eval/"): v for k, v in self.tracker.last.items() if k.startswith("eval/")},
+            "wall_s": wall_s,
+            "samples_per_s": (job.total_steps - self.first_step) * plan.global_batch / max(wall_s - self.eval_s, 1e-9),
+            "world_size": plan.world_size,
+            "global_batch": plan.global_batch,
+            "micro_batch": plan.micro_batch,
+            "accum_steps": plan.accum_steps,
+            "peak_lr": job.peak_lr,
+            "threads": job.threads,
+            "applied_steps": s.applied_steps,
+            "nonfinite_steps": s.nonfinite_steps,
+            "params_sha256": params_sha256(self.engine.module),
+        }
+        if self.info.is_main:
+            with self.flags.guard(f"{self.cfg.run_dir}/summary.json and model.pt"):
+                self.tracker.finish(summary)
+                torch.save(self.engine.module.state_dict(), self.cfg.run_dir / "model.pt")
+        self.flags.agree_now(self.info.device)
+        return summary
 
 
 def _grad_sq(params: list[torch.Tensor], precision: Precision) -> float:
     """Squared norm of this rank's (unsynchronised, possibly loss-scaled) gradient, unscaled."""
-    scale = precision.scaler.get_scale() if precision.scaler.is_enabled() else 1.0
-    return (grad_norm(params).item() / scale) ** 2
+    return (grad_norm(params).item() / precision.loss_scale) ** 2
 
 
 def _mean_over_ranks(value: float, info: DistInfo) -> float:
     return all_reduce_sum(torch.tensor(value, dtype=torch.float64, device=info.device)).item() / info.world_size
-
-
-def _accumulate_or_shrink(accumulate: Callable[[BatchPlan, bool], None], plan: BatchPlan, s: TrainState,
-                          batches: Batches, info: DistInfo) -> BatchPlan:
-    """Run the step's micro-steps unsynchronised; if any rank ran out of memory, all halve the micro-batch
-    and redo the step. The caller all-reduces the gradients."""
-    while True:
-        try:
-            accumulate(plan, True)
-            ok = 1
-        except torch.OutOfMemoryError:
-            ok = 0
-        if autobatch.agree_min(ok, info.device):
-            return plan
-        s.optimizer.zero_grad(set_to_none=True)
-        smaller = autobatch.smaller(plan)
-        if smaller is None:
-            raise TrainingStopped(f"out of memory at step {s.step + 1} even with micro-batch 1; "
-                                  f"raise batch.memory_limit or use model.grad_checkpointing")
-        warn(f"out of memory at step {s.step + 1} with micro-batch {plan.micro_batch}; "
-             f"redoing the step as {smaller.describe()}")
-        plan = smaller
-        batches.restart(plan, s.step)
 
 
 @torch.no_grad()

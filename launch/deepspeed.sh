@@ -17,6 +17,7 @@ shift
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
 NPROC=${NPROC:-$(default_nproc)}
+export_threads "$NPROC"
 hosts=()
 world=$NPROC
 if [ -n "${HOSTFILE:-}" ]; then

@@ -33,6 +33,7 @@ positive "$NNODES" || die "NNODES=$NNODES must be a positive integer"
 [ -n "${MASTER_ADDR:-}" ] || die "MASTER_ADDR is not set; export a host every node can reach (node 0 or the rendezvous host)"
 NPROC=${NPROC:-$(default_nproc)}
 positive "$NPROC" || die "NPROC=$NPROC must be a positive integer (processes per node)"
+export_threads "$NPROC"
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 [[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || die "MAX_RESTARTS=$MAX_RESTARTS must be a non-negative integer"
 case "$RDZV" in

@@ -13,6 +13,7 @@ shift
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
 NPROC=${NPROC:-$(default_nproc)}
+export_threads "$NPROC"
 "$PYTHON" -m largebatch plan --config "$CONFIG" --world-size "$NPROC" "$@" >/dev/null
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
   -m largebatch train --config "$CONFIG" "$@"

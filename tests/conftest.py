@@ -19,7 +19,9 @@ def cli(*args: str, nproc: int = 1, env: dict[str, str] | None = None, timeout: 
     if nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                     "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "largebatch"]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # The caller's OMP_NUM_THREADS must not decide results; tests that compare launchers pin run.threads.
+    caller = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    full_env = {**caller, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([*launcher, *args], capture_output=True, text=True, env=full_env,
                           timeout=timeout, cwd=ROOT)
 

@@ -62,3 +62,20 @@ def test_the_next_smaller_micro_batch_divides_the_per_rank_share():
 def test_bad_auto_settings_are_one_line_errors(overrides, message):
     result = cli("train", *overrides)
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_out_of_memory_redo_with_accumulation_counts_the_step_loss_once(fixed_run, run_dirs):
+    run = run_dirs("shrink_accum")
+    _train(run, "batch.micro_size=auto", "batch.memory_limit=80KiB", env={"LARGEBATCH_INJECT_OOM_AT_STEP": "5"})
+    assert metrics(run)[4]["accum_steps"] > 2
+    _assert_same_losses(run, fixed_run)
+
+
+def test_noise_scale_with_auto_on_one_process_keeps_a_smaller_batch_to_compare(run_dirs):
+    run = run_dirs("auto_gns")
+    result = cli("train", f"run.dir={run}", *COMMON, "batch.micro_size=auto", "train.noise_scale=true",
+                 "train.log_every=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = metrics(run)
+    assert {r["micro_batch"] for r in records} == {32}
+    assert all("gns" in r for r in records if r["step"] % 2 == 0)

@@ -118,7 +118,7 @@ def test_nonfinite_stop_ends_the_run_with_one_line(run_dirs):
                  "optim.scaling=none", "train.steps=20", "train.nonfinite=stop")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith("largebatch: stopped: non-finite gradient at step")
+    assert result.stderr.startswith("largebatch: stopped: non-finite loss or gradient at step")
 
 
 @pytest.fixture

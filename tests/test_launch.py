@@ -10,7 +10,9 @@ import subprocess
 from conftest import ROOT, train
 
 TINY = ("data.size=512", "data.shape=[16]", "model.width=32", "batch.global_size=32", "train.steps=10",
-        "logging.progress=false")
+        "logging.progress=false", "run.threads=1")
+"""Threads pinned: float results may depend on the thread count, which each launcher would otherwise pick by the rule
+(torchrun alone: 1 for 2+ processes; the scripts: OMP_NUM_THREADS or cores ÷ processes)."""
 
 
 def _free_port() -> int:

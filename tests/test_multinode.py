@@ -17,6 +17,7 @@ from conftest import ROOT, metrics, train
 
 MULTINODE = ROOT / "launch" / "multinode.sh"
 SMALL = """\
+run: {threads: 1}
 data: {name: synthetic, size: 512, shape: [16]}
 model: {name: mlp, width: 32}
 batch: {global_size: 16}

@@ -54,13 +54,19 @@ def test_torch_optimizer_options_pass_through():
 @pytest.mark.parametrize("overrides, message", [
     (("optim.name=torch_optimizer:Lamm",), "did you mean 'Lamb'"),
     (("optim.name=torch_optimizer:Lamb", "optim.options={foo: 1}"), "torch_optimizer.Lamb has no option 'foo'"),
-    (("optim.name=lars", "optim.options={foo: 1}"), "optim.options are for torch_optimizer"),
+    (("optim.name=lars", "optim.options={foo: 1}"), "optim.options is ignored with optim.name=lars"),
     (("optim.name=lars", "optim.impl=fast"), "optim.impl='fast' is not one of auto, fused, foreach"),
     (("optim.name=lamb", "optim.options=5"), "optim.options=5 must be a mapping"),
 ])
 def test_bad_optimizer_settings_are_one_line_errors(overrides, message):
     result = cli("train", *overrides)
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_every_optimizer_named_in_the_options_table_is_registered():
+    named = {name for users in optim.OPTIONS.values() for name in users}
+    assert named == {*optim.OPTIMIZERS, f"{optim.TORCH_OPTIMIZER}<Class>"}
+    assert all(hasattr(OptimConfig(), key) for key in optim.OPTIONS)
 
 
 def test_lars_trust_ratios_are_logged_per_adapted_layer(run_dirs):

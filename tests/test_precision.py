@@ -30,15 +30,23 @@ def test_mixed_precision_tracks_the_fp32_loss_curve(run_dirs, fp32_curve, precis
     assert summary["nonfinite_steps"] == 0
 
 
-def test_fp16_overflow_is_skipped_and_counted_by_the_loss_scale(run_dirs):
-    """An fp16 loss scale of 2^40 overflows the first gradients: those steps are skipped, counted, and training recovers."""
+def test_fp16_overflow_belongs_to_the_loss_scale_is_not_nonfinite_and_does_not_advance_the_schedule(run_dirs):
+    """A loss scale of 1e12 overflows the first gradients: the GradScaler skips those updates and lowers the scale.
+    That is routine, so nothing counts as non-finite (train.nonfinite=stop keeps going), and the LR warmup
+    waits for the applied steps."""
     run = run_dirs("fp16_overflow")
     summary = train(run, "data.size=512", "model.width=32", "train.steps=40", "train.log_every=1",
-                    "train.precision=fp16", "train.fp16_init_scale=1e12")
-    assert summary["nonfinite_steps"] > 0
+                    "train.precision=fp16", "train.fp16_init_scale=1e12", "schedule.warmup_steps=10",
+                    "train.nonfinite=stop")
+    records = metrics(run)
+    assert summary["nonfinite_steps"] == 0
+    assert 0 < summary["applied_steps"] < 40
+    assert records[-1]["loss_scale"] < 1e12
+    applied_before = [0] + [r["applied_steps"] for r in records[:-1]]
+    for record, applied in zip(records, applied_before):
+        assert record["lr"] == pytest.approx(summary["peak_lr"] * min(1.0, (applied + 1) / 10))
     assert all(torch.isfinite(t).all() for t in torch.load(run / "model.pt").values())
-    losses = [r["loss"] for r in metrics(run)]
-    assert losses[-1] < losses[0]
+    assert records[-1]["loss"] < records[0]["loss"]
 
 
 @pytest.mark.parametrize("name, shape, inputs", [

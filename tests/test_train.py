@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 
 import pytest
+import torch
 import yaml
 
 from conftest import cli, metrics, train
@@ -77,3 +79,32 @@ def test_plan_command_prints_the_derived_plan():
     assert result.returncode == 0, result.stderr
     fields = dict(line.split(maxsplit=1) for line in result.stdout.splitlines())
     assert (fields["micro_batch"], fields["accum_steps"], fields["peak_lr"]) == ("128", "1", "0.4")
+
+
+def test_eval_and_the_saved_model_use_the_same_batchnorm_statistics_on_every_rank(run_dirs):
+    """Each rank's BatchNorm running statistics drift apart in training; eval and model.pt both use rank 0's."""
+    from largebatch import config, data, models, trainer
+    from largebatch.dist import DistInfo
+
+    run = run_dirs("bn")
+    overrides = ("data.name=digits", "model.name=resnet", "model.norm=batch", "model.width=8", "model.depth=1",
+                 "train.steps=12", "batch.global_size=64", "batch.micro_size=16", "optim.lr=0.2")
+    result = cli("train", f"run.dir={run}", "logging.progress=false", *overrides, nproc=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if "BatchNorm" in line]
+    assert len(warnings) == 1 and "micro-batch of 16" in warnings[0]
+    cfg = config.load(None, list(overrides))
+    task = data.build(cfg.data)
+    model = models.build(cfg.model, task.input_shape, task.num_classes)
+    model.load_state_dict(torch.load(run / "model.pt"))
+    saved = trainer.evaluate(model, task.eval, DistInfo(0, 0, 1, torch.device("cpu")))
+    logged = json.loads((run / "summary.json").read_text())["eval"]
+    assert saved["accuracy"] == logged["accuracy"]
+    assert saved["loss"] == pytest.approx(logged["loss"], rel=1e-6)
+
+
+def test_the_thread_count_is_recorded_in_config_and_summary(run_dirs):
+    run = run_dirs("threads")
+    summary = train(run, *SMALL, "run.threads=1")
+    assert summary["threads"] == 1
+    assert yaml.safe_load((run / "config.yaml").read_text())["derived"]["threads"] == 1

@@ -25,6 +25,13 @@ class DDPEngine:
         if isinstance(self.model, DistributedDataParallel):
             self.model.require_backward_grad_sync = enabled
 
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics), as DDP does before each forward;
+        called before eval and saving, so eval, checkpoints and model.pt see the same statistics."""
+        if isinstance(self.model, DistributedDataParallel):
+            for buffer in self.module.buffers():
+                dist.broadcast(buffer, 0)
+
     def all_reduce_gradients(self) -> None:
         """Average gradients over ranks by hand, for steps whose micro-steps all ran with sync off."""
         if not isinstance(self.model, DistributedDataParallel):

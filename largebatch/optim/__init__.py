@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from largebatch.config import OptimConfig
+from largebatch.config import OptimConfig, ignored_key
 from largebatch.errors import UserError, check_choice
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
@@ -64,6 +64,22 @@ OPTIMIZERS: dict[str, Callable[[ParamGroups, OptimConfig, float], torch.optim.Op
     "lambc": lambda groups, cfg, lr: _lamb(groups, cfg, lr, clip=cfg.trust_clip or 10.0),
 }
 
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "momentum": ("sgd", "lars", "larc"),
+    "nesterov": ("sgd", "lars", "larc"),
+    "betas": ("adamw", "lamb", "lambc"),
+    "eps": ("adamw", "lars", "larc", "lamb", "lambc"),
+    "trust_coefficient": ("lars", "larc"),
+    "trust_clip": ("lamb", "lambc"),
+    "bias_correction": ("lamb", "lambc"),
+    "impl": ("lars", "larc", "lamb", "lambc"),
+    "options": (f"{TORCH_OPTIMIZER}<Class>",),
+}
+"""optim.* keys that only some optimizers use, and which; every optimizer uses the other keys (lr,
+reference_batch, scaling, weight_decay, exclude_1d, exclude)."""
+POSITIVE_EPS = ("adamw", "lamb", "lambc")
+"""Optimizers that divide by √v + eps, where eps=0 can give 0/0; LARS divides by ‖g‖ + eps only where ‖g‖ > 0."""
+
 
 def _torch_optimizer_class(cfg: OptimConfig) -> type[torch.optim.Optimizer]:
     import torch_optimizer
@@ -81,15 +97,26 @@ def _torch_optimizer_class(cfg: OptimConfig) -> type[torch.optim.Optimizer]:
 
 
 def check(cfg: OptimConfig) -> None:
-    """Fail before any process starts on an unknown optimizer, option or impossible combination."""
+    """Fail before any process starts on an unknown optimizer, option, ignored key or impossible combination."""
     if cfg.name.startswith(TORCH_OPTIMIZER):
         _torch_optimizer_class(cfg)
     else:
         check_choice("optim.name", cfg.name, [*OPTIMIZERS, f"{TORCH_OPTIMIZER}<Class>"])
-        if cfg.options:
-            raise UserError(f"optim.options are for torch_optimizer:<Class> optimizers; use the optim.* keys for {cfg.name}")
+    _check_used(cfg)
     if cfg.nesterov and cfg.momentum == 0:
         raise UserError("optim.nesterov=true needs optim.momentum > 0")
+    if cfg.eps == 0 and cfg.name in POSITIVE_EPS:
+        raise UserError(f"optim.eps=0 must be positive for {cfg.name} (it keeps √v + eps away from 0), e.g. 1e-8")
+
+
+def _check_used(cfg: OptimConfig) -> None:
+    """Reject an optimizer-specific key (OPTIONS) set away from its default when the chosen optimizer ignores it."""
+    family = f"{TORCH_OPTIMIZER}<Class>" if cfg.name.startswith(TORCH_OPTIMIZER) else cfg.name
+    defaults = OptimConfig()
+    for key, users in OPTIONS.items():
+        if family not in users and getattr(cfg, key) != getattr(defaults, key):
+            fix = "pass the class's own option in optim.options" if family != cfg.name else None
+            raise ignored_key(f"optim.{key}", "optim.name", cfg.name, list(users), fix)
 
 
 def build(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
