@@ -74,6 +74,10 @@ def init(info: DistInfo) -> None:
     if info.device.type == "cuda":
         torch.cuda.set_device(info.device)
     if info.world_size > 1:
+        # Before the group exists: torch.distributed.nn.functional declares `group=group.WORLD` defaults, which
+        # bind the default group itself if it is first imported after init (DDP's constructor imports it), and
+        # those references would keep the group and its gloo threads alive past teardown (see teardown).
+        import torch.distributed.nn  # noqa: F401
         backend = "nccl" if info.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=_store(info), rank=info.rank, world_size=info.world_size)
 
@@ -95,7 +99,15 @@ def _store(info: DistInfo) -> dist.Store:
 
 
 def teardown() -> None:
-    """Barrier then destroy: without the barrier, multi-agent loopback runs abort at exit."""
+    """Barrier (every rank is past its last collective), then destroy the process group while the interpreter
+    is fully alive.
+
+    Dropping the last reference to a gloo group joins its worker threads (torch releases the GIL for that). A
+    group that outlives this (still referenced, e.g. by a live DDP model) keeps them running into interpreter
+    finalization, where a worker that drops a finished collective's Python-owned tensor needs the GIL, is made
+    to exit, and aborts the process after the run succeeded: "terminate called without an active exception".
+    The torch.distributed.nn import in `init` removes the references torch itself would keep.
+    """
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -86,8 +86,8 @@ def measure(prepared: job.Job, micro: int, inference: bool, repeats: int, device
             with activations.track(model), precision.autocast():
                 loss = task_loss(model(x), y)
             precision.backward(loss)
-            precision.unscale_and_clip(optimizer, list(model.parameters()), None)
-            precision.step(optimizer, skip=False)
+            norm = precision.unscale_and_clip(optimizer, list(model.parameters()), None)
+            precision.step(optimizer, loss.item(), norm.item())
             optimizer.zero_grad(set_to_none=True)
         seconds = _timed(run, repeats)
         peak = peak_bytes(device, activations, model, optimizer)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from collections.abc import Iterator
 from types import FrameType
 
@@ -31,7 +32,9 @@ class StopFlags:
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
-        """Note SIGTERM/SIGINT instead of dying, until `uninstall`."""
+        """Note SIGTERM/SIGINT instead of dying, until `uninstall` (Python handles signals in the main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._note)
 

@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every test process runs one thread per process, whatever the caller exported: results (which can change with the
+# thread count) then do not depend on the caller or the core count, and a loaded machine is not oversubscribed
+# (2 threads per process beside CPU hogs made single steps up to 40x slower in OpenMP barriers). Set before torch
+# is imported, so it holds in this process too. tests/test_threads.py checks the rule itself.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def cli(*args: str, nproc: int = 1, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -19,9 +24,7 @@ def cli(*args: str, nproc: int = 1, env: dict[str, str] | None = None, timeout: 
     if nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                     "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "largebatch"]
-    # The caller's OMP_NUM_THREADS must not decide results; tests that compare launchers pin run.threads.
-    caller = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    full_env = {**caller, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([*launcher, *args], capture_output=True, text=True, env=full_env,
                           timeout=timeout, cwd=ROOT)
 
