@@ -22,13 +22,16 @@ def _train(args: argparse.Namespace) -> int:
     info = dist.from_env()
     prepared = job.prepare(cfg, info.world_size)
     dist.init(info)
+    stopped = None
     try:
         summary = trainer.fit(prepared, info)
-    except (TrainingStopped, Preempted):
-        dist.teardown()  # every rank stopped at the same step, so every rank reaches the barrier
-        raise
-    # Not after an unexpected error: this rank would wait in the barrier while the others wait in a collective.
+    except (TrainingStopped, Preempted) as exc:
+        stopped = exc.with_traceback(None)  # frees the trainer (and its DDP's hold on the group) before teardown
+    # Every rank stopped at the same step, so all reach teardown's barrier. Not after an unexpected error: that rank
+    # would wait in the barrier while the others wait in a collective.
     dist.teardown()
+    if stopped is not None:
+        raise stopped
     if info.is_main:
         held_out = ", ".join(f"held-out {k} {v:.4f}" for k, v in summary["eval"].items() if k == "accuracy")
         print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, {held_out}, "
