@@ -60,7 +60,7 @@ class ModelConfig:
     name: str = "mlp"
     """Model: mlp, resnet (a small ResNet for image-shaped inputs) or gpt (a small causal transformer for text)."""
     norm: str = "none"
-    """Normalisation: batch, syncbatch (BatchNorm synchronised across ranks; CUDA only), group, layer or none."""
+    """mlp, resnet: normalisation: batch, syncbatch (BatchNorm synchronised across ranks; CUDA only), group, layer or none."""
     width: int = 256
     """mlp: hidden units; resnet: channels of the first stage; gpt: embedding size."""
     depth: int = 2
