@@ -7,7 +7,7 @@ import os
 import sys
 
 from largebatch import config
-from largebatch.errors import ArgumentParser, Preempted, TrainingStopped, UserError
+from largebatch.errors import ArgumentParser, TrainingStopped, UserError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def _train(args: argparse.Namespace) -> int:
     stopped = None
     try:
         summary = trainer.fit(prepared, info)
-    except (TrainingStopped, Preempted) as exc:
+    except TrainingStopped as exc:
         stopped = exc.with_traceback(None)  # frees the trainer (and its DDP's hold on the group) before teardown
     # Every rank stopped at the same step, so all reach teardown's barrier. Not after an unexpected error: that rank
     # would wait in the barrier while the others wait in a collective.
@@ -106,10 +106,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"largebatch: error: {exc}", file=sys.stderr)
         return 2
     except TrainingStopped as exc:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"largebatch: stopped: {exc}", file=sys.stderr)
-        return 1
-    except Preempted as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"largebatch: stopped: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -13,10 +13,13 @@ class UserError(Exception):
 
 
 class TrainingStopped(Exception):
-    """The run stopped itself for a stated reason (e.g. a non-finite gradient with train.nonfinite=stop)."""
+    """The run stopped itself for a stated reason (e.g. a non-finite gradient with train.nonfinite=stop); every rank
+    raises it at the same step. The CLI prints it as one line and exits `exit_code`."""
+
+    exit_code = 1
 
 
-class Preempted(Exception):
+class Preempted(TrainingStopped):
     """Every rank stopped at a step boundary on a signal and saved a checkpoint; the process exits 128 + signal."""
 
     def __init__(self, signum: int, step: int) -> None:
