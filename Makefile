@@ -2,7 +2,9 @@
 # make test  : set up .venv, then run the test suite (what CI runs)
 # make test-cluster : the docker-compose cluster test (needs root or a Docker daemon; not part of make test)
 PYTHON ?= python3
-TORCH ?= 2.13.0
+TORCH ?= 2.14.1
+# torchvision must be the release built against TORCH (0.28.0 does not load with the 2.13.0 CPU build).
+TORCHVISION ?= 0.29.1
 VENV ?= .venv
 BIN := $(VENV)/bin
 # JIT-compiled extensions (DeepSpeed's CPU comm op, our fused optimizer kernels) are built once and kept here.
@@ -12,11 +14,12 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/largebatch/torch_extensions
 
 setup: $(VENV)/.installed
 
-# torch is installed first, pinned, so the project's `torch>=2.4` is already satisfied and nothing larger is fetched.
+# torch and torchvision are installed first, pinned together, so the project's `torch>=2.4` is already satisfied
+# and nothing larger is fetched.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q "torch==$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q "torch==$(TORCH)" "torchvision==$(TORCHVISION)"
+	$(BIN)/pip install -q -e ".[dev,vision,hf]"
 	touch $@
 
 run: setup

@@ -104,16 +104,20 @@ class GlobalBatchSampler:
     (the remainder is dropped). Within a global batch, rank r takes the r-th contiguous
     share of `per_rank` examples and micro-step m the m-th `micro_batch` of that share, so the
     union over ranks and micro-steps at step t does not depend on the split.
+
+    With `draws`, each index comes as (seed, epoch, index), from which an epoch-aware dataset seeds that
+    example's random augmentation: the same crop at step t on any topology and with any worker count.
     """
 
     def __init__(self, dataset_size: int, batch_plan: BatchPlan, rank: int, seed: int,
-                 total_steps: int, start_step: int = 0) -> None:
+                 total_steps: int, start_step: int = 0, draws: bool = False) -> None:
         self.dataset_size = dataset_size
         self.plan = batch_plan
         self.rank = rank
         self.seed = seed
         self.total_steps = total_steps
         self.start_step = start_step
+        self.draws = draws
         self.steps_per_epoch = steps_per_epoch(dataset_size, batch_plan)
         self._epoch_order: tuple[int, np.ndarray] | None = None
 
@@ -128,12 +132,14 @@ class GlobalBatchSampler:
         size = self.plan.global_batch
         return self._order(epoch)[position * size:(position + 1) * size]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int] | list[tuple[int, int, int]]]:
         share, micro = self.plan.per_rank, self.plan.micro_batch
         for step in range(self.start_step, self.total_steps):
             mine = self.global_batch(step)[self.rank * share:(self.rank + 1) * share]
+            epoch = step // self.steps_per_epoch
             for m in range(self.plan.accum_steps):
-                yield mine[m * micro:(m + 1) * micro].tolist()
+                indices = mine[m * micro:(m + 1) * micro].tolist()
+                yield [(self.seed, epoch, i) for i in indices] if self.draws else indices
 
     def __len__(self) -> int:
         return (self.total_steps - self.start_step) * self.plan.accum_steps

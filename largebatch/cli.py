@@ -16,23 +16,11 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    cfg = config.load(args.config, args.overrides)
-    from largebatch import dist, job, trainer
+    from largebatch import api
 
-    info = dist.from_env()
-    prepared = job.prepare(cfg, info.world_size)
-    dist.init(info)
-    stopped = None
-    try:
-        summary = trainer.fit(prepared, info)
-    except TrainingStopped as exc:
-        stopped = exc.with_traceback(None)  # frees the trainer (and its DDP's hold on the group) before teardown
-    # Every rank stopped at the same step, so all reach teardown's barrier. Not after an unexpected error: that rank
-    # would wait in the barrier while the others wait in a collective.
-    dist.teardown()
-    if stopped is not None:
-        raise stopped
-    if info.is_main:
+    cfg = config.load(args.config, args.overrides)
+    summary = api.run(cfg)
+    if os.environ.get("RANK", "0") == "0":
         held_out = ", ".join(f"held-out {k} {v:.4f}" for k, v in summary["eval"].items() if k == "accuracy")
         print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, {held_out}, "
               f"{summary['samples_per_s']:.0f} samples/s; run dir {cfg.run_dir}")
@@ -43,7 +31,7 @@ def _plan(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
     from largebatch import job
 
-    prepared = job.prepare(cfg, args.world_size)
+    prepared = job.prepare(cfg, args.world_size, train_examples=args.examples)
     for key, value in prepared.derived().items():
         print(f"{key:16} {value}")
     return 0
@@ -82,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="print the batch plan, peak LR and lengths a config gives, and exit")
     _add_config_args(plan)
     plan.add_argument("--world-size", type=int, default=1, help="processes the job will run on")
+    plan.add_argument("--examples", type=int, help="plan for a training set of this size without reading the data "
+                                                   "(e.g. 1281167 for ImageNet before it is on this machine)")
     plan.set_defaults(func=_plan)
 
     bench = commands.add_parser("bench", help="benchmarks that print ratios")

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ class RunConfig:
     dir: str | None = None
     """Where config.yaml, metrics.jsonl and summary.json go."""
     seed: int = 0
-    """Seeds model init, data order and any randomness in the task."""
+    """Seeds model init, data order and random augmentations (per example, from seed, epoch and index)."""
     deterministic: bool = False
     """Turn on torch's deterministic algorithms (slower on some ops)."""
     resume: str = "auto"
@@ -34,7 +35,11 @@ class RunConfig:
 @dataclass
 class DataConfig:
     name: str = "synthetic"
-    """Dataset: synthetic (teacher-labelled Gaussian inputs), digits (8×8 handwritten digits) or text (bytes of Python's docs); nothing is downloaded."""
+    """Dataset: synthetic, digits or text (built in, nothing downloaded), imagefolder, tokens, jsonl, or your own pkg.module:callable."""
+    args: dict = field(default_factory=dict)
+    """pkg.module:callable: keyword arguments it is called with; it returns a Dataset or a (train, eval) pair."""
+    path: str | None = None
+    """imagefolder: folder of class sub-folders (or with train/ and val/); tokens: token file (or folder with train.bin, val.bin); jsonl: file."""
     seed: int = 0
     """Seeds data generation and the held-out split, independently of run.seed."""
     size: int = 8192
@@ -48,9 +53,19 @@ class DataConfig:
     label_noise: float = 0.0
     """synthetic: fraction of labels replaced by a random class."""
     eval_fraction: float = 0.2
-    """digits, text: fraction held out for evaluation."""
+    """digits, text, and data without its own held-out part: fraction held out for evaluation."""
     context: int = 64
-    """text: bytes per example (the model's context length)."""
+    """text, tokens: tokens per example (the model's context length); jsonl: longest example, longer ones are cut."""
+    image_size: int = 224
+    """imagefolder: side of the square crop the model sees."""
+    dtype: str = "uint16"
+    """tokens: integer type of the token file: uint16 (vocabularies up to 65536, as nanoGPT writes) or uint32."""
+    stride: int | None = None
+    """tokens: tokens between the starts of consecutive examples (default data.context: no overlap)."""
+    tokenizer: str = "bytes"
+    """jsonl: bytes (UTF-8 bytes as tokens 0-255) or a local Hugging Face tokenizer directory."""
+    text_key: str = "text"
+    """jsonl: the field of each JSON line that holds the text."""
     workers: int = 0
     """DataLoader worker processes per rank; results do not depend on it."""
 
@@ -58,7 +73,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "mlp"
-    """Model: mlp, resnet (a small ResNet for image-shaped inputs) or gpt (a small causal transformer for text)."""
+    """Model: mlp, resnet (small ResNet for images), gpt (small causal transformer), torchvision:<name>, hf:<name-or-dir>, or your own pkg.module:callable."""
+    args: dict = field(default_factory=dict)
+    """torchvision:, hf: and pkg.module:callable models: keyword arguments of the builder (hf: config fields)."""
     norm: str = "none"
     """mlp, resnet: normalisation: batch, syncbatch (BatchNorm synchronised across ranks; CUDA only), group, layer or none."""
     width: int = 256
@@ -143,6 +160,8 @@ class TrainConfig:
     """Optimizer steps; exclusive with epochs (default 100 steps if neither is set)."""
     epochs: float | None = None
     """Training length in epochs of ⌊dataset size / global batch⌋ steps."""
+    loss: str | None = None
+    """pkg.module:callable(output, targets) → (sum of loss terms, number of terms); default cross-entropy, ignoring -100."""
     clip_grad_norm: float | None = None
     """Clip the global gradient norm to this value (after the all-reduce)."""
     precision: str = "fp32"
@@ -184,6 +203,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    origin = None
+    """The directory of the config file (None without one): user factories import from it and the working directory."""
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir or f"runs/{self.run.name}")
@@ -196,10 +218,13 @@ DERIVED = "derived"
 """Section that resolved configs carry (batch plan, peak LR); recomputed, so ignored on load."""
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file (or start from defaults), apply `section.key=value` overrides, validate."""
+def load(path: str | Path | Mapping[str, Any] | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or take a mapping of sections, or start from defaults), apply `section.key=value`
+    overrides, validate."""
     raw: dict[str, Any] = {}
-    if path is not None:
+    if isinstance(path, Mapping):
+        raw = {name: dict(values) if isinstance(values, Mapping) else values for name, values in path.items()}
+    elif path is not None:
         raw = _read_yaml(Path(path))
     raw.pop(DERIVED, None)
     for item in overrides:
@@ -209,6 +234,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise UserError(f"config section '{section}' must be a mapping of keys to values")
         raw[section][key] = value
     cfg = Config(**{name: _build_section(name, values) for name, values in raw.items()})
+    cfg.origin = str(Path(path).resolve().parent) if isinstance(path, (str, Path)) else None
     validate(cfg)
     return cfg
 
@@ -222,13 +248,14 @@ def validate(cfg: Config) -> None:
     check_choice("train.precision", cfg.train.precision, ("fp32", "bf16", "fp16"))
     check_choice("train.nonfinite", cfg.train.nonfinite, ("skip", "stop"))
     check_choice("logging.wandb", cfg.logging.wandb, ("disabled", "offline", "online"))
+    check_choice("data.dtype", cfg.data.dtype, ("uint16", "uint32"))
     if isinstance(cfg.batch.micro_size, str):
         check_choice("batch.micro_size", cfg.batch.micro_size, ("auto",))
     _check_finite(cfg)
     positive = {
         "data.size": cfg.data.size, "data.eval_size": cfg.data.eval_size,
         "model.width": cfg.model.width, "model.depth": cfg.model.depth, "model.heads": cfg.model.heads,
-        "data.context": cfg.data.context,
+        "data.context": cfg.data.context, "data.image_size": cfg.data.image_size, "data.stride": cfg.data.stride,
         "optim.lr": cfg.optim.lr, "optim.reference_batch": cfg.optim.reference_batch,
         "optim.trust_coefficient": cfg.optim.trust_coefficient, "optim.trust_clip": cfg.optim.trust_clip,
         "train.steps": cfg.train.steps, "train.epochs": cfg.train.epochs, "train.log_every": cfg.train.log_every,
@@ -284,13 +311,29 @@ def _check_finite(cfg: Config) -> None:
                 raise UserError(f"{section.name}.{key}={value} must be finite")
 
 
+FACTORY = "pkg.module:callable"
+"""How MODE_KEYS names every user factory (data.name, model.name)."""
+HUB_PREFIXES = ("torchvision:", "hf:")
+"""model.name prefixes for models from torchvision and Hugging Face transformers."""
+
 MODE_KEYS: dict[str, dict[Any, tuple[str, ...]]] = {
     "data.name": {
         "synthetic": ("data.size", "data.eval_size", "data.shape", "data.classes", "data.label_noise"),
         "digits": ("data.eval_fraction",),
         "text": ("data.eval_fraction", "data.context"),
+        "imagefolder": ("data.path", "data.eval_fraction", "data.image_size"),
+        "tokens": ("data.path", "data.eval_fraction", "data.context", "data.dtype", "data.stride"),
+        "jsonl": ("data.path", "data.eval_fraction", "data.context", "data.tokenizer", "data.text_key"),
+        FACTORY: ("data.args", "data.eval_fraction"),
     },
-    "model.name": {"mlp": ("model.norm",), "resnet": ("model.norm",), "gpt": ("model.heads",)},
+    "model.name": {
+        "mlp": ("model.norm", "model.width", "model.depth"),
+        "resnet": ("model.norm", "model.width", "model.depth"),
+        "gpt": ("model.heads", "model.width", "model.depth"),
+        "torchvision:<name>": ("model.args",),
+        "hf:<name-or-dir>": ("model.args",),
+        FACTORY: ("model.args",),
+    },
     "batch.micro_size": {"auto": ("batch.memory_limit",)},
     "schedule.name": {
         "constant": (),
@@ -301,7 +344,17 @@ MODE_KEYS: dict[str, dict[Any, tuple[str, ...]]] = {
     "train.precision": {"fp32": (), "bf16": (), "fp16": ("train.fp16_init_scale",)},
 }
 """{deciding key: {value: the keys that value uses}}. A key listed under a deciding key is ignored by the values
-that do not list it; keys listed nowhere (data.seed, model.width, ...) apply whatever the mode."""
+that do not list it; keys listed nowhere (data.seed, train.loss, ...) apply whatever the mode."""
+
+
+def mode(decider: str, value: Any) -> Any:
+    """The MODE_KEYS entry a value falls under: factories and hub models share one entry each."""
+    if decider in ("data.name", "model.name") and isinstance(value, str) and ":" in value:
+        prefix = next((p for p in HUB_PREFIXES if value.startswith(p)), None)
+        if decider == "model.name" and prefix:
+            return next(k for k in MODE_KEYS[decider] if k.startswith(prefix))
+        return FACTORY
+    return value
 
 
 def _check_used(cfg: Config) -> None:
@@ -309,12 +362,12 @@ def _check_used(cfg: Config) -> None:
     precision ignores (MODE_KEYS)."""
     defaults = Config()
     for decider, uses in MODE_KEYS.items():
-        current = _get(cfg, decider)
+        current = mode(decider, _get(cfg, decider))
         if isinstance(current, str) and current not in uses:
             continue  # an unknown name; the registry's own check says so, with "did you mean"
         for key in dict.fromkeys(k for keys in uses.values() for k in keys):
             if key not in uses.get(current, ()) and _get(cfg, key) != _get(defaults, key):
-                raise ignored_key(key, decider, current, [value for value, keys in uses.items() if key in keys])
+                raise ignored_key(key, decider, _get(cfg, decider), [value for value, keys in uses.items() if key in keys])
 
 
 def ignored_key(key: str, decider: str, current: Any, users: list[str], fix: str | None = None) -> UserError:

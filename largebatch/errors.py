@@ -2,10 +2,11 @@
 
 import argparse
 import difflib
+import importlib
 import os
 import signal
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 class UserError(Exception):
@@ -26,6 +27,14 @@ class Preempted(TrainingStopped):
         super().__init__(f"{signal.Signals(signum).name} after step {step}; checkpoint saved, "
                          f"rerun the same command (run.resume=auto) to continue")
         self.exit_code = 128 + signum
+
+
+def require(module: str, extra: str, what: str) -> Any:
+    """Import an optional dependency, or fail in one line saying which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise UserError(f"{what} needs {module} ({exc}); pip install 'largebatch[{extra}]'") from None
 
 
 def warn(message: str) -> None:

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from largebatch import config, job, models, optim
-from largebatch.data import task_loss
+from largebatch import config, job, optim
+from largebatch.task import forward, logits_of, take, to_device
 from largebatch.errors import ArgumentParser
 from largebatch.memory import ActivationMeter, parse_size, peak_bytes, state_bytes
 from largebatch.precision import Precision
@@ -59,11 +59,10 @@ def measure(prepared: job.Job, micro: int, inference: bool, repeats: int, device
     """(peak bytes, samples/s) of one training step, or one forward pass, at micro-batch `micro`."""
     cfg, task = prepared.cfg, prepared.task
     torch.manual_seed(cfg.run.seed)
-    model = models.build(cfg.model, task.input_shape, task.num_classes).to(device)
+    model = task.build_model().to(device)
     optimizer = optim.build(model, cfg.optim, prepared.peak_lr)
     precision = Precision(cfg.train.precision, device)
-    take = torch.arange(micro) % len(task.train)
-    x, y = (t.to(device) for t in task.train.__getitems__(take.tolist()))
+    x, y = to_device(take(task.train, [i % len(task.train) for i in range(micro)]), device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -73,7 +72,7 @@ def measure(prepared: job.Job, micro: int, inference: bool, repeats: int, device
 
         def run() -> None:
             with torch.no_grad(), precision.autocast():
-                model(x)
+                forward(model, x)
         seconds = _timed(run, repeats)
         meter.close()
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
@@ -84,7 +83,8 @@ def measure(prepared: job.Job, micro: int, inference: bool, repeats: int, device
 
         def run() -> None:
             with activations.track(model), precision.autocast():
-                loss = task_loss(model(x), y)
+                total, count = task.loss(forward(model, x), y)
+                loss = total / count
             precision.backward(loss)
             norm = precision.unscale_and_clip(optimizer, list(model.parameters()), None)
             precision.step(optimizer, loss.item(), norm.item())
@@ -98,11 +98,16 @@ def output_drift(prepared: job.Job, batch_sizes: list[int], device: torch.device
     """Max |difference| of eval-mode outputs on the same examples computed at each batch size vs one at a time."""
     cfg, task = prepared.cfg, prepared.task
     torch.manual_seed(cfg.run.seed)
-    model = models.build(cfg.model, task.input_shape, task.num_classes).to(device).eval()
-    x = task.eval.inputs[:examples].to(device)
+    model = task.build_model().to(device).eval()
+    held = task.eval if task.eval is not None and len(task.eval) else task.train
+    n = min(examples, len(held))
+
+    def outputs(size: int) -> torch.Tensor:
+        chunks = [to_device(take(held, range(i, min(i + size, n))), device)[0] for i in range(0, n, size)]
+        return torch.cat([logits_of(forward(model, chunk)) for chunk in chunks])
     with torch.no_grad():
-        reference = torch.cat([model(chunk) for chunk in x.split(1)])
-        return max(float((torch.cat([model(c) for c in x.split(b)]) - reference).abs().max()) for b in batch_sizes)
+        reference = outputs(1)
+        return max(float((outputs(b) - reference).abs().max()) for b in batch_sizes)
 
 
 def _mib(n: int) -> str:
@@ -138,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             status = "ok" if budget is None or peak <= budget else "over budget"
         except torch.OutOfMemoryError:
             peak, rate, status = 0, 0.0, "out of memory"
+        except ValueError as exc:  # e.g. BatchNorm on one example with a 1×1 feature map: try the next size
+            print(f"{micro:>7} {'-':>13} {'-':>11}  cannot train ({str(exc).splitlines()[0]})")
+            continue
         print(f"{micro:>7} {_mib(peak) if peak else '-':>13} {rate:>11.0f}  {status}")
         if status != "ok":
             break

@@ -8,14 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from largebatch import batch, checkpoint, data, dist, memory, models, optim
+import torch
+
+from largebatch import batch, checkpoint, dist, memory, optim, task as tasks
 from largebatch.config import Config
 from largebatch.errors import UserError, warn
 from largebatch.optim.scaling import peak_lr
 
 
-CHECKPOINT_FORMAT = 2
-"""Bumped when the checkpoint layout changes (2: optimizer state by parameter name, applied-step count)."""
+CHECKPOINT_FORMAT = 3
+"""Bumped when the checkpoint layout changes (2: optimizer state by parameter name, applied-step count;
+3: the dataset's length and fingerprint in its identity)."""
 CADENCE = ("log_every", "eval_every", "checkpoint_every", "checkpoint_keep")
 """train.* keys that only change how often things happen, not the trajectory; not reported on resume."""
 
@@ -23,7 +26,9 @@ CADENCE = ("log_every", "eval_every", "checkpoint_every", "checkpoint_keep")
 @dataclass
 class Job:
     cfg: Config
-    task: data.Task
+    task: tasks.Task | None
+    """None only when planning without the data (`largebatch plan --examples`)."""
+    train_examples: int
     plan: batch.BatchPlan
     steps_per_epoch: int
     total_steps: int
@@ -45,9 +50,12 @@ class Job:
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it; world size and micro-batch may change."""
         c = self.cfg
-        fixed = {"batch.global_size": self.plan.global_batch, "run.seed": c.run.seed, "optim.name": c.optim.name}
+        fixed = {"batch.global_size": self.plan.global_batch, "run.seed": c.run.seed, "optim.name": c.optim.name,
+                 "train.loss": c.train.loss, "data.train_examples": self.train_examples,
+                 "data.fingerprint": self.task.data.fingerprint if self.task else None}
         for section in ("data", "model"):
-            fixed |= {f"{section}.{k}": v for k, v in dataclasses.asdict(getattr(c, section)).items() if k != "workers"}
+            fixed |= {f"{section}.{k}": v for k, v in dataclasses.asdict(getattr(c, section)).items()
+                      if k not in ("workers", "path")}  # the same data may be mounted elsewhere: its fingerprint decides
         return fixed
 
     def settings(self) -> dict[str, Any]:
@@ -73,24 +81,29 @@ class Job:
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,
             "threads": self.threads,
-            "train_examples": len(self.task.train),
-            "eval_examples": len(self.task.eval),
+            "train_examples": self.train_examples,
+            "eval_examples": len(self.task.eval) if self.task and self.task.eval is not None else None,
         }
 
 
-def prepare(cfg: Config, world_size: int) -> Job:
-    """Build the (small, deterministic) dataset, derive the batch plan, lengths and peak LR; raise UserError if any is impossible."""
+def prepare(cfg: Config, world_size: int, train_examples: int | None = None, task: tasks.Task | None = None) -> Job:
+    """Open the data (or take `task`), check the model on one example, derive the batch plan, lengths and peak LR;
+    raise UserError if any is impossible. With `train_examples`, plan for a training set of that size without
+    reading any data."""
     if cfg.batch.micro_size == "auto" and cfg.batch.accum_steps is not None:
         raise UserError("batch.micro_size=auto derives batch.accum_steps; drop batch.accum_steps")
     micro = None if cfg.batch.micro_size == "auto" else cfg.batch.micro_size
     plan = batch.plan(world_size, cfg.batch.global_size, micro, cfg.batch.accum_steps)
-    task = data.build(cfg.data)
-    models.check(cfg.model, task.input_shape)
+    if train_examples is None:
+        task = task or tasks.build(cfg)
+        torch.manual_seed(cfg.run.seed)
+        tasks.check(task, task.build_model(), cfg.model.name)
+        train_examples = len(task.train)
     optim.check(cfg.optim)
     if cfg.train.noise_scale and plan.world_size == 1 and plan.accum_steps == 1 and cfg.batch.micro_size != "auto":
         raise UserError("train.noise_scale compares two batch sizes: run on 2+ processes or set batch.micro_size "
                         "below batch.global_size (accumulation)")
-    steps_per_epoch = batch.steps_per_epoch(len(task.train), plan)
+    steps_per_epoch = batch.steps_per_epoch(train_examples, plan)
     if cfg.train.epochs is not None:
         total_steps = max(1, math.floor(cfg.train.epochs * steps_per_epoch))
     else:
@@ -105,7 +118,7 @@ def prepare(cfg: Config, world_size: int) -> Job:
         )
     lr = peak_lr(cfg.optim.lr, plan.global_batch, cfg.optim.reference_batch, cfg.optim.scaling)
     limit = memory.parse_size(cfg.batch.memory_limit, "batch.memory_limit") if cfg.batch.memory_limit else None
-    job = Job(cfg, task, plan, steps_per_epoch, total_steps, warmup_steps, lr, None, dist.threads(cfg.run.threads),
+    job = Job(cfg, task, train_examples, plan, steps_per_epoch, total_steps, warmup_steps, lr, None, dist.threads(cfg.run.threads),
               limit)
     job.resume_from = _resume_point(job)
     return job

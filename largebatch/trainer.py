@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from largebatch import autobatch, checkpoint, config, models, optim
+from largebatch import autobatch, checkpoint, config, optim
 from largebatch.batch import BatchPlan, GlobalBatchSampler
-from largebatch.data import ArrayDataset, keep_batch, task_loss
+from largebatch.task import Batch, Task, collate_of, correct, forward, take, to_device
 from largebatch.dist import DistInfo, all_reduce_sum, broadcast_from_main
 from largebatch.engine.ddp import DDPEngine
 from largebatch.errors import Preempted, TrainingStopped, warn
@@ -70,7 +69,7 @@ def build_state(job: Job, info: DistInfo) -> TrainState:
     """Model, optimizer and precision from the config, then the checkpoint rank 0 chose to resume from, if any."""
     cfg = job.cfg
     torch.manual_seed(cfg.run.seed)
-    engine = DDPEngine(models.build(cfg.model, job.task.input_shape, job.task.num_classes), info)
+    engine = DDPEngine(job.task.build_model(), info)
     state = TrainState(engine, optim.build(engine.module, cfg.optim, job.peak_lr),
                        Precision(cfg.train.precision, info.device, cfg.train.fp16_init_scale),
                        NoiseScale() if cfg.train.noise_scale else None)
@@ -88,15 +87,30 @@ class Batches:
         self._it = iter(())
 
     def restart(self, plan: BatchPlan, step: int) -> None:
-        sampler = GlobalBatchSampler(len(self.job.task.train), plan, self.info.rank, self.job.cfg.run.seed,
-                                     self.job.total_steps, step)
+        dataset = self.job.task.train
+        sampler = GlobalBatchSampler(len(dataset), plan, self.info.rank, self.job.cfg.run.seed,
+                                     self.job.total_steps, step, draws=getattr(dataset, "epoch_aware", False))
+        workers = self.job.cfg.data.workers
         self._it = iter(torch.utils.data.DataLoader(
-            self.job.task.train, batch_sampler=sampler, collate_fn=keep_batch,
-            num_workers=self.job.cfg.data.workers, pin_memory=self.info.device.type == "cuda",
+            dataset, batch_sampler=sampler, collate_fn=collate_of(dataset), num_workers=workers,
+            pin_memory=self.info.device.type == "cuda", persistent_workers=False,
+            prefetch_factor=4 if workers else None,
         ))
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(t.to(self.info.device, non_blocking=True) for t in next(self._it))
+    def next(self) -> Batch:
+        return to_device(next(self._it), self.info.device)
+
+
+@dataclass
+class Sums:
+    """This rank's totals over the micro-steps of one step."""
+
+    loss: torch.Tensor
+    """Sum of the loss terms."""
+    count: torch.Tensor
+    """Number of loss terms (valid targets)."""
+    first: tuple[float, int] | None
+    """Noise scale on one process: (squared gradient norm, batch size) of the first micro-batch alone."""
 
 
 @dataclass
@@ -180,18 +194,19 @@ class Trainer:
         measuring = s.noise is not None and (s.step + 1) % self.cfg.train.log_every == 0
         manual_sync = self.job.auto_micro or (measuring and info.world_size > 1)
         if self.job.auto_micro:
-            loss_sum, first_sq = self._accumulate_or_shrink(measuring)
+            sums = self._accumulate_or_shrink(measuring)
         else:
-            loss_sum, first_sq = self.accumulate(manual_sync, measuring)
+            sums = self.accumulate(manual_sync, measuring)
         small = None
         if measuring:
-            small = (_mean_over_ranks(_grad_sq(self.params, self.precision), info), self.plan.per_rank) \
-                if info.world_size > 1 else (first_sq, self.plan.micro_batch)
+            small = (_mean_over_ranks(_grad_sq(self.params, self.precision) * (self.plan.per_rank / sums.count) ** 2,
+                                      info), self.plan.per_rank) if info.world_size > 1 else sums.first
         if manual_sync:
             self.engine.all_reduce_gradients()
-        summed = all_reduce_sum(torch.cat([loss_sum.reshape(1), self.flags.as_tensor(info.device)]))
-        stop_signal = self.flags.agree(summed[1:])
-        loss = summed[0].item() / info.world_size
+        summed = all_reduce_sum(torch.cat([torch.stack([sums.loss, sums.count]).double(),
+                                           self.flags.as_tensor(info.device).double()]))
+        stop_signal = self.flags.agree(summed[2:])
+        loss = self._normalise(*summed[:2].tolist())
         norm = self.precision.unscale_and_clip(self.optimizer, self.params, self.cfg.train.clip_grad_norm).item()
         lr = self.optimizer.param_groups[0]["lr"]
         outcome = self.precision.step(self.optimizer, loss, norm)
@@ -205,17 +220,18 @@ class Trainer:
         self._set_lr()
         return StepResult(loss, norm, lr, outcome, small, stop_signal)
 
-    def accumulate(self, manual_sync: bool, measuring: bool) -> tuple[torch.Tensor, float]:
+    def accumulate(self, manual_sync: bool, measuring: bool) -> Sums:
         """Forward and backward over this rank's micro-batches of the step; gradients sync on the last one (or,
-        with `manual_sync`, not at all: the caller all-reduces once every rank got through). Returns the summed
-        loss and, when measuring the noise scale on one process, the first micro-batch's squared gradient norm."""
+        with `manual_sync`, not at all: the caller all-reduces once every rank got through).
+
+        Each micro-step back-propagates its summed loss ÷ the per-rank share of examples, the same divisor on
+        every rank, so DDP's mean over ranks gives Σ terms' gradients ÷ global batch; `_normalise` then rescales
+        to ÷ the all-reduced count of loss terms."""
         plan, info = self.plan, self.info
-        # Sum over the micro-batch / loss terms per rank per step; DDP's mean over ranks then
-        # makes the gradient the mean over the global batch, whatever the split.
-        items_per_step = plan.per_rank * self.job.task.items_per_example
-        loss_sum, first_sq = torch.zeros((), device=info.device), 0.0
+        loss_sum, count = torch.zeros((), device=info.device), torch.zeros((), device=info.device)
+        first = None
         for micro_step in range(plan.accum_steps):
-            x, y = self.batches.next()
+            inputs, targets = self.batches.next()
             last = micro_step == plan.accum_steps - 1
             self.engine.sync_gradients(not manual_sync and last)
             if self.inject_oom_at == self.s.step + 1 and last:
@@ -223,14 +239,26 @@ class Trainer:
                 raise torch.OutOfMemoryError("injected by LARGEBATCH_INJECT_OOM_AT_STEP")
             with self.meter.track(self.engine.module) if self.meter else contextlib.nullcontext(), \
                     self.precision.autocast():
-                loss = task_loss(self.engine.model(x), y, reduction="sum") / items_per_step
-            self.precision.backward(loss)
-            loss_sum += loss.detach()
+                total, terms = self.job.task.loss(forward(self.engine.model, inputs), targets)
+            self.precision.backward(total / plan.per_rank)
+            loss_sum += total.detach().float()
+            count += terms
             if micro_step == 0 and measuring and info.world_size == 1:
-                first_sq = _grad_sq(self.params, self.precision) * plan.accum_steps**2
-        return loss_sum, first_sq
+                scale = plan.per_rank / float(terms)
+                first = (_grad_sq(self.params, self.precision) * scale**2, plan.micro_batch)
+        return Sums(loss_sum, count, first)
 
-    def _accumulate_or_shrink(self, measuring: bool) -> tuple[torch.Tensor, float]:
+    def _normalise(self, loss_sum: float, count: float) -> float:
+        """Turn the synced gradient Σ terms ÷ global batch into Σ terms ÷ count; returns the step's mean loss."""
+        if count == 0:  # a global batch of padding only: no update (counted as a non-finite step)
+            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], 0.0)
+            return math.nan
+        factor = self.plan.global_batch / count
+        if factor != 1.0:
+            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], factor)
+        return loss_sum / count
+
+    def _accumulate_or_shrink(self, measuring: bool) -> Sums:
         """Run the step's micro-steps unsynchronised; if any rank ran out of memory, all halve the micro-batch
         and redo the step (its loss counted once). The caller all-reduces the gradients."""
         while True:
@@ -249,14 +277,19 @@ class Trainer:
             warn(f"out of memory at step {step} with micro-batch {self.plan.micro_batch}; "
                  f"redoing the step as {smaller.describe()}")
             self.plan = smaller
+            self.job = dataclasses.replace(self.job, plan=smaller)
+            if self.info.is_main:  # config.yaml records the plan the run trains with from here on
+                with self.flags.guard(str(self.cfg.run_dir / "config.yaml")):
+                    config.dump(self.cfg, self.job.derived(), self.cfg.run_dir / "config.yaml")
             self.batches.restart(self.plan, self.s.step)
 
     def _probe(self, micro: int) -> None:
         """One forward and backward of `micro` training examples, for autobatch to measure."""
         task = self.job.task
-        x, y = (t[:micro].clone().to(self.info.device) for t in (task.train.inputs, task.train.labels))
+        inputs, targets = to_device(take(task.train, range(micro)), self.info.device)
         with self.precision.autocast():
-            task_loss(self.engine.module(x), y, reduction="sum").backward()
+            total, _ = task.loss(forward(self.engine.module, inputs), targets)
+        total.backward()
 
     def _set_lr(self) -> None:
         """The LR of the next step: a pure function of the applied steps, so skipped steps do not eat warmup."""
@@ -296,7 +329,8 @@ class Trainer:
             record.update(s.noise.update(*result.small_batch, result.grad_norm**2, plan.global_batch))
         if eval_now:
             self.engine.sync_buffers()
-            record.update({f"eval/{k}": v for k, v in evaluate(self.engine.module, self.job.task.eval, self.info).items()})
+            metrics = evaluate(self.engine.module, self.job.task, self.info, 2 * plan.micro_batch, self.cfg.data.workers)
+            record.update({f"eval/{k}": v for k, v in metrics.items()})
             self.eval_s += time.perf_counter() - now
         with self.flags.guard(f"{self.cfg.run_dir}/metrics.jsonl"):
             self.tracker.log(record)
@@ -360,21 +394,25 @@ def _mean_over_ranks(value: float, info: DistInfo) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: ArrayDataset, info: DistInfo, batch_size: int = 1024) -> dict[str, float]:
-    """Mean loss and accuracy (per example, or per token) on the held-out set, sharded over ranks."""
+def evaluate(model: nn.Module, task: Task, info: DistInfo, batch_size: int, workers: int = 0) -> dict[str, float]:
+    """Mean loss over the held-out loss terms (and accuracy where the output is class logits), sharded over ranks."""
+    if task.eval is None or len(task.eval) == 0:
+        return {}
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=info.device)
-    mine = torch.arange(info.rank, len(dataset), info.world_size)
-    for chunk in mine.split(batch_size):
-        x, y = (t.to(info.device) for t in dataset.__getitems__(chunk.tolist()))
-        logits, y = model(x).flatten(0, -2).float(), y.flatten()
-        totals += torch.stack([
-            F.cross_entropy(logits, y, reduction="sum").double(),
-            (logits.argmax(1) == y).sum().double(),
-            torch.tensor(len(y), dtype=torch.float64, device=info.device),
-        ])
-    loss, correct, count = all_reduce_sum(totals).tolist()
-    return {"loss": loss / count, "accuracy": correct / count}
+    totals = torch.zeros(4, dtype=torch.float64, device=info.device)
+    mine = list(range(info.rank, len(task.eval), info.world_size))
+    chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    loader = torch.utils.data.DataLoader(task.eval, batch_sampler=chunks, collate_fn=collate_of(task.eval),
+                                         num_workers=workers)
+    for batch in loader:
+        inputs, targets = to_device(batch, info.device)
+        output = forward(model, inputs)
+        total, count = task.loss(output, targets)
+        right = correct(output, targets) or (0, 0)
+        totals += torch.tensor([float(total), float(count), *right], dtype=torch.float64, device=info.device)
+    loss, count, right, counted = all_reduce_sum(totals).tolist()
+    model.train()
+    return {"loss": loss / count, **({"accuracy": right / counted} if counted else {})}
 
 
 def params_sha256(model: nn.Module) -> str:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,3 +48,57 @@ def metrics(run_dir: Path) -> list[dict]:
 def run_dirs(tmp_path: Path):
     """A fresh run directory per name."""
     return lambda name: tmp_path / name
+
+
+def kill_one_worker_mid_run(run: Path, overrides: tuple[str, ...], after_steps: int, checkpoint: str,
+                            timeout: float = 120) -> str:
+    """Train under torchrun (2 processes, --max-restarts 1) and SIGKILL one worker once `after_steps` steps are logged
+    and `checkpoint` exists; returns the agent's output after it finished (the test checks its exit code)."""
+    import psutil
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "largebatch", "train",
+               f"run.dir={run}", "logging.progress=false", *overrides]
+    agent = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    deadline = time.monotonic() + timeout
+    while killed is None and time.monotonic() < deadline and agent.poll() is None:
+        done = (run / "metrics.jsonl").read_text().count("\n") if (run / "metrics.jsonl").exists() else 0
+        if done >= after_steps and (run / "checkpoints" / checkpoint).exists():
+            workers = psutil.Process(agent.pid).children()
+            killed = workers[-1].pid
+            workers[-1].send_signal(signal.SIGKILL)
+        time.sleep(0.02)
+    output, _ = agent.communicate(timeout=300)
+    assert killed is not None, "the run finished before the kill; make steps slower"
+    assert agent.returncode == 0, output[-3000:]
+    assert "resuming from" in output
+    return output
+
+
+def write_tokens(path: Path, count: int, vocab: int = 256, dtype: str = "uint16", seed: int = 0) -> Path:
+    """A flat token file as nanoGPT writes it: a repeating pattern with noise, so a model can learn something."""
+    rng = np.random.default_rng(seed)
+    tokens = (np.arange(count) * 7 + rng.integers(0, 3, count)) % vocab
+    tokens.astype(dtype).tofile(path)
+    return path
+
+
+def write_jsonl(path: Path, lines: int, seed: int = 0) -> Path:
+    """JSON lines of text from 3 to 40 characters: variable lengths, so batches are padded."""
+    rng = np.random.default_rng(seed)
+    words = ["large", "batch", "noise", "scale", "warmup", "lamb", "lars", "step"]
+    with path.open("w") as f:
+        for _ in range(lines):
+            text = " ".join(rng.choice(words, int(rng.integers(1, 6))))[:40]
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def write_tiny_gpt2(folder: Path, vocab: int = 256, positions: int = 64) -> Path:
+    """A local Hugging Face GPT-2 config (1 layer, width 32, no dropout): hf:<folder> builds it, nothing downloaded."""
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=vocab, n_positions=positions, resid_pdrop=0.0,
+               embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0).save_pretrained(folder)
+    return folder

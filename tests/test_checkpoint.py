@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
-import psutil
 import pytest
 import torch
 
-from conftest import ROOT, cli, metrics, train
+from conftest import cli, kill_one_worker_mid_run, metrics, train
 
 SMALL = ("data.size=1024", "data.shape=[16]", "model.width=32", "batch.global_size=32", "optim.name=adamw",
          "optim.lr=0.01", "optim.scaling=none", "schedule.name=cosine", "schedule.warmup_steps=3",
@@ -82,23 +77,7 @@ def test_kill_9_of_a_worker_is_survived_by_torchrun_restart_and_resume(run_dirs)
               "optim.scaling=none", "train.steps=120", "train.log_every=1", "train.checkpoint_every=20")
     reference = train(run_dirs("uninterrupted"), *config, nproc=2)
     run = run_dirs("killed")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "largebatch", "train",
-               f"run.dir={run}", "logging.progress=false", *config]
-    agent = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = None
-    deadline = time.monotonic() + 120
-    while killed is None and time.monotonic() < deadline and agent.poll() is None:
-        done = (run / "metrics.jsonl").read_text().count("\n") if (run / "metrics.jsonl").exists() else 0
-        if done >= 50 and (run / "checkpoints/step_00000040").exists():
-            workers = psutil.Process(agent.pid).children()
-            killed = workers[-1].pid
-            workers[-1].send_signal(signal.SIGKILL)
-        time.sleep(0.02)
-    output, _ = agent.communicate(timeout=300)
-    assert killed is not None, "the run finished before the kill; make steps slower"
-    assert agent.returncode == 0, output[-3000:]
-    assert "resuming from" in output
+    kill_one_worker_mid_run(run, config, 50, "step_00000040")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["params_sha256"] == reference["params_sha256"]
     assert [r["step"] for r in metrics(run)] == list(range(1, 121))

@@ -83,7 +83,7 @@ def test_plan_command_prints_the_derived_plan():
 
 def test_eval_and_the_saved_model_use_the_same_batchnorm_statistics_on_every_rank(run_dirs):
     """Each rank's BatchNorm running statistics drift apart in training; eval and model.pt both use rank 0's."""
-    from largebatch import config, data, models, trainer
+    from largebatch import config, task as tasks, trainer
     from largebatch.dist import DistInfo
 
     run = run_dirs("bn")
@@ -94,10 +94,10 @@ def test_eval_and_the_saved_model_use_the_same_batchnorm_statistics_on_every_ran
     warnings = [line for line in result.stderr.splitlines() if "BatchNorm" in line]
     assert len(warnings) == 1 and "micro-batch of 16" in warnings[0]
     cfg = config.load(None, list(overrides))
-    task = data.build(cfg.data)
-    model = models.build(cfg.model, task.input_shape, task.num_classes)
+    task = tasks.build(cfg)
+    model = task.build_model()
     model.load_state_dict(torch.load(run / "model.pt"))
-    saved = trainer.evaluate(model, task.eval, DistInfo(0, 0, 1, torch.device("cpu")))
+    saved = trainer.evaluate(model, task, DistInfo(0, 0, 1, torch.device("cpu")), batch_size=32)
     logged = json.loads((run / "summary.json").read_text())["eval"]
     assert saved["accuracy"] == logged["accuracy"]
     assert saved["loss"] == pytest.approx(logged["loss"], rel=1e-6)

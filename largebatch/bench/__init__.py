@@ -7,6 +7,7 @@ import importlib
 from largebatch.errors import check_choice
 
 BENCHMARKS = {
+    "data": "our image-folder loader against torchvision's ImageFolder + DataLoader, and whether training is input-bound",
     "loop": "our trainer's samples/s against a minimal hand-written DDP loop",
     "memory": "activation memory and step time with and without gradient checkpointing (tiny GPT, CNN)",
     "optim": "our LARS/LAMB against torch's fused SGD/AdamW and torch-optimizer, on ResNet-50's shapes",

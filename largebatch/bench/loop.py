@@ -27,11 +27,10 @@ def handwritten(job, info) -> float:
     import torch
     import torch.nn.functional as F
 
-    from largebatch import models
     from largebatch.dist import all_reduce_sum
 
     torch.manual_seed(job.cfg.run.seed)
-    model = models.build(job.cfg.model, job.task.input_shape, job.task.num_classes)
+    model = job.task.build_model()
     ddp = torch.nn.parallel.DistributedDataParallel(model) if info.world_size > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=job.peak_lr, momentum=0.9, foreach=True)
     x_all, y_all = job.task.train.inputs, job.task.train.labels

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from largebatch import config, data, models
+from largebatch import config, task as tasks
 from largebatch.errors import ArgumentParser
 from largebatch.memory import ActivationMeter
 
@@ -26,17 +26,18 @@ WORKLOADS = {
 def measure(overrides: tuple[str, ...], micro: int, checkpointing: bool, steps: int) -> tuple[int, float]:
     """(activation bytes, median seconds per step)."""
     cfg = config.load(None, [*overrides, f"model.grad_checkpointing={str(checkpointing).lower()}"])
-    task = data.build(cfg.data)
+    task = tasks.build(cfg)
     torch.manual_seed(0)
-    model = models.build(cfg.model, task.input_shape, task.num_classes).train()
+    model = task.build_model().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, y = task.train.__getitems__(list(range(micro)))
+    x, y = tasks.take(task.train, range(micro))
     meter = ActivationMeter()
     times = []
     for _ in range(steps + 1):
         start = time.perf_counter()
         with meter.track(model):
-            loss = data.task_loss(model(x), y)
+            total, count = task.loss(tasks.forward(model, x), y)
+            loss = total / count
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

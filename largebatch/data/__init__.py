@@ -1,17 +1,21 @@
-"""Dataset registry: every task returns train/eval tensors, generated or read locally (no downloads)."""
+"""Datasets: the built-in ones (generated or shipped, never downloaded), image folders, token files, JSON lines.
+
+Every builder takes plain keyword arguments and returns a `largebatch.task.Data`; all datasets are map-style,
+so the global-batch sampler decides which examples each rank sees at each step.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import hashlib
+from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
-from largebatch.config import DataConfig
-from largebatch.errors import check_choice
+from largebatch.errors import UserError
 
 
-class ArrayDataset(torch.utils.data.Dataset):
+class ArrayDataset(Dataset):
     """In-memory (inputs, labels); `__getitems__` lets the DataLoader gather a micro-batch in one indexing op."""
 
     def __init__(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
@@ -27,33 +31,54 @@ class ArrayDataset(torch.utils.data.Dataset):
         index = torch.as_tensor(indices)
         return self.inputs[index], self.labels[index]
 
-
-def task_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over every loss term: one per example for classification, one per token for text."""
-    return torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction=reduction)
-
-
-def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Collate for `__getitems__` batches, which arrive already stacked."""
-    return batch
+    @staticmethod
+    def collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`__getitems__` batches arrive already stacked."""
+        return batch
 
 
-@dataclass
-class Task:
-    """Train/eval data; labels are classes per example, or per token for language modelling."""
+class Subset(Dataset):
+    """`indices` of `dataset`, keeping its `collate` and its (seed, epoch, index) draws."""
 
-    train: ArrayDataset
-    eval: ArrayDataset
-    input_shape: tuple[int, ...]
-    num_classes: int
-    items_per_example: int = 1
-    """Loss terms per example (tokens per window for text); the loss is averaged over all of them."""
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+        self.collate = getattr(dataset, "collate", None)
+        self.epoch_aware = getattr(dataset, "epoch_aware", False)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            seed, epoch, index = key
+            return self.dataset[(seed, epoch, self.indices[index])]
+        return self.dataset[self.indices[key]]
 
 
-def build(cfg: DataConfig) -> Task:
-    from largebatch.data import digits, synthetic, text
+def held_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """A seeded split of `dataset` into (train, held-out `fraction`)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = round(len(order) * fraction)
+    return Subset(dataset, sorted(order[n_eval:])), Subset(dataset, sorted(order[:n_eval]))
 
-    builders: dict[str, Callable[[DataConfig], Task]] = {
-        "synthetic": synthetic.build, "digits": digits.build, "text": text.build,
-    }
-    return builders[check_choice("data.name", cfg.name, list(builders))](cfg)
+
+def require_path(path: str | None, name: str, what: str) -> Path:
+    """`data.path` as an existing Path, or a one-line error saying what it should be."""
+    if not path:
+        raise UserError(f"data.name={name} needs data.path: {what}")
+    found = Path(path).expanduser()
+    if not found.exists():
+        raise UserError(f"data.path={path} does not exist; it should be {what}")
+    return found
+
+
+def file_fingerprint(*paths: Path, sample: int = 1 << 20) -> str:
+    """Size and sha256 of the first and last MiB of each file: cheap for a large corpus, changes with its content."""
+    digest = hashlib.sha256()
+    for path in paths:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            digest.update(f"{path.name} {size}".encode() + f.read(sample))
+            f.seek(max(0, size - sample))
+            digest.update(f.read(sample))
+    return digest.hexdigest()[:16]

@@ -8,17 +8,17 @@ from importlib import resources
 import numpy as np
 import torch
 
-from largebatch.config import DataConfig
-from largebatch.data import ArrayDataset, Task
+from largebatch.data import ArrayDataset
+from largebatch.task import Data
 
 
-def build(cfg: DataConfig) -> Task:
+def build(eval_fraction: float, seed: int) -> Data:
     """Pixels scaled to [0, 1] as 1×8×8 images; a seeded split holds out `eval_fraction`."""
     with resources.files("largebatch.data").joinpath("digits.csv.gz").open("rb") as raw:
         table = np.loadtxt(gzip.open(raw), delimiter=",", dtype=np.float32)
     x = torch.from_numpy(table[:, :64] / 16.0).reshape(-1, 1, 8, 8)
     y = torch.from_numpy(table[:, 64].astype(np.int64))
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))
-    n_eval = round(len(y) * cfg.eval_fraction)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_eval = round(len(y) * eval_fraction)
     held, kept = order[:n_eval], order[n_eval:]
-    return Task(ArrayDataset(x[kept], y[kept]), ArrayDataset(x[held], y[held]), (1, 8, 8), 10)
+    return Data(ArrayDataset(x[kept], y[kept]), ArrayDataset(x[held], y[held]), (1, 8, 8), 10, fingerprint="digits")

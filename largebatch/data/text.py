@@ -11,18 +11,18 @@ from importlib import resources
 
 import torch
 
-from largebatch.config import DataConfig
-from largebatch.data import ArrayDataset, Task
+from largebatch.data import ArrayDataset
+from largebatch.task import Data
 
 VOCAB = 256
 
 
-def build(cfg: DataConfig) -> Task:
+def build(eval_fraction: float, context: int) -> Data:
     with resources.files("largebatch.data").joinpath("pydoc_topics.txt.gz").open("rb") as raw:
         corpus = torch.frombuffer(bytearray(gzip.decompress(raw.read())), dtype=torch.uint8).long()
-    cut = round(len(corpus) * (1 - cfg.eval_fraction))
-    return Task(_windows(corpus[:cut], cfg.context), _windows(corpus[cut:], cfg.context), (cfg.context,), VOCAB,
-                items_per_example=cfg.context)
+    cut = round(len(corpus) * (1 - eval_fraction))
+    return Data(_windows(corpus[:cut], context), _windows(corpus[cut:], context), (context,), VOCAB,
+                fingerprint="text")
 
 
 def _windows(tokens: torch.Tensor, context: int) -> ArrayDataset:

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from largebatch.config import ModelConfig
 from largebatch.errors import UserError
 
 
@@ -48,12 +47,9 @@ class GPT(nn.Module):
         return self.head(self.ln(self.blocks(self.token(tokens) + self.position(positions))))
 
 
-def check(cfg: ModelConfig, input_shape: tuple[int, ...]) -> None:
+def build(input_shape: tuple[int, ...], num_classes: int, width: int, depth: int, heads: int) -> nn.Module:
     if len(input_shape) != 1:
         raise UserError(f"model.name=gpt needs token sequences, but the data gives shape {list(input_shape)}; use data.name=text")
-    if cfg.width % cfg.heads:
-        raise UserError(f"model.width={cfg.width} is not divisible by model.heads={cfg.heads}")
-
-
-def build(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    return GPT(num_classes, input_shape[0], cfg.width, cfg.depth, cfg.heads)
+    if width % heads:
+        raise UserError(f"model.width={width} is not divisible by model.heads={heads}")
+    return GPT(num_classes, input_shape[0], width, depth, heads)

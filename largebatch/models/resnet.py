@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from largebatch.config import ModelConfig
 from largebatch.errors import UserError
 from largebatch.models.norms import norm2d
 
@@ -32,25 +31,21 @@ class BasicBlock(nn.Module):
         return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
 
 
-def check(cfg: ModelConfig, input_shape: tuple[int, ...]) -> None:
+def build(input_shape: tuple[int, ...], num_classes: int, width: int, depth: int, norm: str) -> nn.Module:
     if len(input_shape) != 3:
         raise UserError(
             f"model.name=resnet needs image inputs (channels, height, width), but the data gives shape "
             f"{list(input_shape)}; use data.name=digits or e.g. data.shape=[3, 16, 16]"
         )
-
-
-def build(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    width = cfg.width
     blocks: list[nn.Module] = []
     channels_in = width
     for stage, channels in enumerate((width, 2 * width)):
-        for i in range(cfg.depth):
-            blocks.append(BasicBlock(cfg.norm, channels_in, channels, 2 if stage and i == 0 else 1))
+        for i in range(depth):
+            blocks.append(BasicBlock(norm, channels_in, channels, 2 if stage and i == 0 else 1))
             channels_in = channels
     return nn.Sequential(
         nn.Conv2d(input_shape[0], width, 3, 1, 1, bias=False),
-        norm2d(cfg.norm, width),
+        norm2d(norm, width),
         nn.ReLU(),
         *blocks,
         nn.AdaptiveAvgPool2d(1),

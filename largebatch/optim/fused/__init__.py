@@ -7,13 +7,13 @@ holds a file lock while building, so concurrent processes build once.
 """
 
 import functools
+import logging
 import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
 
 import torch
-from torch.utils import cpp_extension
 
 IMPLS = ("auto", "foreach", "fused")
 
@@ -35,6 +35,10 @@ def check_impl(impl: str) -> str:
 def _build() -> ModuleType | str:
     """The compiled module, or the reason it could not be built (cached: a failed build runs once)."""
     capability = torch.backends.cpu.get_cpu_capability()
+    # torch's CUDA builds log "No CUDA runtime is found" on importing this on a CPU machine: not news for a CPU kernel.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils import cpp_extension
+
     try:
         return cpp_extension.load(
             name=f"largebatch_fused_optim_{capability.lower()}",

@@ -1,0 +1,213 @@
+"""The task interface: what the trainer trains — datasets, a model builder, and a loss that counts its terms.
+
+A batch is `(inputs, targets)`: inputs a tensor (called as `model(inputs)`) or a mapping of tensors
+(`model(**inputs)`, e.g. input_ids and attention_mask for a Hugging Face model). A loss maps
+`(output, targets)` to `(sum of loss terms, number of terms)`; the trainer sums both over the micro-steps
+of a step and over ranks and divides once, so padded and variable-length data give the mean over the
+global batch whatever the split (torchtitan's rule; a mean per micro-batch would not).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from largebatch import factory, models
+from largebatch.config import FACTORY, MODE_KEYS, Config, mode
+from largebatch.errors import UserError, check_choice
+
+IGNORE_INDEX = -100
+"""Targets with this value are padding: no loss term, not counted (the PyTorch and Hugging Face convention)."""
+
+Batch = tuple[Any, torch.Tensor]
+LossFn = Callable[[Any, torch.Tensor], tuple[torch.Tensor, Any]]
+
+
+@dataclass
+class Data:
+    """What a dataset builder returns: the splits and what built-in models need to know of them."""
+
+    train: Dataset
+    eval: Dataset | None
+    input_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+    """Classes, or the vocabulary size for token data."""
+    fingerprint: str = ""
+    """Identifies the data's content (a checkpoint from other data is refused); length and config otherwise."""
+
+
+@dataclass
+class Task:
+    """Train/eval datasets, a model builder and a loss → (sum, count): everything that differs between jobs."""
+
+    data: Data
+    build_model: Callable[[], nn.Module]
+    loss: LossFn
+
+    @property
+    def train(self) -> Dataset:
+        return self.data.train
+
+    @property
+    def eval(self) -> Dataset | None:
+        return self.data.eval
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, `.logits` (Hugging Face) or `["logits"]`."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    return output.logits
+
+
+def cross_entropy(output: Any, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over every loss term (one per example, or per token) and the count of terms that are
+    not IGNORE_INDEX."""
+    flat = targets.flatten()
+    total = F.cross_entropy(logits_of(output).flatten(0, -2), flat, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (flat != IGNORE_INDEX).sum()
+
+
+def correct(output: Any, targets: torch.Tensor) -> tuple[int, int] | None:
+    """(right, counted) arg-max predictions over the counted terms, or None if the output is not class logits."""
+    logits = logits_of(output) if isinstance(output, (torch.Tensor, dict)) or hasattr(output, "logits") else None
+    if logits is None or targets.is_floating_point() or logits.shape[:-1] != targets.shape:
+        return None
+    valid = targets != IGNORE_INDEX
+    return int(((logits.argmax(-1) == targets) & valid).sum()), int(valid.sum())
+
+
+def forward(model: nn.Module, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """Tensors (in mappings, tuples and lists) moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
+def collate_of(dataset: Dataset) -> Callable[[list], Any]:
+    """A dataset's own `collate` (our in-memory sets, padded text) or torch's default."""
+    return getattr(dataset, "collate", None) or default_collate
+
+
+def take(dataset: Dataset, indices: Sequence[int]) -> Batch:
+    """Examples `indices` of `dataset` as one collated batch (without training-time augmentation)."""
+    getitems = getattr(dataset, "__getitems__", None)
+    items = getitems(list(indices)) if getitems else [dataset[i] for i in indices]
+    return collate_of(dataset)(items)
+
+
+def build(cfg: Config, model: nn.Module | Callable[[], nn.Module] | None = None, train_data: Dataset | None = None,
+          eval_data: Dataset | None = None, loss: LossFn | None = None) -> Task:
+    """The task a config describes — its data (opened now), model builder and loss — or, for the Python API,
+    the objects given in their place."""
+    if train_data is not None:
+        data = user_data((train_data, eval_data) if eval_data is not None else train_data, cfg.data.name,
+                         cfg.data.eval_fraction, cfg.data.seed)
+    else:
+        data = build_data(cfg)
+    if loss is None:
+        loss = factory.resolve("train.loss", cfg.train.loss, cfg.origin) if cfg.train.loss else cross_entropy
+    if model is None:
+        build_model = functools.partial(models.build, cfg.model, data.input_shape, data.num_classes, cfg.origin)
+    else:
+        build_model = functools.partial(models.wrap, cfg.model, model)
+    return Task(data, build_model, loss)
+
+
+BUILTIN_DATA = ("synthetic", "digits", "text", "imagefolder", "tokens", "jsonl")
+
+
+def build_data(cfg: Config) -> Data:
+    """Call the dataset builder `data.name` names with its keys (MODE_KEYS) as plain keyword arguments."""
+    c = cfg.data
+    if mode("data.name", c.name) == FACTORY:
+        made = factory.call("data.args", factory.resolve("data.name", c.name, cfg.origin), c.args, c.name)
+        return user_data(made, f"{c.name} {sorted(c.args.items())}", c.eval_fraction, c.seed)
+    check_choice("data.name", c.name, BUILTIN_DATA)
+    import importlib
+
+    builder = importlib.import_module(f"largebatch.data.{c.name}").build
+    keys = [k.split(".")[1] for k in MODE_KEYS["data.name"][c.name]]
+    if "seed" in inspect.signature(builder).parameters:
+        keys.append("seed")
+    return builder(**{k: getattr(c, k) for k in keys})
+
+
+def user_data(made: Any, name: str, eval_fraction: float, seed: int) -> Data:
+    """A user's dataset: a (train, eval) pair, or one Dataset of which a seeded `eval_fraction` is held out."""
+    from largebatch.data import held_out
+
+    if isinstance(made, (tuple, list)) and len(made) == 2:
+        train, held = made
+    else:
+        train, held = held_out(made, eval_fraction, seed)
+    for split in (train, held):
+        if not (hasattr(split, "__getitem__") and hasattr(split, "__len__")):
+            raise UserError(f"data.name={name!r} returned a {type(split).__name__}; it must return a map-style "
+                            f"Dataset (with __len__ and __getitem__) or a (train, eval) pair of them")
+    if len(train) == 0:
+        raise UserError(f"data.name={name!r} returned an empty training set")
+    fingerprint = getattr(train, "fingerprint", None)
+    text = fingerprint() if callable(fingerprint) else f"{name} {type(train).__name__} {len(train)} {len(held)}"
+    return Data(train, held, num_classes=getattr(train, "num_classes", None),
+                fingerprint=hashlib.sha256(text.encode()).hexdigest()[:16])
+
+
+def check(task: Task, model: nn.Module, name: str) -> None:
+    """Run one training example through `model` and the loss: a mismatch is a one-line error before training."""
+    inputs, targets = take(task.train, [0])
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = forward(model, inputs)
+            if task.loss is cross_entropy:
+                _check_logits(output, targets, task.data.num_classes)
+            result = task.loss(output, targets)
+    except UserError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model.name={name} does not fit the data: one training example fails in the model or the "
+                        f"loss ({type(exc).__name__}: {first}); check the model's inputs and outputs") from None
+    finally:
+        model.train()
+    if not (isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], torch.Tensor)
+            and result[0].numel() == 1):
+        raise UserError("the loss must return (sum of loss terms as a scalar tensor, number of terms), "
+                        f"got {type(result).__name__}; see train.loss in the README")
+
+
+def _check_logits(output: Any, targets: torch.Tensor, num_classes: int | None) -> None:
+    try:
+        logits = logits_of(output)
+    except (AttributeError, KeyError, TypeError):
+        raise UserError(f"the model returns a {type(output).__name__}, not logits; return a tensor of class scores "
+                        f"or set train.loss to a loss that reads it") from None
+    if targets.is_floating_point() or logits.shape[:-1] != targets.shape:
+        raise UserError(f"model output of shape {list(logits.shape)} does not fit targets of shape "
+                        f"{list(targets.shape)} (cross-entropy wants [..., classes] for integer targets [...]); "
+                        f"fix the model's output size, or set train.loss")
+    top = int(targets[targets != IGNORE_INDEX].max()) if (targets != IGNORE_INDEX).any() else -1
+    needed = max(top + 1, num_classes or 0)
+    if logits.shape[-1] < needed:
+        raise UserError(f"the model outputs {logits.shape[-1]} classes but the data has {needed}; "
+                        f"give the model {needed} outputs (e.g. model.args.num_classes={needed}) or set train.loss")
