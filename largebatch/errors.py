@@ -33,7 +33,7 @@ def require(module: str, extra: str, what: str) -> Any:
     """Import an optional dependency, or fail in one line saying which extra installs it."""
     try:
         return importlib.import_module(module)
-    except ImportError as exc:
+    except Exception as exc:  # also a torchvision built for another torch: "operator torchvision::nms does not exist"
         raise UserError(f"{what} needs {module} ({exc}); pip install 'largebatch[{extra}]'") from None
 
 

@@ -120,7 +120,7 @@ def prepare(cfg: Config, world_size: int, train_examples: int | None = None, tas
     limit = memory.parse_size(cfg.batch.memory_limit, "batch.memory_limit") if cfg.batch.memory_limit else None
     job = Job(cfg, task, train_examples, plan, steps_per_epoch, total_steps, warmup_steps, lr, None, dist.threads(cfg.run.threads),
               limit)
-    job.resume_from = _resume_point(job)
+    job.resume_from = _resume_point(job) if task is not None else None  # planning only: nothing to resume
     return job
 
 

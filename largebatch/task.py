@@ -42,7 +42,8 @@ class Data:
     num_classes: int | None = None
     """Classes, or the vocabulary size for token data."""
     fingerprint: str = ""
-    """Identifies the data's content (a checkpoint from other data is refused); length and config otherwise."""
+    """Identifies the data (file list and labels, or size and sampled bytes of files; a checkpoint from other data
+    is refused); the built-ins are identified by their config."""
 
 
 @dataclass
@@ -119,6 +120,8 @@ def build(cfg: Config, model: nn.Module | Callable[[], nn.Module] | None = None,
           eval_data: Dataset | None = None, loss: LossFn | None = None) -> Task:
     """The task a config describes — its data (opened now), model builder and loss — or, for the Python API,
     the objects given in their place."""
+    if eval_data is not None and train_data is None:
+        raise UserError("eval_data needs train_data: pass both, or neither to use data.name")
     if train_data is not None:
         data = user_data((train_data, eval_data) if eval_data is not None else train_data, cfg.data.name,
                          cfg.data.eval_fraction, cfg.data.seed)
@@ -129,7 +132,7 @@ def build(cfg: Config, model: nn.Module | Callable[[], nn.Module] | None = None,
     if model is None:
         build_model = functools.partial(models.build, cfg.model, data.input_shape, data.num_classes, cfg.origin)
     else:
-        build_model = functools.partial(models.wrap, cfg.model, model)
+        build_model = functools.partial(models.wrap, cfg.model, model, cfg.model.args)
     return Task(data, build_model, loss)
 
 
@@ -156,14 +159,12 @@ def user_data(made: Any, name: str, eval_fraction: float, seed: int) -> Data:
     """A user's dataset: a (train, eval) pair, or one Dataset of which a seeded `eval_fraction` is held out."""
     from largebatch.data import held_out
 
-    if isinstance(made, (tuple, list)) and len(made) == 2:
-        train, held = made
-    else:
-        train, held = held_out(made, eval_fraction, seed)
-    for split in (train, held):
+    pair = isinstance(made, (tuple, list)) and len(made) == 2
+    for split in made if pair else [made]:
         if not (hasattr(split, "__getitem__") and hasattr(split, "__len__")):
-            raise UserError(f"data.name={name!r} returned a {type(split).__name__}; it must return a map-style "
+            raise UserError(f"data.name={name!r} gave a {type(split).__name__}; it must be a map-style "
                             f"Dataset (with __len__ and __getitem__) or a (train, eval) pair of them")
+    train, held = made if pair else held_out(made, eval_fraction, seed)
     if len(train) == 0:
         raise UserError(f"data.name={name!r} returned an empty training set")
     fingerprint = getattr(train, "fingerprint", None)
@@ -174,9 +175,13 @@ def user_data(made: Any, name: str, eval_fraction: float, seed: int) -> Data:
 
 def check(task: Task, model: nn.Module, name: str) -> None:
     """Run one training example through `model` and the loss: a mismatch is a one-line error before training."""
-    inputs, targets = take(task.train, [0])
     model.eval()
     try:
+        batch = take(task.train, [0])
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise UserError(f"a batch of the training data is a {type(batch).__name__}, not (inputs, targets); "
+                            f"make the dataset's items (inputs, targets) pairs, or give it a collate that returns one")
+        inputs, targets = batch
         with torch.no_grad():
             output = forward(model, inputs)
             if task.loss is cross_entropy:

@@ -165,6 +165,7 @@ class Trainer:
     def _start(self) -> None:
         """Fix the batch plan, write config.yaml and open the metrics (rank 0), and agree that it worked."""
         job, info, s = self.job, self.info, self.s
+        self._check_same_data()
         if job.auto_micro:
             largest = self.plan.per_rank // 2 if s.noise is not None and info.world_size == 1 else None
             self.plan = autobatch.fit(self.plan, self.engine.module, self.optimizer, self._probe, self.budget,
@@ -187,6 +188,14 @@ class Trainer:
         self.first_step = self.last_logged_step = s.step
         self.eval_s = 0.0
 
+    def _check_same_data(self) -> None:
+        """Every rank must read the same data: a node with another copy would take other steps, or hang."""
+        mine = (self.job.train_examples, self.job.task.data.fingerprint)
+        differs = torch.tensor([float(broadcast_from_main(mine) != mine)], device=self.info.device)
+        if all_reduce_sum(differs).item():
+            raise TrainingStopped("some ranks read other data than rank 0 (another training-set length or "
+                                  "fingerprint); give every node the same data at data.path")
+
     def train_step(self) -> StepResult:
         """One optimizer step over one global batch: micro-steps, gradient sync, one agreement, clip, step, LR."""
         s, info = self.s, self.info
@@ -199,8 +208,9 @@ class Trainer:
             sums = self.accumulate(manual_sync, measuring)
         small = None
         if measuring:
-            small = (_mean_over_ranks(_grad_sq(self.params, self.precision) * (self.plan.per_rank / sums.count) ** 2,
-                                      info), self.plan.per_rank) if info.world_size > 1 else sums.first
+            small = (_mean_over_ranks(_grad_sq(self.params, self.precision) * (self.plan.per_rank / count) ** 2
+                                      if (count := float(sums.count)) else math.nan, info), self.plan.per_rank) \
+                if info.world_size > 1 else sums.first
         if manual_sync:
             self.engine.all_reduce_gradients()
         summed = all_reduce_sum(torch.cat([torch.stack([sums.loss, sums.count]).double(),
@@ -244,7 +254,7 @@ class Trainer:
             loss_sum += total.detach().float()
             count += terms
             if micro_step == 0 and measuring and info.world_size == 1:
-                scale = plan.per_rank / float(terms)
+                scale = plan.per_rank / float(terms) if float(terms) else math.nan  # no terms: no measurement
                 first = (_grad_sq(self.params, self.precision) * scale**2, plan.micro_batch)
         return Sums(loss_sum, count, first)
 
@@ -325,7 +335,7 @@ class Trainer:
         if self.precision.scaler.is_enabled():
             record["loss_scale"] = self.precision.loss_scale
         if result.small_batch is not None and math.isfinite(result.grad_norm) \
-                and result.small_batch[1] < plan.global_batch:
+                and math.isfinite(result.small_batch[0]) and result.small_batch[1] < plan.global_batch:
             record.update(s.noise.update(*result.small_batch, result.grad_norm**2, plan.global_batch))
         if eval_now:
             self.engine.sync_buffers()
@@ -412,7 +422,7 @@ def evaluate(model: nn.Module, task: Task, info: DistInfo, batch_size: int, work
         totals += torch.tensor([float(total), float(count), *right], dtype=torch.float64, device=info.device)
     loss, count, right, counted = all_reduce_sum(totals).tolist()
     model.train()
-    return {"loss": loss / count, **({"accuracy": right / counted} if counted else {})}
+    return {"loss": loss / count if count else math.nan, **({"accuracy": right / counted} if counted else {})}
 
 
 def params_sha256(model: nn.Module) -> str:

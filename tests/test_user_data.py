@@ -11,6 +11,9 @@ import textwrap
 import pytest
 import torch
 
+pytest.importorskip("torchvision")
+pytest.importorskip("transformers")
+
 from conftest import ROOT, cli, kill_one_worker_mid_run, metrics, train, write_jsonl, write_tiny_gpt2, write_tokens
 from largebatch.bench.data import write_image_folder
 
@@ -151,7 +154,7 @@ print("params", summary["params_sha256"])
 
 USER_CONFIG = '''
 data: {name: "usertask:build_data", args: {n: 512}}
-model: {name: "usertask:build_model", args: {hidden: 16}}
+model: {name: "usertask:build_model", args: {hidden: 12}}
 train: {loss: "usertask:loss", steps: 12, log_every: 1}
 batch: {global_size: 64}
 optim: {lr: 0.2}
@@ -166,9 +169,8 @@ def user_task(tmp_path):
     folder.mkdir()
     (folder / "usertask.py").write_text(USER_MODULE)
     (folder / "cli.yaml").write_text(USER_CONFIG)
-    (folder / "api.yaml").write_text("\n".join(line for line in USER_CONFIG.splitlines()
-                                               if not line.startswith(("data", "model")))
-                                     .replace('loss: "usertask:loss", ', ""))
+    (folder / "api.yaml").write_text("\n".join(line for line in USER_CONFIG.splitlines() if not line.startswith("data"))
+                                     .replace('name: "usertask:build_model", ', "").replace('loss: "usertask:loss", ', ""))
     (folder / "train_api.py").write_text(API_SCRIPT)
     return folder
 
@@ -326,3 +328,23 @@ def test_bench_data_and_find_batch_work_on_an_image_folder(images):
     found = cli("find-batch", *task, "batch.global_size=16", "--memory-limit", "1GiB", "--repeats", "1")
     assert found.returncode == 0, found.stderr[-2000:]
     assert "recommend: batch.micro_size=" in found.stdout
+
+
+def test_the_api_holds_out_part_of_one_dataset_and_reports_mistakes_in_one_line(tmp_path, capsys):
+    import largebatch
+    from largebatch.data import ArrayDataset
+
+    x = torch.randn(320, 8, generator=torch.Generator().manual_seed(0))
+    common = [f"run.dir={tmp_path / 'run'}", "logging.progress=false", "train.steps=3", "batch.global_size=32"]
+    summary = largebatch.train(None, common, model=lambda: torch.nn.Linear(8, 2),
+                               train_data=ArrayDataset(x, (x[:, 0] > 0).long()))
+    assert summary["steps"] == 3 and set(summary["eval"]) == {"loss", "accuracy"}
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from ()
+
+    with pytest.raises(SystemExit) as stopped:
+        largebatch.train(None, common, model=lambda: torch.nn.Linear(8, 2), train_data=Stream())
+    assert stopped.value.code == 2
+    assert "it must be a map-style Dataset" in capsys.readouterr().err

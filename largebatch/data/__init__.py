@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -38,21 +39,28 @@ class ArrayDataset(Dataset):
 
 
 class Subset(Dataset):
-    """`indices` of `dataset`, keeping its `collate` and its (seed, epoch, index) draws."""
+    """`indices` of `dataset`, keeping what the trainer reads of it: `collate`, `__getitems__`, (seed, epoch, index)
+    draws, `num_classes` and `fingerprint`."""
 
     def __init__(self, dataset: Dataset, indices: list[int]) -> None:
         self.dataset, self.indices = dataset, indices
-        self.collate = getattr(dataset, "collate", None)
-        self.epoch_aware = getattr(dataset, "epoch_aware", False)
+        for name in ("collate", "epoch_aware", "num_classes", "fingerprint"):
+            if hasattr(dataset, name):
+                setattr(self, name, getattr(dataset, name))
+        if hasattr(dataset, "__getitems__"):
+            self.__getitems__ = lambda keys: dataset.__getitems__([self._key(k) for k in keys])
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, key):
+    def _key(self, key: int | tuple[int, int, int]) -> int | tuple[int, int, int]:
         if isinstance(key, tuple):
             seed, epoch, index = key
-            return self.dataset[(seed, epoch, self.indices[index])]
-        return self.dataset[self.indices[key]]
+            return seed, epoch, self.indices[index]
+        return self.indices[key]
+
+    def __getitem__(self, key: int | tuple[int, int, int]) -> Any:
+        return self.dataset[self._key(key)]
 
 
 def held_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:

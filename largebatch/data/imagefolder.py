@@ -98,6 +98,9 @@ def build(path: str | None, eval_fraction: float, image_size: int, seed: int) ->
         n_eval = round(len(samples) * eval_fraction)
         held = [samples[i] for i in sorted(order[:n_eval])]
         samples = [samples[i] for i in sorted(order[n_eval:])]
+        if not samples:
+            raise UserError(f"data.path={root} has {len(held)} images, none left for training after "
+                            f"data.eval_fraction={eval_fraction}; lower it or add images")
     digest = hashlib.sha256()
     for file, label in samples:
         digest.update(f"{Path(file).relative_to(root)} {label}\n".encode())

@@ -71,12 +71,17 @@ def build(path: str | None, eval_fraction: float, context: int, tokenizer: str, 
             try:
                 text = json.loads(line)[text_key]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{file}:{number} is not a JSON object with a {text_key!r} field (data.text_key)") from None
+                text = None
+            if not isinstance(text, str):
+                raise UserError(f"{file}:{number} is not a JSON object with a text {text_key!r} field (data.text_key)")
             tokens = encode(text)[:context + 1]
             if len(tokens) >= 2:
                 sequences.append(tokens)
     if len(sequences) < 2:
         raise UserError(f"data.path={file} has {len(sequences)} line(s) of 2 or more tokens; it should be {WHAT}")
     cut = round(len(sequences) * (1 - eval_fraction))
+    if cut == 0:
+        raise UserError(f"data.path={file} has {len(sequences)} usable lines, none left for training after "
+                        f"data.eval_fraction={eval_fraction}; lower it or add data")
     return Data(PaddedText(sequences[:cut], pad), PaddedText(sequences[cut:], pad), None, vocab,
                 file_fingerprint(file))

@@ -34,6 +34,10 @@ class TokenWindows(Dataset):
     def __len__(self) -> int:
         return self.n
 
+    def __getstate__(self) -> dict:
+        """Workers map the file themselves (pickling an open memmap would copy it)."""
+        return {**self.__dict__, "_tokens": None}
+
     def _window(self, index: int) -> np.ndarray:
         if self._tokens is None:
             self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")

@@ -69,9 +69,12 @@ def hf(spec: str, args: dict[str, Any], num_classes: int | None) -> nn.Module:
     auto = getattr(transformers, HF_HEADS[check_choice("model.args.head", head, list(HF_HEADS))])
     if head == "sequence-classification" and "num_labels" not in args and num_classes is not None:
         config.num_labels = num_classes
-    if pretrained:
-        return auto.from_pretrained(spec, config=config, local_files_only=True)
-    return auto.from_config(config)
+    try:
+        if pretrained:
+            return auto.from_pretrained(spec, config=config, local_files_only=True)
+        return auto.from_config(config)
+    except (OSError, ValueError) as exc:  # no local weights; a head this model type does not have
+        raise UserError(f"model.name=hf:{spec} with head {head}: {str(exc).strip().splitlines()[0]}") from None
 
 
 def _hf_config(transformers: Any, spec: str, pretrained: bool) -> Any:
