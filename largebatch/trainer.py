@@ -137,7 +137,8 @@ class Trainer:
     def __init__(self, job: Job, info: DistInfo) -> None:
         self.job, self.info, self.cfg, self.plan = job, info, job.cfg, job.plan
         torch.set_num_threads(job.threads)
-        torch.use_deterministic_algorithms(self.cfg.run.deterministic)
+        if torch.are_deterministic_algorithms_enabled() != self.cfg.run.deterministic:
+            torch.use_deterministic_algorithms(self.cfg.run.deterministic)  # its call imports torch._inductor: 2 s
         self.s = build_state(job, info)
         self.engine, self.optimizer, self.precision = self.s.engine, self.s.optimizer, self.s.precision
         self.params = [p for p in self.engine.module.parameters() if p.requires_grad]
