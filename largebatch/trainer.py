@@ -135,7 +135,7 @@ class Trainer:
     """One rank's run: `fit()` steps to the end, or to a stop every rank agreed on (signal, fault, non-finite)."""
 
     def __init__(self, job: Job, info: DistInfo) -> None:
-        self.job, self.info, self.cfg, self.plan = job, info, job.cfg, job.plan
+        self.job, self.info, self.cfg = job, info, job.cfg
         torch.set_num_threads(job.threads)
         if torch.are_deterministic_algorithms_enabled() != self.cfg.run.deterministic:
             torch.use_deterministic_algorithms(self.cfg.run.deterministic)  # its call imports torch._inductor: 2 s
@@ -151,6 +151,11 @@ class Trainer:
         self.flags = StopFlags()
         self.batches = Batches(job, info)
         self._set_lr()
+
+    @property
+    def plan(self) -> BatchPlan:
+        """The batch plan now (the job owns it: auto micro-batching replaces the job, and config.yaml follows)."""
+        return self.job.plan
 
     def fit(self) -> dict[str, Any]:
         self._start()
@@ -169,9 +174,9 @@ class Trainer:
         self._check_same_data()
         if job.auto_micro:
             largest = self.plan.per_rank // 2 if s.noise is not None and info.world_size == 1 else None
-            self.plan = autobatch.fit(self.plan, self.engine.module, self.optimizer, self._probe, self.budget,
-                                      info.device, largest)
-            self.job = job = dataclasses.replace(job, plan=self.plan)
+            plan = autobatch.fit(self.plan, self.engine.module, self.optimizer, self._probe, self.budget,
+                                 info.device, largest)
+            self.job = job = dataclasses.replace(job, plan=plan)
         self._warn_batchnorm()
         self.tracker = Tracker(job, False, s.step)
         if info.is_main:
@@ -287,7 +292,6 @@ class Trainer:
                                       f"raise batch.memory_limit or use model.grad_checkpointing")
             warn(f"out of memory at step {step} with micro-batch {self.plan.micro_batch}; "
                  f"redoing the step as {smaller.describe()}")
-            self.plan = smaller
             self.job = dataclasses.replace(self.job, plan=smaller)
             if self.info.is_main:  # config.yaml records the plan the run trains with from here on
                 with self.flags.guard(str(self.cfg.run_dir / "config.yaml")):
