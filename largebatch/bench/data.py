@@ -2,7 +2,8 @@
 transforms, micro-batch and workers (goal ≥ 0.95×), and whether training is input-bound on this machine.
 
 Ours adds what the global-batch contract needs: the sampler's (seed, epoch, index) draws and a per-example seeded
-transform. Both loaders run alternately, so they see the same machine state; the ratio of medians is printed.
+transform (about 0.02 ms of an image's 1.6 ms here). Both loaders run alternately, so they see the same machine
+state; the ratio of medians is printed. Random crops differ in size, and so in cost: use enough batches.
 Without --config it writes a folder of generated JPEGs (256×256, 4 classes) to a temporary directory.
 """
 
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     parser.add_argument("--micro", type=int, default=32, help="micro-batch size (default 32)")
     parser.add_argument("--workers", type=int, help="DataLoader workers for both loaders (default data.workers, or 2)")
-    parser.add_argument("--batches", type=int, default=10, help="timed micro-batches per measurement")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating measurements of each loader")
+    parser.add_argument("--batches", type=int, default=20, help="timed micro-batches per measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating measurements of each loader")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         overrides = list(args.overrides)
@@ -97,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         plain = DataLoader(ImageFolder(str(root), transform=transforms(cfg.data.image_size, True)),
                            batch_size=args.micro, shuffle=True, num_workers=workers, drop_last=True)
         mine, theirs = [], []
-        for _ in range(args.repeats):
-            theirs.append(_rate(plain, args.batches))
-            mine.append(_rate(ours, args.batches))
+        for repeat in range(args.repeats):  # alternating which goes first, so neither always meets a warmer machine
+            for loader, rates in ((plain, theirs), (ours, mine))[::1 if repeat % 2 else -1]:
+                rates.append(_rate(loader, args.batches))
         compute = _train_rate(task, args.micro)
     ours_rate, plain_rate = statistics.median(mine), statistics.median(theirs)
     print(f"{len(ours_set)} images at {cfg.data.image_size}px, micro-batch {args.micro}, {workers} workers, "
