@@ -22,28 +22,12 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from largebatch import factory, models
+from largebatch.data import IGNORE_INDEX, Data, held_out
 from largebatch.config import FACTORY, MODE_KEYS, Config, mode
 from largebatch.errors import UserError, check_choice
 
-IGNORE_INDEX = -100
-"""Targets with this value are padding: no loss term, not counted (the PyTorch and Hugging Face convention)."""
-
 Batch = tuple[Any, torch.Tensor]
 LossFn = Callable[[Any, torch.Tensor], tuple[torch.Tensor, Any]]
-
-
-@dataclass
-class Data:
-    """What a dataset builder returns: the splits and what built-in models need to know of them."""
-
-    train: Dataset
-    eval: Dataset | None
-    input_shape: tuple[int, ...] | None = None
-    num_classes: int | None = None
-    """Classes, or the vocabulary size for token data."""
-    fingerprint: str = ""
-    """Identifies the data (file list and labels, or size and sampled bytes of files; a checkpoint from other data
-    is refused); the built-ins are identified by their config."""
 
 
 @dataclass
@@ -157,8 +141,6 @@ def build_data(cfg: Config) -> Data:
 
 def user_data(made: Any, name: str, eval_fraction: float, seed: int) -> Data:
     """A user's dataset: a (train, eval) pair, or one Dataset of which a seeded `eval_fraction` is held out."""
-    from largebatch.data import held_out
-
     pair = isinstance(made, (tuple, list)) and len(made) == 2
     for split in made if pair else [made]:
         if not (hasattr(split, "__getitem__") and hasattr(split, "__len__")):

@@ -18,14 +18,13 @@ from largebatch import autobatch, checkpoint, config, optim
 from largebatch.batch import BatchPlan, GlobalBatchSampler
 from largebatch.task import Batch, Task, collate_of, correct, forward, take, to_device
 from largebatch.dist import DistInfo, all_reduce_sum, broadcast_from_main
-from largebatch.engine.ddp import DDPEngine
+from largebatch.engine import Engine, engines
 from largebatch.errors import Preempted, TrainingStopped, warn
 from largebatch.job import Job
 from largebatch.memory import process_peak_mib
 from largebatch.noise import NoiseScale
 from largebatch.optim.schedules import Schedule
-from largebatch.optim.state import load_named_state_dict, named_state_dict
-from largebatch.precision import Precision, StepOutcome, grad_norm
+from largebatch.precision import Precision, StepOutcome
 from largebatch.stop import StopFlags
 from largebatch.track import Tracker
 
@@ -34,9 +33,7 @@ from largebatch.track import Tracker
 class TrainState:
     """Everything a checkpoint must hold to resume bit-exactly; the data position is `step` itself."""
 
-    engine: DDPEngine
-    optimizer: torch.optim.Optimizer
-    precision: Precision
+    engine: Engine
     noise: NoiseScale | None
     step: int = 0
     """Optimizer steps taken, applied or skipped: the position in the data."""
@@ -45,19 +42,14 @@ class TrainState:
     nonfinite_steps: int = 0
 
     def state_dict(self) -> dict[str, Any]:
-        module = self.engine.module
         return {
-            "model": module.state_dict(), "optimizer": named_state_dict(module, self.optimizer),
-            "scaler": self.precision.state_dict(), "noise": self.noise.state_dict() if self.noise else None,
+            **self.engine.state_dict(), "noise": self.noise.state_dict() if self.noise else None,
             "rng": torch.get_rng_state(), "step": self.step, "applied_steps": self.applied_steps,
             "nonfinite_steps": self.nonfinite_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a checkpoint; optimizer hyperparameters and precision stay as this run's config sets them."""
-        self.engine.module.load_state_dict(state["model"])
-        load_named_state_dict(self.engine.module, self.optimizer, state["optimizer"])
-        self.precision.load_state_dict(state["scaler"])
+        self.engine.load_state_dict(state)
         if self.noise is not None and state["noise"] is not None:
             self.noise.load_state_dict(state["noise"])
         torch.set_rng_state(state["rng"])
@@ -66,13 +58,12 @@ class TrainState:
 
 
 def build_state(job: Job, info: DistInfo) -> TrainState:
-    """Model, optimizer and precision from the config, then the checkpoint rank 0 chose to resume from, if any."""
+    """Model, optimizer and precision in their engine, then the checkpoint rank 0 chose to resume from, if any."""
     cfg = job.cfg
     torch.manual_seed(cfg.run.seed)
-    engine = DDPEngine(job.task.build_model(), info)
-    state = TrainState(engine, optim.build(engine.module, cfg.optim, job.peak_lr),
-                       Precision(cfg.train.precision, info.device, cfg.train.fp16_init_scale),
-                       NoiseScale() if cfg.train.noise_scale else None)
+    engine = engines()["ddp"](job.task.build_model(), lambda module: optim.build(module, cfg.optim, job.peak_lr),
+                              Precision(cfg.train.precision, info.device, cfg.train.fp16_init_scale), info)
+    state = TrainState(engine, NoiseScale() if cfg.train.noise_scale else None)
     resume_from = broadcast_from_main(job.resume_from)
     if resume_from is not None:
         state.load_state_dict(checkpoint.load(resume_from))
@@ -140,8 +131,7 @@ class Trainer:
         if torch.are_deterministic_algorithms_enabled() != self.cfg.run.deterministic:
             torch.use_deterministic_algorithms(self.cfg.run.deterministic)  # its call imports torch._inductor: 2 s
         self.s = build_state(job, info)
-        self.engine, self.optimizer, self.precision = self.s.engine, self.s.optimizer, self.s.precision
-        self.params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        self.engine, self.optimizer = self.s.engine, self.s.engine.optimizer
         self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.schedule = Schedule(self.cfg.schedule, job.total_steps, job.warmup_steps)
         self.budget = autobatch.budget_bytes(job.memory_limit, info.device)
@@ -212,21 +202,16 @@ class Trainer:
             sums = self._accumulate_or_shrink(measuring)
         else:
             sums = self.accumulate(manual_sync, measuring)
-        small = None
-        if measuring:
-            small = (_mean_over_ranks(_grad_sq(self.params, self.precision) * (self.plan.per_rank / count) ** 2
-                                      if (count := float(sums.count)) else math.nan, info), self.plan.per_rank) \
-                if info.world_size > 1 else sums.first
+        small = self._small_batch(sums) if measuring else None
         if manual_sync:
-            self.engine.all_reduce_gradients()
+            self.engine.reduce_gradients()
         summed = all_reduce_sum(torch.cat([torch.stack([sums.loss, sums.count]).double(),
                                            self.flags.as_tensor(info.device).double()]))
         stop_signal = self.flags.agree(summed[2:])
         loss = self._normalise(*summed[:2].tolist())
-        norm = self.precision.unscale_and_clip(self.optimizer, self.params, self.cfg.train.clip_grad_norm).item()
+        norm = self.engine.clip_grad_norm(self.cfg.train.clip_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        outcome = self.precision.step(self.optimizer, loss, norm)
-        self.optimizer.zero_grad(set_to_none=True)
+        outcome = self.engine.step(loss, norm)
         s.step += 1
         s.applied_steps += outcome.applied
         s.nonfinite_steps += outcome.nonfinite
@@ -249,29 +234,38 @@ class Trainer:
         for micro_step in range(plan.accum_steps):
             inputs, targets = self.batches.next()
             last = micro_step == plan.accum_steps - 1
-            self.engine.sync_gradients(not manual_sync and last)
             if self.inject_oom_at == self.s.step + 1 and last:
                 self.inject_oom_at = 0
                 raise torch.OutOfMemoryError("injected by LARGEBATCH_INJECT_OOM_AT_STEP")
-            with self.meter.track(self.engine.module) if self.meter else contextlib.nullcontext(), \
-                    self.precision.autocast():
-                total, terms = self.job.task.loss(forward(self.engine.model, inputs), targets)
-            self.precision.backward(total / plan.per_rank)
+            with self.engine.micro_step(not manual_sync and last):
+                with self.meter.track(self.engine.module) if self.meter else contextlib.nullcontext(), \
+                        self.engine.autocast():
+                    total, terms = self.job.task.loss(forward(self.engine.model, inputs), targets)
+                self.engine.backward(total / plan.per_rank)
             loss_sum += total.detach().float()
             count += terms
             if micro_step == 0 and measuring and info.world_size == 1:
                 scale = plan.per_rank / float(terms) if float(terms) else math.nan  # no terms: no measurement
-                first = (_grad_sq(self.params, self.precision) * scale**2, plan.micro_batch)
+                first = (self.engine.local_grad_sq() * scale**2, plan.micro_batch)
         return Sums(loss_sum, count, first)
+
+    def _small_batch(self, sums: Sums) -> tuple[float, int] | None:
+        """The noise scale's small batch (squared gradient norm, size): each rank's own unsynced gradient over its
+        own count of terms, averaged over ranks; on one process, the first micro-batch's."""
+        if self.info.world_size == 1:
+            return sums.first
+        count = float(sums.count)
+        sq = self.engine.local_grad_sq() * (self.plan.per_rank / count) ** 2 if count else math.nan
+        return _mean_over_ranks(sq, self.info), self.plan.per_rank
 
     def _normalise(self, loss_sum: float, count: float) -> float:
         """Turn the synced gradient Σ terms ÷ global batch into Σ terms ÷ count; returns the step's mean loss."""
         if count == 0:  # a global batch of padding only: no update (counted as a non-finite step)
-            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], 0.0)
+            self.engine.scale_gradients(0.0)
             return math.nan
         factor = self.plan.global_batch / count
         if factor != 1.0:
-            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], factor)
+            self.engine.scale_gradients(factor)
         return loss_sum / count
 
     def _accumulate_or_shrink(self, measuring: bool) -> Sums:
@@ -302,7 +296,7 @@ class Trainer:
         """One forward and backward of `micro` training examples, for autobatch to measure."""
         task = self.job.task
         inputs, targets = to_device(take(task.train, range(micro)), self.info.device)
-        with self.precision.autocast():
+        with self.engine.autocast():
             total, _ = task.loss(forward(self.engine.module, inputs), targets)
         total.backward()
 
@@ -337,8 +331,8 @@ class Trainer:
             "nonfinite_steps": s.nonfinite_steps, "applied_steps": s.applied_steps,
             **optim.trust_ratios(self.engine.module, self.optimizer),
         }
-        if self.precision.scaler.is_enabled():
-            record["loss_scale"] = self.precision.loss_scale
+        if self.engine.loss_scale is not None:
+            record["loss_scale"] = self.engine.loss_scale
         if result.small_batch is not None and math.isfinite(result.grad_norm) \
                 and math.isfinite(result.small_batch[0]) and result.small_batch[1] < plan.global_batch:
             record.update(s.noise.update(*result.small_batch, result.grad_norm**2, plan.global_batch))
@@ -397,11 +391,6 @@ class Trainer:
                 torch.save(self.engine.module.state_dict(), self.cfg.run_dir / "model.pt")
         self.flags.agree_now(self.info.device)
         return summary
-
-
-def _grad_sq(params: list[torch.Tensor], precision: Precision) -> float:
-    """Squared norm of this rank's (unsynchronised, possibly loss-scaled) gradient, unscaled."""
-    return (grad_norm(params).item() / precision.loss_scale) ** 2
 
 
 def _mean_over_ranks(value: float, info: DistInfo) -> float:

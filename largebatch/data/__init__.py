@@ -1,12 +1,13 @@
 """Datasets: the built-in ones (generated or shipped, never downloaded), image folders, token files, JSON lines.
 
-Every builder takes plain keyword arguments and returns a `largebatch.task.Data`; all datasets are map-style,
+Every builder takes plain keyword arguments and returns a `Data`; all datasets are map-style,
 so the global-batch sampler decides which examples each rank sees at each step.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,24 @@ import torch
 from torch.utils.data import Dataset
 
 from largebatch.errors import UserError
+
+
+IGNORE_INDEX = -100
+"""Targets with this value are padding: no loss term, not counted (the PyTorch and Hugging Face convention)."""
+
+
+@dataclass
+class Data:
+    """What a dataset builder returns: the splits and what built-in models need to know of them."""
+
+    train: Dataset
+    eval: Dataset | None
+    input_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+    """Classes, or the vocabulary size for token data."""
+    fingerprint: str = ""
+    """Identifies the data (file list and labels, or size and sampled bytes of files; a checkpoint from other data
+    is refused); the built-ins are identified by their config."""
 
 
 class ArrayDataset(Dataset):

@@ -8,8 +8,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-from largebatch.data import ArrayDataset
-from largebatch.task import Data
+from largebatch.data import ArrayDataset, Data
 
 
 def build(eval_fraction: float, seed: int) -> Data:

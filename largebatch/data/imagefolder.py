@@ -19,9 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from largebatch.data import require_path
+from largebatch.data import Data, require_path
 from largebatch.errors import UserError, require
-from largebatch.task import Data
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 WHAT = "a folder of class sub-folders of images (or with train/ and val/ inside)"

@@ -15,9 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from largebatch.data import file_fingerprint, require_path
+from largebatch.data import IGNORE_INDEX, Data, file_fingerprint, require_path
 from largebatch.errors import UserError, require
-from largebatch.task import IGNORE_INDEX, Data
 
 WHAT = 'a file of JSON lines such as {"text": "..."}'
 

@@ -6,8 +6,7 @@ import math
 
 import torch
 
-from largebatch.data import ArrayDataset
-from largebatch.task import Data
+from largebatch.data import ArrayDataset, Data
 
 
 def build(size: int, eval_size: int, shape: list[int], classes: int, label_noise: float, seed: int) -> Data:

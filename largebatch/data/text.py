@@ -11,8 +11,7 @@ from importlib import resources
 
 import torch
 
-from largebatch.data import ArrayDataset
-from largebatch.task import Data
+from largebatch.data import ArrayDataset, Data
 
 VOCAB = 256
 

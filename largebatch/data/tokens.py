@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from largebatch.data import file_fingerprint, require_path
+from largebatch.data import Data, file_fingerprint, require_path
 from largebatch.errors import UserError
-from largebatch.task import Data
 
 WHAT = "a flat binary token file (e.g. nanoGPT's train.bin) or a folder with train.bin and val.bin"
 SCAN_LIMIT = 1 << 30

@@ -1,6 +1,10 @@
-"""DistributedDataParallel with gradient sync skipped on all but the last micro-step."""
+"""DistributedDataParallel with gradient sync skipped on all but the last micro-step, and torch's AMP."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -8,22 +12,64 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from largebatch.dist import DistInfo
+from largebatch.optim.state import load_named_state_dict, named_state_dict
+from largebatch.precision import Precision, StepOutcome, grad_norm
 
 
 class DDPEngine:
     """`model` is what the trainer calls; `module` is the bare model for eval, hashing and saving."""
 
-    def __init__(self, module: nn.Module, info: DistInfo) -> None:
+    def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                 precision: Precision, info: DistInfo) -> None:
         self.module = module.to(info.device)
         self.model: nn.Module = self.module
         if info.world_size > 1:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.module, device_ids=device_ids)
+        self.optimizer = make_optimizer(self.module)
+        self.precision = precision
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
 
-    def sync_gradients(self, enabled: bool) -> None:
-        """All-reduce gradients in the next backward only if `enabled` (what `no_sync()` toggles)."""
+    def micro_step(self, sync: bool) -> contextlib.AbstractContextManager:
+        """All-reduce gradients in this micro-step's backward only if `sync` (what `no_sync()` toggles)."""
         if isinstance(self.model, DistributedDataParallel):
-            self.model.require_backward_grad_sync = enabled
+            self.model.require_backward_grad_sync = sync
+        return contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.precision.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.precision.backward(loss)
+
+    def reduce_gradients(self) -> None:
+        """Average gradients over ranks by hand, for steps whose micro-steps all ran with sync off."""
+        if not isinstance(self.model, DistributedDataParallel):
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(synced)
+
+    def scale_gradients(self, factor: float) -> None:
+        torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], factor)
+
+    def local_grad_sq(self) -> float:
+        return (grad_norm(self.params).item() / self.precision.loss_scale) ** 2
+
+    def clip_grad_norm(self, max_norm: float | None) -> float:
+        return self.precision.unscale_and_clip(self.optimizer, self.params, max_norm).item()
+
+    def step(self, loss: float, norm: float) -> StepOutcome:
+        outcome = self.precision.step(self.optimizer, loss, norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        return outcome
+
+    @property
+    def loss_scale(self) -> float | None:
+        return self.precision.loss_scale if self.precision.scaler.is_enabled() else None
 
     def sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm running statistics), as DDP does before each forward;
@@ -32,13 +78,13 @@ class DDPEngine:
             for buffer in self.module.buffers():
                 dist.broadcast(buffer, 0)
 
-    def all_reduce_gradients(self) -> None:
-        """Average gradients over ranks by hand, for steps whose micro-steps all ran with sync off."""
-        if not isinstance(self.model, DistributedDataParallel):
-            return
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            grad.copy_(synced)
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank holds the whole state; rank 0 writes it."""
+        return {"model": self.module.state_dict(), "optimizer": named_state_dict(self.module, self.optimizer),
+                "scaler": self.precision.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint; optimizer hyperparameters and precision stay as this run's config sets them."""
+        self.module.load_state_dict(state["model"])
+        load_named_state_dict(self.module, self.optimizer, state["optimizer"])
+        self.precision.load_state_dict(state["scaler"])
