@@ -348,3 +348,34 @@ def test_the_api_holds_out_part_of_one_dataset_and_reports_mistakes_in_one_line(
         largebatch.train(None, common, model=lambda: torch.nn.Linear(8, 2), train_data=Stream())
     assert stopped.value.code == 2
     assert "it must be a map-style Dataset" in capsys.readouterr().err
+
+
+def test_ranks_that_read_different_data_all_stop_at_start(tmp_path, run_dirs):
+    """A node with another copy of the data would take other steps, or hang: every rank checks rank 0's."""
+    (tmp_path / "ranked.py").write_text(textwrap.dedent("""
+        import os
+        import torch
+        from largebatch.data import ArrayDataset
+
+        def build_data():
+            n = 256 + 32 * int(os.environ.get("RANK", 0))
+            return ArrayDataset(torch.randn(n, 8), torch.randint(0, 2, (n,)))
+
+        def build_model():
+            return torch.nn.Linear(8, 2)
+    """))
+    (tmp_path / "ranked.yaml").write_text("data: {name: 'ranked:build_data'}\nmodel: {name: 'ranked:build_model'}\n"
+                                          "batch: {global_size: 32}\n")
+    result = cli("train", "--config", str(tmp_path / "ranked.yaml"), f"run.dir={run_dirs('run')}", "train.steps=2",
+                 nproc=2)
+    assert result.returncode == 1, result.stderr[-2000:]  # torchrun's own report of the failed workers follows
+    assert result.stderr.count("largebatch: stopped: some ranks read other data than rank 0") == 1
+
+
+def test_plan_without_the_data_ignores_checkpoints_of_the_run(tmp_path, run_dirs):
+    run = run_dirs("run")
+    train(run, "data.size=512", "model.width=16", "batch.global_size=32", "train.steps=2", "train.checkpoint_every=2")
+    result = cli("plan", f"run.dir={run}", "data.size=512", "model.width=16", "batch.global_size=32",
+                 "--examples", "1024", "--world-size", "4")
+    assert result.returncode == 0, result.stderr
+    assert "steps_per_epoch  32" in result.stdout
