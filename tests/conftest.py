@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -30,6 +32,26 @@ def cli(*args: str, nproc: int = 1, env: dict[str, str] | None = None, timeout: 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([*launcher, *args], capture_output=True, text=True, env=full_env,
                           timeout=timeout, cwd=ROOT)
+
+
+def cli_in_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`largebatch ARGS` run in this process, for user errors, which end before any process group or training starts:
+    it saves each case the 3 s of a new interpreter importing torch. `cli` covers the real process and its exit."""
+    from largebatch.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return subprocess.CompletedProcess(["largebatch", *args], code, out.getvalue(), err.getvalue())
 
 
 def train(run_dir: Path, *overrides: str, nproc: int = 1, config: str | None = None) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli
+from conftest import cli, cli_in_process
 
 CASES = {
     "unknown_key": (["train", "optim.lrr=0.1"], "did you mean 'lr'"),
@@ -76,7 +76,7 @@ ENVS = {
 @pytest.mark.parametrize("name", CASES)
 def test_user_error_is_one_line_and_exit_2(name):
     args, message = CASES[name]
-    result = cli(*args, env=ENVS.get(name), timeout=60)
+    result = cli_in_process(*args, env=ENVS.get(name))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
@@ -106,5 +106,5 @@ def test_non_mapping_yaml_is_rejected(tmp_path: Path):
     ("data.name=text", "data.context=32", "model.name=gpt", "model.heads=2", "optim.name=lamb", "optim.trust_clip=5"),
 ])
 def test_keys_set_to_their_default_or_used_by_the_mode_are_accepted(overrides):
-    result = cli("plan", *overrides, timeout=60)
+    result = cli_in_process("plan", *overrides)
     assert result.returncode == 0, result.stderr

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("torchvision")
 pytest.importorskip("transformers")
 
-from conftest import ROOT, cli, kill_one_worker_mid_run, metrics, train, write_jsonl, write_tiny_gpt2, write_tokens
+from conftest import ROOT, cli, cli_in_process, kill_one_worker_mid_run, metrics, train, write_jsonl, write_tiny_gpt2, write_tokens
 from largebatch.bench.data import write_image_folder
 
 
@@ -273,7 +273,7 @@ ERRORS = {
 @pytest.mark.parametrize("name", ERRORS)
 def test_data_and_model_mistakes_are_one_line_errors(name, images, tmp_path):
     make_args, message = ERRORS[name]
-    result = cli("train", f"run.dir={tmp_path / 'run'}", *make_args(tmp_path, images))
+    result = cli_in_process("train", f"run.dir={tmp_path / 'run'}", *make_args(tmp_path, images))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert message in result.stderr
