@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,13 +65,17 @@ def cross_entropy(output: Any, targets: torch.Tensor) -> tuple[torch.Tensor, tor
     return total, (flat != IGNORE_INDEX).sum()
 
 
-def correct(output: Any, targets: torch.Tensor) -> tuple[int, int] | None:
-    """(right, counted) arg-max predictions over the counted terms, or None if the output is not class logits."""
-    logits = logits_of(output) if isinstance(output, (torch.Tensor, dict)) or hasattr(output, "logits") else None
-    if logits is None or targets.is_floating_point() or logits.shape[:-1] != targets.shape:
+def correct(output: Any, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(right, counted) arg-max predictions over the counted terms, as tensors (no host sync), or None if the
+    output is not class logits."""
+    try:
+        logits = logits_of(output)
+    except AttributeError:
+        return None
+    if targets.is_floating_point() or logits.shape[:-1] != targets.shape:
         return None
     valid = targets != IGNORE_INDEX
-    return int(((logits.argmax(-1) == targets) & valid).sum()), int(valid.sum())
+    return ((logits.argmax(-1) == targets) & valid).sum(), valid.sum()
 
 
 def forward(model: nn.Module, inputs: Any) -> Any:
@@ -126,12 +131,10 @@ BUILTIN_DATA = ("synthetic", "digits", "text", "imagefolder", "tokens", "jsonl")
 def build_data(cfg: Config) -> Data:
     """Call the dataset builder `data.name` names with its keys (MODE_KEYS) as plain keyword arguments."""
     c = cfg.data
-    if mode("data.name", c.name) == FACTORY:
+    if mode("data.name", c.name) == FACTORY:  # its data.args are in the checkpoint identity with the other keys
         made = factory.call("data.args", factory.resolve("data.name", c.name, cfg.origin), c.args, c.name)
-        return user_data(made, f"{c.name} {sorted(c.args.items())}", c.eval_fraction, c.seed)
+        return user_data(made, c.name, c.eval_fraction, c.seed)
     check_choice("data.name", c.name, BUILTIN_DATA)
-    import importlib
-
     builder = importlib.import_module(f"largebatch.data.{c.name}").build
     keys = [k.split(".")[1] for k in MODE_KEYS["data.name"][c.name]]
     if "seed" in inspect.signature(builder).parameters:

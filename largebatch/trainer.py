@@ -84,8 +84,7 @@ class Batches:
         workers = self.job.cfg.data.workers
         self._it = iter(torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate_of(dataset), num_workers=workers,
-            pin_memory=self.info.device.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if workers else None,
+            pin_memory=self.info.device.type == "cuda", prefetch_factor=4 if workers else None,
         ))
 
     def next(self) -> Batch:
@@ -245,7 +244,8 @@ class Trainer:
             loss_sum += total.detach().float()
             count += terms
             if micro_step == 0 and measuring and info.world_size == 1:
-                scale = plan.per_rank / float(terms) if float(terms) else math.nan  # no terms: no measurement
+                terms = float(terms)
+                scale = plan.per_rank / terms if terms else math.nan  # no terms: no measurement
                 first = (self.engine.local_grad_sq() * scale**2, plan.micro_batch)
         return Sums(loss_sum, count, first)
 
@@ -412,8 +412,8 @@ def evaluate(model: nn.Module, task: Task, info: DistInfo, batch_size: int, work
         inputs, targets = to_device(batch, info.device)
         output = forward(model, inputs)
         total, count = task.loss(output, targets)
-        right = correct(output, targets) or (0, 0)
-        totals += torch.tensor([float(total), float(count), *right], dtype=torch.float64, device=info.device)
+        right, counted = correct(output, targets) or (0, 0)
+        totals += torch.stack([torch.as_tensor(v, device=info.device).double() for v in (total, count, right, counted)])
     loss, count, right, counted = all_reduce_sum(totals).tolist()
     model.train()
     return {"loss": loss / count if count else math.nan, **({"accuracy": right / counted} if counted else {})}

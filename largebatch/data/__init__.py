@@ -82,11 +82,17 @@ class Subset(Dataset):
         return self.dataset[self._key(key)]
 
 
+def split_indices(size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded split of range(size) into (kept, held-out `fraction`), each in the permutation's order."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = round(size * fraction)
+    return order[n_eval:], order[:n_eval]
+
+
 def held_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """A seeded split of `dataset` into (train, held-out `fraction`)."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_eval = round(len(order) * fraction)
-    return Subset(dataset, sorted(order[n_eval:])), Subset(dataset, sorted(order[:n_eval]))
+    kept, held = split_indices(len(dataset), fraction, seed)
+    return Subset(dataset, sorted(kept)), Subset(dataset, sorted(held))
 
 
 def require_path(path: str | None, name: str, what: str) -> Path:

@@ -8,7 +8,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-from largebatch.data import ArrayDataset, Data
+from largebatch.data import ArrayDataset, Data, split_indices
 
 
 def build(eval_fraction: float, seed: int) -> Data:
@@ -17,7 +17,5 @@ def build(eval_fraction: float, seed: int) -> Data:
         table = np.loadtxt(gzip.open(raw), delimiter=",", dtype=np.float32)
     x = torch.from_numpy(table[:, :64] / 16.0).reshape(-1, 1, 8, 8)
     y = torch.from_numpy(table[:, 64].astype(np.int64))
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_eval = round(len(y) * eval_fraction)
-    held, kept = order[:n_eval], order[n_eval:]
+    kept, held = split_indices(len(y), eval_fraction, seed)
     return Data(ArrayDataset(x[kept], y[kept]), ArrayDataset(x[held], y[held]), (1, 8, 8), 10, fingerprint="digits")

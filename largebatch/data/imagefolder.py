@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from largebatch.data import Data, require_path
+from largebatch.data import Data, require_path, split_indices
 from largebatch.errors import UserError, require
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -93,10 +93,9 @@ def build(path: str | None, eval_fraction: float, image_size: int, seed: int) ->
     if split and (root / "val").is_dir():
         held, _ = scan(root / "val", {c: i for i, c in enumerate(classes)})
     else:
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_eval = round(len(samples) * eval_fraction)
-        held = [samples[i] for i in sorted(order[:n_eval])]
-        samples = [samples[i] for i in sorted(order[n_eval:])]
+        kept, held_indices = split_indices(len(samples), eval_fraction, seed)
+        held = [samples[i] for i in sorted(held_indices)]
+        samples = [samples[i] for i in sorted(kept)]
         if not samples:
             raise UserError(f"data.path={root} has {len(held)} images, none left for training after "
                             f"data.eval_fraction={eval_fraction}; lower it or add images")

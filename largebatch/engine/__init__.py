@@ -3,7 +3,7 @@
 An engine owns the wrapped model, the optimizer and the precision policy (autocast, loss scaling), in the
 manner of Lightning Fabric's Strategy: the trainer asks it for a sync context per micro-step, a backward, a
 gradient reduction after unsynced micro-steps, the global pre-clip norm, and a step; checkpoints go through its
-collective `state_dict` / `load_state_dict`. `ENGINES` maps `engine.name` to a builder; DDP is the first.
+collective `state_dict` / `load_state_dict`. `engines()` maps an engine's name to its builder; DDP is the first.
 """
 
 from __future__ import annotations
