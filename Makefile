@@ -1,6 +1,7 @@
 # make run   : set up .venv, then train the quickstart on 2 processes (~10 s after setup)
 # make test  : set up .venv, then run the test suite (what CI runs)
 # make test-cluster : the docker-compose cluster test (needs root or a Docker daemon; not part of make test)
+# make test-gpu : the GPU check list (tests_gpu/: NCCL, DeepSpeed ZeRO on CUDA, SyncBatchNorm, CUDA OOM; not part of make test)
 PYTHON ?= python3
 TORCH ?= 2.14.1
 # torchvision must be the release built against TORCH (0.28.0 does not load with the 2.13.0 CPU build).
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 # JIT-compiled extensions (DeepSpeed's CPU comm op, our fused optimizer kernels) are built once and kept here.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/largebatch/torch_extensions
 
-.PHONY: setup run test test-cluster bench clean
+.PHONY: setup run test test-gpu test-cluster bench clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +28,11 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-gpu: setup
+	@if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		$(BIN)/python -m pytest -q -ra tests_gpu; \
+	else echo "make test-gpu: no CUDA device here, nothing to check (run it on a GPU machine)"; fi
 
 # 2-node compose job (2 containers × 2 processes) must equal the same job run natively, bit for bit
 test-cluster: setup

@@ -46,10 +46,11 @@ def train(config_or_path: str | Path | Mapping[str, Any] | None = None, override
 def run(cfg: config.Config, **objects: Any) -> dict[str, Any]:
     """Prepare (before any process group), join the group, train, leave it; returns rank's summary."""
     from largebatch import dist, job, task, trainer
+    from largebatch.engine import engines
 
     info = dist.from_env()
     prepared = job.prepare(cfg, info.world_size, task=task.build(cfg, **objects))
-    dist.init(info)
+    dist.init(info, engines()[cfg.engine.name].needs_process_group)
     stopped = None
     try:
         summary = trainer.fit(prepared, info)

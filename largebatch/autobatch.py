@@ -7,6 +7,8 @@ under `batch.memory_limit`, counted as in `largebatch.memory`, and no limit mean
 
 from __future__ import annotations
 
+import gc
+
 from collections.abc import Callable
 
 import torch
@@ -35,6 +37,14 @@ def agree_min(value: int, device: torch.device) -> int:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return int(tensor.item())
+
+
+def release(device: torch.device) -> None:
+    """After a caught out-of-memory error (outside its except clause): collect what its traceback kept alive and
+    return cached blocks (as Lightning's batch-size finder does), so that a retry starts from what the state needs."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def budget_bytes(limit: int | None, device: torch.device) -> int | None:
@@ -72,12 +82,15 @@ def fits(model: nn.Module, optimizer: torch.optim.Optimizer, run_micro_step: Cal
     try:
         with meter.track(model):
             run_micro_step(micro)
-        return peak_bytes(device, meter, model, optimizer) <= budget
+        fit = peak_bytes(device, meter, model, optimizer) <= budget
     except torch.OutOfMemoryError:
-        return False
+        fit = False
     finally:
         model.zero_grad(set_to_none=True)
         model.load_state_dict(saved)
+    if not fit:
+        release(device)  # outside the except clause: there the error's traceback still holds the activations
+    return fit
 
 
 def fit(plan: BatchPlan, model: nn.Module, optimizer: torch.optim.Optimizer, run_micro_step: Callable[[int], None],

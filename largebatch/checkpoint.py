@@ -1,6 +1,7 @@
 """Checkpoints that survive kill -9: atomic directories with a checksum manifest, verified on load.
 
-Layout: `<run.dir>/checkpoints/step_00000100/{state.pt, manifest.json}`. A checkpoint is written
+Layout: `<run.dir>/checkpoints/step_00000100/{state.pt, manifest.json}`, plus the files each rank writes
+alone under an engine's sub-directory (DeepSpeed: `deepspeed/`). A checkpoint is written
 into a temporary sibling directory, every file fsynced, the manifest written last, then renamed
 into place, so a directory named `step_*` is complete or absent. Loading re-hashes every file, and
 `latest_good` falls back to the previous checkpoint when the newest is truncated or corrupt.
@@ -29,23 +30,33 @@ def directory(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def save(run_dir: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
-    """Write `state` for `step` atomically (with `meta` in the manifest), then keep only the newest `keep`."""
+def begin(run_dir: Path) -> Path:
+    """A fresh temporary directory for the next checkpoint (rank 0; every rank may write its shards into it)."""
     parent = directory(run_dir)
     parent.mkdir(parents=True, exist_ok=True)
-    final = parent / f"{PREFIX}{step:08d}"
-    for stale in parent.glob(f".{PREFIX}*"):  # left by a writer killed mid-save; only rank 0 writes
+    for stale in parent.glob(f".{PREFIX}*"):  # left by a writer killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=parent))
+    return Path(tempfile.mkdtemp(prefix=f".{PREFIX}", dir=parent))
+
+
+def commit(tmp: Path, run_dir: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
+    """Add `state` for `step` and a manifest of every file in `tmp` (with `meta`), rename it into place, then keep
+    only the newest `keep` (rank 0, after every rank wrote its shards)."""
     with (tmp / STATE).open("wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    manifest = {"step": step, "meta": meta, "files": {STATE: _sha256(tmp / STATE)}}
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    for path in files:
+        if path.name != STATE:  # shards written by other ranks: make them durable before the manifest says so
+            _fsync_file(path)
+    manifest = {"step": step, "meta": meta, "files": {p.relative_to(tmp).as_posix(): _sha256(p) for p in files}}
     with (tmp / MANIFEST).open("w") as f:
         json.dump(manifest, f)
         f.flush()
         os.fsync(f.fileno())
+    parent = directory(run_dir)
+    final = parent / f"{PREFIX}{step:08d}"
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -53,6 +64,11 @@ def save(run_dir: Path, step: int, state: dict[str, Any], meta: dict[str, Any], 
     for old in sorted(parent.glob(f"{PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save(run_dir: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
+    """Write `state` for `step` atomically in one process."""
+    return commit(begin(run_dir), run_dir, step, state, meta, keep)
 
 
 def verify(path: Path) -> str | None:
@@ -112,6 +128,11 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:

@@ -183,6 +183,18 @@ class TrainConfig:
 
 
 @dataclass
+class EngineConfig:
+    name: str = "ddp"
+    """ddp (torch DistributedDataParallel) or deepspeed (ZeRO stages 0-3, optional CPU offload)."""
+    zero_stage: int = 0
+    """deepspeed: 0 (data parallel), 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)."""
+    offload: str = "none"
+    """deepspeed: none, or cpu (optimizer state and step on the CPU; stage 1+)."""
+    ds_config: str | dict | None = None
+    """deepspeed: raw DeepSpeed config keys (a JSON/YAML path or a mapping) merged over the ones the plan sets."""
+
+
+@dataclass
 class LoggingConfig:
     progress: bool = True
     """Print a progress line on rank 0 at every log step."""
@@ -201,6 +213,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     origin = None
@@ -249,6 +262,10 @@ def validate(cfg: Config) -> None:
     check_choice("train.nonfinite", cfg.train.nonfinite, ("skip", "stop"))
     check_choice("logging.wandb", cfg.logging.wandb, ("disabled", "offline", "online"))
     check_choice("data.dtype", cfg.data.dtype, ("uint16", "uint32"))
+    check_choice("engine.name", cfg.engine.name, ("ddp", "deepspeed"))
+    check_choice("engine.offload", cfg.engine.offload, ("none", "cpu"))
+    if cfg.engine.zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"engine.zero_stage={cfg.engine.zero_stage} must be 0, 1, 2 or 3")
     if isinstance(cfg.batch.micro_size, str):
         check_choice("batch.micro_size", cfg.batch.micro_size, ("auto",))
     _check_finite(cfg)
@@ -342,6 +359,7 @@ MODE_KEYS: dict[str, dict[Any, tuple[str, ...]]] = {
         "poly": ("schedule.min_lr_ratio", "schedule.power"),
     },
     "train.precision": {"fp32": (), "bf16": (), "fp16": ("train.fp16_init_scale",)},
+    "engine.name": {"ddp": (), "deepspeed": ("engine.zero_stage", "engine.offload", "engine.ds_config")},
 }
 """{deciding key: {value: the keys that value uses}}. A key listed under a deciding key is ignored by the values
 that do not list it; keys listed nowhere (data.seed, train.loss, ...) apply whatever the mode."""

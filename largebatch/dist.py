@@ -69,17 +69,19 @@ def threads(configured: int | None = None, local_processes: int | None = None) -
     return max(1, len(os.sched_getaffinity(0)) // max(local, 1))
 
 
-def init(info: DistInfo) -> None:
-    """Join the process group: NCCL on CUDA, gloo on CPU. A single process needs none."""
+def init(info: DistInfo, always: bool = False) -> None:
+    """Join the process group: NCCL on CUDA, gloo on CPU. A single process needs none, unless `always` (then it is
+    a group of one, over an in-process store)."""
     if info.device.type == "cuda":
         torch.cuda.set_device(info.device)
-    if info.world_size > 1:
+    if info.world_size > 1 or always:
         # Before the group exists: torch.distributed.nn.functional declares `group=group.WORLD` defaults, which
         # bind the default group itself if it is first imported after init (DDP's constructor imports it), and
         # those references would keep the group and its gloo threads alive past teardown (see teardown).
-        import torch.distributed.nn  # noqa: F401
+        from torch.distributed import nn as _  # noqa: F401  (not `import torch.distributed.nn`: that makes `torch` local)
         backend = "nccl" if info.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=_store(info), rank=info.rank, world_size=info.world_size)
+        store = _store(info) if info.world_size > 1 else dist.HashStore()
+        dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size)
 
 
 def _store(info: DistInfo) -> dist.Store:

@@ -12,13 +12,14 @@ import torch
 
 from largebatch import batch, checkpoint, dist, memory, optim, task as tasks
 from largebatch.config import Config
+from largebatch.engine import engines
 from largebatch.errors import UserError, warn
 from largebatch.optim.scaling import peak_lr
 
 
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4
 """Bumped when the checkpoint layout changes (2: optimizer state by parameter name, applied-step count;
-3: the dataset's length and fingerprint in its identity)."""
+3: the dataset's length and fingerprint in its identity; 4: the engine in its identity, engine shards beside state.pt)."""
 CADENCE = ("log_every", "eval_every", "checkpoint_every", "checkpoint_keep")
 """train.* keys that only change how often things happen, not the trajectory; not reported on resume."""
 
@@ -52,6 +53,7 @@ class Job:
         c = self.cfg
         fixed = {"batch.global_size": self.plan.global_batch, "run.seed": c.run.seed, "optim.name": c.optim.name,
                  "train.loss": c.train.loss, "data.train_examples": self.train_examples,
+                 "engine.name": c.engine.name, "engine.zero_stage": c.engine.zero_stage,
                  "data.fingerprint": self.task.data.fingerprint if self.task else None}
         for section in ("data", "model"):
             fixed |= {f"{section}.{k}": v for k, v in dataclasses.asdict(getattr(c, section)).items()
@@ -100,6 +102,7 @@ def prepare(cfg: Config, world_size: int, train_examples: int | None = None, tas
         tasks.check(task, task.build_model(), cfg.model.name)
         train_examples = len(task.train)
     optim.check(cfg.optim)
+    engines()[cfg.engine.name].check(cfg, plan)
     if cfg.train.noise_scale and plan.world_size == 1 and plan.accum_steps == 1 and cfg.batch.micro_size != "auto":
         raise UserError("train.noise_scale compares two batch sizes: run on 2+ processes or set batch.micro_size "
                         "below batch.global_size (accumulation)")

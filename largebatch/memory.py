@@ -73,7 +73,9 @@ class ActivationMeter:
             self.bytes += storage.nbytes()
             if self.limit is not None and self.bytes > self.limit:
                 raise OverBudget(f"activations passed the budget of {self.limit} bytes")
-        return tensor
+        # Detached: the saved object must not reference its own graph (tensor → grad_fn → saved tensor), a cycle
+        # through C++ that gc cannot see, which kept a failed step's activations alive after an out-of-memory error.
+        return tensor.detach()
 
 
 def peak_bytes(device: torch.device, meter: ActivationMeter, model: nn.Module,

@@ -25,6 +25,8 @@ class StepOutcome:
     """The optimizer updated the parameters (the LR schedule advances only then)."""
     nonfinite: bool
     """A non-finite loss, a non-finite gradient (fp32, bf16), or an fp16 loss scale under MIN_LOSS_SCALE."""
+    grad_norm: float
+    """The global gradient norm before clipping."""
 
 
 class Precision:
@@ -63,13 +65,13 @@ class Precision:
             applied = finite_loss and math.isfinite(norm)
             if applied:
                 optimizer.step()
-            return StepOutcome(applied, not applied)
+            return StepOutcome(applied, not applied, norm)
         before = self.scaler.get_scale()
         if finite_loss:
             self.scaler.step(optimizer)
         self.scaler.update()
         after = self.scaler.get_scale()
-        return StepOutcome(finite_loss and after >= before, not finite_loss or after < MIN_LOSS_SCALE)
+        return StepOutcome(finite_loss and after >= before, not finite_loss or after < MIN_LOSS_SCALE, norm)
 
     def state_dict(self) -> dict[str, Any]:
         return self.scaler.state_dict()

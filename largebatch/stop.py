@@ -48,7 +48,7 @@ class StopFlags:
 
     @contextlib.contextmanager
     def guard(self, what: str) -> Iterator[None]:
-        """Run a rank-0 write; an OSError becomes a fault that every rank acts on at the next agreement."""
+        """Run a write; an OSError becomes a fault that every rank acts on at the next agreement."""
         try:
             yield
         except OSError as exc:
@@ -63,7 +63,7 @@ class StopFlags:
         """Raise if any rank saw a fault; else the signal to stop on (SIGTERM over SIGINT), or 0."""
         term, interrupt, fault = summed.tolist()
         if fault:
-            raise TrainingStopped(self.fault or "rank 0 could not write to run.dir (see its message)")
+            raise TrainingStopped(self.fault or "another rank could not write to run.dir (see its message)")
         return signal.SIGTERM if term else signal.SIGINT if interrupt else 0
 
     def agree_now(self, device: torch.device) -> int:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +26,7 @@ from largebatch.job import Job
 from largebatch.memory import process_peak_mib
 from largebatch.noise import NoiseScale
 from largebatch.optim.schedules import Schedule
-from largebatch.precision import Precision, StepOutcome
+from largebatch.precision import StepOutcome
 from largebatch.stop import StopFlags
 from largebatch.track import Tracker
 
@@ -48,8 +50,10 @@ class TrainState:
             "nonfinite_steps": self.nonfinite_steps,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.engine.load_state_dict(state)
+    def load(self, path: Path) -> None:
+        """Resume from the checkpoint at `path` (collective)."""
+        state = checkpoint.load(path)
+        self.engine.load_state_dict(state, path)
         if self.noise is not None and state["noise"] is not None:
             self.noise.load_state_dict(state["noise"])
         torch.set_rng_state(state["rng"])
@@ -61,12 +65,12 @@ def build_state(job: Job, info: DistInfo) -> TrainState:
     """Model, optimizer and precision in their engine, then the checkpoint rank 0 chose to resume from, if any."""
     cfg = job.cfg
     torch.manual_seed(cfg.run.seed)
-    engine = engines()["ddp"](job.task.build_model(), lambda module: optim.build(module, cfg.optim, job.peak_lr),
-                              Precision(cfg.train.precision, info.device, cfg.train.fp16_init_scale), info)
+    engine = engines()[cfg.engine.name](job.task.build_model(), lambda module: optim.build(module, cfg.optim, job.peak_lr),
+                                        cfg, job.plan, info)
     state = TrainState(engine, NoiseScale() if cfg.train.noise_scale else None)
     resume_from = broadcast_from_main(job.resume_from)
     if resume_from is not None:
-        state.load_state_dict(checkpoint.load(resume_from))
+        state.load(resume_from)
     return state
 
 
@@ -176,6 +180,8 @@ class Trainer:
             with self.flags.guard(str(self.cfg.run_dir)):
                 self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
                 config.dump(self.cfg, job.derived(), self.cfg.run_dir / "config.yaml")
+                for name, content in self.engine.files().items():
+                    (self.cfg.run_dir / name).write_text(json.dumps(content, indent=2) + "\n")
                 self.tracker = Tracker(job, True, s.step)
         self.flags.agree_now(info.device)
         self.batches.restart(self.plan, s.step)
@@ -208,9 +214,8 @@ class Trainer:
                                            self.flags.as_tensor(info.device).double()]))
         stop_signal = self.flags.agree(summed[2:])
         loss = self._normalise(*summed[:2].tolist())
-        norm = self.engine.clip_grad_norm(self.cfg.train.clip_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        outcome = self.engine.step(loss, norm)
+        outcome = self.engine.step(loss, self.cfg.train.clip_grad_norm)
         s.step += 1
         s.applied_steps += outcome.applied
         s.nonfinite_steps += outcome.nonfinite
@@ -218,7 +223,7 @@ class Trainer:
             raise TrainingStopped(f"non-finite loss or gradient at step {s.step} (train.nonfinite=stop); "
                                   f"lower optim.lr, set train.clip_grad_norm or use train.precision=fp32")
         self._set_lr()
-        return StepResult(loss, norm, lr, outcome, small, stop_signal)
+        return StepResult(loss, outcome.grad_norm, lr, outcome, small, stop_signal)
 
     def accumulate(self, manual_sync: bool, measuring: bool) -> Sums:
         """Forward and backward over this rank's micro-batches of the step; gradients sync on the last one (or,
@@ -279,6 +284,7 @@ class Trainer:
             if autobatch.agree_min(ok, self.info.device):
                 return result
             self.optimizer.zero_grad(set_to_none=True)
+            autobatch.release(self.info.device)
             smaller = autobatch.smaller(self.plan)
             step = self.s.step + 1
             if smaller is None:
@@ -346,12 +352,25 @@ class Trainer:
         self.last_log, self.last_logged_step = time.perf_counter(), s.step
 
     def _save_checkpoint(self) -> None:
-        """Rank 0 writes the checkpoint (with rank 0's buffers on every rank); a failed write stops all ranks."""
+        """Every rank writes its shards (if its engine has any) into a directory rank 0 made, then rank 0 adds the
+        state and the manifest and renames it into place (with rank 0's buffers on every rank). A failed write on
+        any rank stops all ranks at the next agreement, and leaves no checkpoint."""
         self.engine.sync_buffers()
-        if self.info.is_main:
-            with self.flags.guard(f"a checkpoint under {checkpoint.directory(self.cfg.run_dir)}"):
-                checkpoint.save(self.cfg.run_dir, self.s.step, self.s.state_dict(), self.job.checkpoint_meta(),
-                                self.cfg.train.checkpoint_keep)
+        state, info, where = self.s.state_dict(), self.info, f"a checkpoint under {checkpoint.directory(self.cfg.run_dir)}"
+        tmp = None
+        if info.is_main:
+            with self.flags.guard(where):
+                tmp = checkpoint.begin(self.cfg.run_dir)
+        tmp = broadcast_from_main(tmp)
+        if tmp is None:
+            return
+        with self.flags.guard(where):
+            self.engine.save_shards(tmp)
+        written = all_reduce_sum(torch.tensor([float(self.flags.fault is None)], device=info.device)).item()
+        if info.is_main and written == info.world_size:
+            with self.flags.guard(where):
+                checkpoint.commit(tmp, self.cfg.run_dir, self.s.step, state, self.job.checkpoint_meta(),
+                                  self.cfg.train.checkpoint_keep)
 
     def _warn_batchnorm(self) -> None:
         """BatchNorm normalises per micro-batch, so a changed split changes the gradient: say so once."""
@@ -383,12 +402,13 @@ class Trainer:
             "threads": job.threads,
             "applied_steps": s.applied_steps,
             "nonfinite_steps": s.nonfinite_steps,
-            "params_sha256": params_sha256(self.engine.module),
         }
+        weights = self.engine.full_state_dict()
+        summary["params_sha256"] = params_sha256(weights)
         if self.info.is_main:
             with self.flags.guard(f"{self.cfg.run_dir}/summary.json and model.pt"):
                 self.tracker.finish(summary)
-                torch.save(self.engine.module.state_dict(), self.cfg.run_dir / "model.pt")
+                torch.save(weights, self.cfg.run_dir / "model.pt")
         self.flags.agree_now(self.info.device)
         return summary
 
@@ -419,10 +439,10 @@ def evaluate(model: nn.Module, task: Task, info: DistInfo, batch_size: int, work
     return {"loss": loss / count if count else math.nan, **({"accuracy": right / counted} if counted else {})}
 
 
-def params_sha256(model: nn.Module) -> str:
-    """Hash of every tensor in the state dict, by name, so two runs can be checked for bit-identity."""
+def params_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Hash of every tensor in a model's state dict, by name, so two runs can be checked for bit-identity."""
     digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -3,27 +3,43 @@
 An engine owns the wrapped model, the optimizer and the precision policy (autocast, loss scaling), in the
 manner of Lightning Fabric's Strategy: the trainer asks it for a sync context per micro-step, a backward, a
 gradient reduction after unsynced micro-steps, the global pre-clip norm, and a step; checkpoints go through its
-collective `state_dict` / `load_state_dict`. `engines()` maps an engine's name to its builder; DDP is the first.
+collective `state_dict` / `save_shards` / `load_state_dict`. `engines()` maps `engine.name` to its class: DDP, and
+DeepSpeed ZeRO. The clip and the optimizer step are one call, `step`, because DeepSpeed computes the norm inside its
+step (clipping and its overflow check share it).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from largebatch.batch import BatchPlan
+from largebatch.config import Config
+from largebatch.dist import DistInfo
 from largebatch.precision import StepOutcome
 
 
 class Engine(Protocol):
+    needs_process_group: bool
+    """Join a process group also when there is one process."""
     module: nn.Module
     """The bare model: eval, hashing, model.pt."""
     model: nn.Module
     """What forward is called on during training (the wrapped model)."""
     optimizer: torch.optim.Optimizer
+    """The torch optimizer: its param groups carry the LR the trainer's schedule sets."""
+
+    @staticmethod
+    def check(cfg: Config, plan: BatchPlan) -> None:
+        """Raise UserError on what this engine cannot run, before any process group starts."""
+
+    def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                 cfg: Config, plan: BatchPlan, info: DistInfo) -> None: ...
 
     def micro_step(self, sync: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-step's forward and backward; gradients are reduced over ranks only if `sync`."""
@@ -40,11 +56,9 @@ class Engine(Protocol):
     def local_grad_sq(self) -> float:
         """This rank's squared gradient norm before any reduction (unscaled): the noise scale's small batch."""
 
-    def clip_grad_norm(self, max_norm: float | None) -> float:
-        """Unscale and clip the reduced gradients; returns the global norm before clipping."""
-
-    def step(self, loss: float, norm: float) -> StepOutcome:
-        """Step the optimizer if the step is usable (loss scaler included), then zero the gradients."""
+    def step(self, loss: float, max_norm: float | None) -> StepOutcome:
+        """Unscale and clip the reduced gradients to `max_norm`, step the optimizer if the step is usable (loss
+        scaler included), zero the gradients; the outcome carries the global norm before clipping."""
 
     @property
     def loss_scale(self) -> float | None:
@@ -53,16 +67,24 @@ class Engine(Protocol):
     def sync_buffers(self) -> None:
         """Give every rank rank 0's buffers, before eval and saving."""
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state dict on every rank (collective): model.pt and the run's hash."""
+
     def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer and precision state (collective: every rank calls it)."""
+        """What rank 0 writes in the checkpoint's state.pt (collective: every rank calls it)."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def save_shards(self, directory: Path) -> None:
+        """Write what each rank holds alone into the checkpoint being written at `directory` (collective)."""
+
+    def load_state_dict(self, state: dict[str, Any], directory: Path) -> None:
+        """Restore from state.pt's contents and the checkpoint directory they came from (collective)."""
+
+    def files(self) -> dict[str, Any]:
+        """{file name: JSON-able content} written to the run directory at start (e.g. the effective engine config)."""
 
 
-EngineBuilder = Callable[..., Engine]
-
-
-def engines() -> dict[str, EngineBuilder]:
+def engines() -> dict[str, type[Engine]]:
     from largebatch.engine.ddp import DDPEngine
+    from largebatch.engine.deepspeed import DeepSpeedEngine
 
-    return {"ddp": DDPEngine}
+    return {"ddp": DDPEngine, "deepspeed": DeepSpeedEngine}

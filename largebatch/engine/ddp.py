@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,7 +12,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from largebatch.batch import BatchPlan
+from largebatch.config import Config
 from largebatch.dist import DistInfo
+from largebatch.errors import UserError
 from largebatch.optim.state import load_named_state_dict, named_state_dict
 from largebatch.precision import Precision, StepOutcome, grad_norm
 
@@ -19,15 +23,21 @@ from largebatch.precision import Precision, StepOutcome, grad_norm
 class DDPEngine:
     """`model` is what the trainer calls; `module` is the bare model for eval, hashing and saving."""
 
+    needs_process_group = False
+
+    @staticmethod
+    def check(cfg: Config, plan: BatchPlan) -> None:
+        """Nothing DDP cannot run."""
+
     def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 precision: Precision, info: DistInfo) -> None:
+                 cfg: Config, plan: BatchPlan, info: DistInfo) -> None:
         self.module = module.to(info.device)
         self.model: nn.Module = self.module
         if info.world_size > 1:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.module, device_ids=device_ids)
         self.optimizer = make_optimizer(self.module)
-        self.precision = precision
+        self.precision = Precision(cfg.train.precision, info.device, cfg.train.fp16_init_scale)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
 
     def micro_step(self, sync: bool) -> contextlib.AbstractContextManager:
@@ -59,10 +69,8 @@ class DDPEngine:
     def local_grad_sq(self) -> float:
         return (grad_norm(self.params).item() / self.precision.loss_scale) ** 2
 
-    def clip_grad_norm(self, max_norm: float | None) -> float:
-        return self.precision.unscale_and_clip(self.optimizer, self.params, max_norm).item()
-
-    def step(self, loss: float, norm: float) -> StepOutcome:
+    def step(self, loss: float, max_norm: float | None) -> StepOutcome:
+        norm = self.precision.unscale_and_clip(self.optimizer, self.params, max_norm).item()
         outcome = self.precision.step(self.optimizer, loss, norm)
         self.optimizer.zero_grad(set_to_none=True)
         return outcome
@@ -78,13 +86,25 @@ class DDPEngine:
             for buffer in self.module.buffers():
                 dist.broadcast(buffer, 0)
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
     def state_dict(self) -> dict[str, Any]:
         """Every rank holds the whole state; rank 0 writes it."""
         return {"model": self.module.state_dict(), "optimizer": named_state_dict(self.module, self.optimizer),
                 "scaler": self.precision.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def save_shards(self, directory: Path) -> None:
+        """Nothing beside `state_dict`: rank 0 holds the whole state."""
+
+    def load_state_dict(self, state: dict[str, Any], directory: Path) -> None:
         """Restore a checkpoint; optimizer hyperparameters and precision stay as this run's config sets them."""
+        if "model" not in state:
+            raise UserError(f"checkpoint {directory} holds no model state for engine.name=ddp (another engine wrote "
+                            f"it); resume it with that engine, or run.resume=never")
         self.module.load_state_dict(state["model"])
         load_named_state_dict(self.module, self.optimizer, state["optimizer"])
         self.precision.load_state_dict(state["scaler"])
+
+    def files(self) -> dict[str, Any]:
+        return {}

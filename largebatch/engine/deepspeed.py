@@ -1,0 +1,295 @@
+"""DeepSpeed ZeRO (stages 0-3, optional CPU offload) behind the engine interface.
+
+The DeepSpeed config is derived from the job: the three batch values from the plan, precision, clipping, the ZeRO
+stage and offload; `engine.ds_config` adds raw keys, and one that contradicts the plan is a UserError before any
+process starts. Conventions, each with one owner: the trainer divides the loss once (`backward(scale_wrt_gas=False)`)
+and sets the accumulation boundary on every micro-step; the trainer's schedule sets the LR (no DeepSpeed scheduler)
+and advances only on applied steps; DeepSpeed clips and steps, and the logged norm is the global pre-clip norm
+(DeepSpeed's at stage 1+, ours at stage 0 where it gives none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import importlib.util
+import json
+import math
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from largebatch.batch import BatchPlan
+from largebatch.config import Config
+from largebatch.dist import DistInfo, broadcast_from_main
+from largebatch.errors import UserError
+from largebatch.precision import StepOutcome, grad_norm
+
+TAG = "deepspeed"
+"""The DeepSpeed checkpoint tag: its files go under `<checkpoint>/deepspeed/`."""
+LAYERWISE = ("lars", "larc", "lamb", "lambc")
+"""Optimizers with a per-layer trust ratio: ZeRO 1+ flattens each group into partitions, so it would be per chunk."""
+OWNED = {
+    "train_batch_size": "batch.global_size", "train_micro_batch_size_per_gpu": "batch.micro_size",
+    "gradient_accumulation_steps": "batch.accum_steps", "gradient_clipping": "train.clip_grad_norm",
+    "fp16": "train.precision", "bf16": "train.precision", "torch_autocast": "train.precision",
+    "optimizer": "optim.name", "scheduler": "schedule.name",
+}
+"""DeepSpeed keys that largebatch sets from the config (the key that sets them): ds_config may only repeat them."""
+
+
+def deepspeed_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
+    """The DeepSpeed config this job runs with; raises UserError on an impossible or contradicting setting."""
+    e, stage = cfg.engine, cfg.engine.zero_stage
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError("engine.name=deepspeed needs the deepspeed package; pip install deepspeed")
+    if cfg.batch.micro_size == "auto":
+        raise UserError("batch.micro_size=auto is not supported with engine.name=deepspeed; set batch.micro_size "
+                        "(largebatch find-batch measures it)")
+    if cfg.optim.name in LAYERWISE and stage >= 1:
+        raise UserError(f"optim.name={cfg.optim.name} computes a trust ratio per layer, but engine.zero_stage={stage} "
+                        f"flattens layers into partitions (it would be per chunk); use engine.zero_stage=0, "
+                        f"engine.name=ddp, or sgd, adamw or a torch_optimizer:<Class>")
+    if cfg.train.noise_scale and stage >= 2:
+        raise UserError(f"train.noise_scale needs each rank's gradient before the reduction, which "
+                        f"engine.zero_stage={stage} does not keep; use engine.zero_stage=0 or 1")
+    if e.offload == "cpu" and stage == 0:
+        raise UserError("engine.offload=cpu moves the sharded optimizer state: set engine.zero_stage to 1, 2 or 3")
+    if cfg.train.precision == "fp16" and (stage == 0 or not torch.cuda.is_available()):
+        raise UserError("train.precision=fp16 with engine.name=deepspeed needs CUDA and engine.zero_stage 1-3 (its "
+                        "loss scaler lives in the ZeRO optimizer); use bf16, or engine.name=ddp")
+    zero: dict[str, Any] = {"stage": stage}
+    if e.offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ours: dict[str, Any] = {
+        "train_batch_size": plan.global_batch, "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accum_steps, "gradient_clipping": cfg.train.clip_grad_norm or 0.0,
+        "zero_optimization": zero, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**62, "wall_clock_breakdown": False,
+    }
+    if cfg.train.precision == "bf16":
+        ours["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif cfg.train.precision == "fp16":
+        ours["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": round(math.log2(cfg.train.fp16_init_scale))}
+    return _merge(ours, _user_config(cfg), "")
+
+
+def _user_config(cfg: Config) -> dict[str, Any]:
+    raw = cfg.engine.ds_config
+    if raw is None or isinstance(raw, dict):
+        return raw or {}
+    path = Path(raw)
+    if not path.is_absolute() and not path.exists() and cfg.origin:
+        path = Path(cfg.origin) / path
+    if not path.is_file():
+        raise UserError(f"engine.ds_config={raw} not found; give a DeepSpeed JSON/YAML file or a mapping")
+    try:
+        loaded = yaml.safe_load(path.read_text())  # JSON is YAML
+    except yaml.YAMLError:
+        raise UserError(f"engine.ds_config={raw} is not valid JSON or YAML; fix the syntax") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"engine.ds_config={raw} must hold a mapping of DeepSpeed keys")
+    return loaded
+
+
+def _merge(ours: dict[str, Any], theirs: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """`ours` with `theirs` merged in; a key of theirs that contradicts ours (or that we own) is a UserError."""
+    merged = dict(ours)
+    for key, value in theirs.items():
+        name = f"{prefix}{key}"
+        if key in ours and isinstance(ours[key], dict) and isinstance(value, dict):
+            merged[key] = _merge(ours[key], value, f"{name}.")
+        elif key in ours and ours[key] != value:
+            owner = OWNED.get(name, {"zero_optimization.stage": "engine.zero_stage",
+                                     "zero_optimization.offload_optimizer": "engine.offload"}.get(name, "largebatch"))
+            raise UserError(f"engine.ds_config sets {name}={value!r} but {owner} gives {ours[key]!r}; "
+                            f"remove it from engine.ds_config and set {owner}")
+        elif key not in ours and name in OWNED:
+            raise UserError(f"engine.ds_config sets {name}, which {OWNED[name]} owns; remove it and set {OWNED[name]}")
+        else:
+            merged[key] = value
+    return merged
+
+
+class DeepSpeedEngine:
+    """`model` is DeepSpeed's engine (forward, backward, step); `module` the bare model inside it."""
+
+    needs_process_group = True
+    """deepspeed.initialize wants a process group, also for one process."""
+
+    @staticmethod
+    def check(cfg: Config, plan: BatchPlan) -> None:
+        deepspeed_config(cfg, plan)
+
+    def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                 cfg: Config, plan: BatchPlan, info: DistInfo) -> None:
+        import deepspeed
+
+        self.config = deepspeed_config(cfg, plan)
+        self.stage = cfg.engine.zero_stage
+        module = module.to(info.device)
+        self.optimizer = make_optimizer(module)
+        if cfg.engine.offload == "cpu" and type(self.optimizer) is torch.optim.AdamW:
+            self.optimizer = _cpu_adam(self.optimizer)
+        self.ds, *_ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=self.config,
+                                           dist_init_required=False)
+        self.model = self.ds
+        self.module = self.ds.module
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.fp16 = cfg.train.precision == "fp16"
+        self._factor = 1.0
+
+    def micro_step(self, sync: bool) -> contextlib.AbstractContextManager:
+        """The accumulation boundary is ours to set: DeepSpeed reduces (and may step) only at `sync`."""
+        self.ds.set_gradient_accumulation_boundary(sync)
+        return contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # bf16: DeepSpeed's torch_autocast wraps its own forward
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)
+
+    def reduce_gradients(self) -> None:
+        self.ds.set_gradient_accumulation_boundary(True)
+        self.ds.allreduce_gradients()
+
+    def scale_gradients(self, factor: float) -> None:
+        """Stage 0: the reduced gradients are the parameters' own. Stage 1+: they sit in DeepSpeed's partitions, which
+        it divides by the loss scale before clipping and stepping; dividing that scale by `factor` for this step
+        scales the gradients, the norm DeepSpeed reports and its clipping alike."""
+        if self.stage == 0:
+            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], factor)
+        else:
+            self._factor *= factor
+
+    def local_grad_sq(self) -> float:
+        """Stages 0 and 1 keep each rank's accumulated gradient in `.grad` until the reduction."""
+        return (grad_norm(self.params).item() / (self.loss_scale or 1.0)) ** 2
+
+    def step(self, loss: float, max_norm: float | None) -> StepOutcome:
+        """DeepSpeed clips (gradient_clipping = max_norm) and steps; an overflow or non-finite gradient skips it."""
+        if self.stage == 0:
+            return self._step_stage0(loss)
+        if not math.isfinite(loss):
+            self._factor = math.nan  # a non-finite norm: DeepSpeed skips the step and frees the gradients
+        optimizer = self.ds.optimizer
+        before = optimizer.loss_scale
+        optimizer.loss_scale = before / self._factor
+        skipped = self.ds.skipped_steps
+        self.ds.step()
+        after = optimizer.loss_scale
+        optimizer.loss_scale = before if after == before / self._factor else after * self._factor
+        self._factor = 1.0
+        applied = self.ds.skipped_steps == skipped
+        norm = self.ds.get_global_grad_norm()
+        norm = math.inf if norm is None else float(norm)
+        nonfinite = not applied and (not self.fp16 or not math.isfinite(loss) or optimizer.loss_scale < 1.0)
+        return StepOutcome(applied, nonfinite, norm)
+
+    def _step_stage0(self, loss: float) -> StepOutcome:
+        """Stage 0 steps the torch optimizer itself, without a norm or an overflow check: both are ours."""
+        norm = grad_norm(self.params).item()
+        applied = math.isfinite(loss) and math.isfinite(norm)
+        if applied:
+            self.ds.step()
+        else:
+            self.ds.zero_grad()
+        return StepOutcome(applied, not applied, norm)
+
+    @property
+    def loss_scale(self) -> float | None:
+        return float(self.ds.optimizer.loss_scale) if self.fp16 else None
+
+    def sync_buffers(self) -> None:
+        """DeepSpeed does not broadcast buffers as DDP does before each forward: give every rank rank 0's."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            for buffer in self.module.buffers():
+                dist.broadcast(buffer, 0)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model on every rank (stage 3 gathers its partitioned parameters; collective)."""
+        if self.stage < 3:
+            return self.module.state_dict()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
+            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What rank 0 writes in state.pt: nothing, the model and optimizer go through `save_shards`."""
+        return {}
+
+    def save_shards(self, directory: Path) -> None:
+        """Every rank writes its part of the model and optimizer state under `directory/deepspeed/` (collective)."""
+        from deepspeed.checkpoint import constants
+
+        universal = {constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+        self.ds.save_checkpoint(str(directory), tag=TAG, client_state={constants.UNIVERSAL_CHECKPOINT_INFO: universal},
+                                save_latest=False)
+
+    def load_state_dict(self, state: dict[str, Any], directory: Path) -> None:
+        """Load this engine's checkpoint; one written by another number of processes goes through DeepSpeed's
+        universal checkpoint (converted once, by rank 0, beside the checkpoint), at stages 1-3."""
+        saved_ranks = len(glob.glob(str(directory / TAG / "*optim_states.pt")))
+        world = dist.get_world_size()
+        if self.stage == 0 or saved_ranks == world:
+            self._load(directory)
+            return
+        universal = directory.parent / f".universal_{directory.name}"
+        problem = broadcast_from_main(_to_universal(directory / TAG, universal / TAG) if dist.get_rank() == 0 else None)
+        if problem:
+            raise UserError(f"cannot resume {directory} ({saved_ranks} processes) on {world}: {problem}")
+        self.ds._config.load_universal_checkpoint = True
+        try:
+            self._load(universal)
+        finally:
+            self.ds._config.load_universal_checkpoint = False
+            dist.barrier()
+            if dist.get_rank() == 0:
+                shutil.rmtree(universal, ignore_errors=True)
+
+    def _load(self, directory: Path) -> None:
+        """Load model and optimizer state; the optimizer's hyperparameters (LR included) stay this run's config's."""
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        path, _ = self.ds.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+        for group, setting in zip(self.optimizer.param_groups, settings):
+            group.update(setting)
+        if path is None:
+            raise UserError(f"checkpoint {directory} has no DeepSpeed state under {TAG}/; it was written by another "
+                            f"engine: resume it with that engine.name, or run.resume=never")
+
+    def files(self) -> dict[str, Any]:
+        """Written to the run directory: the effective DeepSpeed config."""
+        return {"deepspeed.json": self.config}
+
+
+def _cpu_adam(adamw: torch.optim.AdamW) -> torch.optim.Optimizer:
+    """The same AdamW as DeepSpeed's CPU Adam, which steps offloaded optimizer state several times faster."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    d = adamw.defaults
+    groups = [{k: v for k, v in g.items() if k in ("params", "weight_decay", "adapt")} for g in adamw.param_groups]
+    return DeepSpeedCPUAdam(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
+                            adamw_mode=True)
+
+
+def _to_universal(source: Path, target: Path) -> str | None:
+    """Convert a DeepSpeed checkpoint to the universal format (DeepSpeed's ds_to_universal); None or what failed."""
+    shutil.rmtree(target.parent, ignore_errors=True)
+    target.parent.mkdir(parents=True)
+    done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
+                           "--output_folder", str(target), "--num_extract_workers", "1", "--num_merge_workers", "1",
+                           "--no_strict"], capture_output=True, text=True)
+    if done.returncode:
+        return (done.stderr.strip().splitlines() or ["ds_to_universal failed"])[-1]
+    return None
