@@ -41,3 +41,13 @@ def test_bench_memory_prints_both_ratios():
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith(("gpt", "resnet"))}
     for name in ("gpt", "resnet"):
         assert float(rows[name][5]) <= 0.5  # activation ratio with checkpointing
+
+
+def test_bench_memory_engines_prints_bytes_and_ratios_with_parameters_partitioned_at_zero3():
+    result = cli("bench", "memory", "--engines", "ddp,deepspeed", "--micro", "2")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in result.stdout.splitlines()
+            if line.startswith(("DDP ", "ZeRO-"))}
+    assert list(rows) == ["DDP", "ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-3"]
+    assert all(len(row) == 9 for row in rows.values())  # 5 MiB columns, 4 ratios to ZeRO-0
+    assert rows["ZeRO-3"][0] < rows["ZeRO-0"][0]  # parameter MiB per rank

@@ -2,24 +2,34 @@
 
 Both run in the same torchrun job, alternating, so they see the same machine state; the ratio of
 medians is printed (goal ≥ 0.98). Throughput counts the training loop only, not the final eval.
+`--engine deepspeed` alternates the trainer on engine ddp, DeepSpeed ZeRO-0 and ZeRO-2 instead, and prints
+each ZeRO stage's ratio to DDP.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+from largebatch import bench
 
 CONFIG = (
     "data.name=synthetic", "data.size=32768", "data.shape=[256]", "model.name=mlp", "model.width=1024",
     "model.depth=2", "batch.global_size=512", "batch.micro_size=128", "optim.name=sgd", "optim.lr=0.1",
     "logging.progress=false", "train.log_every=10",
 )
+DEEPSPEED = ("engine.name=deepspeed",)
+LOOPS = {
+    "ddp": {"hand-written": ("hand-written DDP loop", None), "trainer": ("largebatch trainer", ())},
+    "deepspeed": {"DDP": ("trainer, engine ddp", ()),
+                  "ZeRO-0": ("trainer, ZeRO-0", (*DEEPSPEED, "engine.zero_stage=0")),
+                  "ZeRO-2": ("trainer, ZeRO-2", (*DEEPSPEED, "engine.zero_stage=2"))},
+}
+"""--engine → the loops compared, baseline first: name → (label, overrides of CONFIG; None: the hand-written loop)."""
 
 
 def handwritten(job, info) -> float:
@@ -52,23 +62,33 @@ def handwritten(job, info) -> float:
     return job.total_steps * plan.global_batch / (time.perf_counter() - start)
 
 
-def worker(steps: int, repeats: int) -> None:
-    """Runs under torchrun: alternate both loops `repeats` times; rank 0 prints one JSON line."""
-    from largebatch import config, dist, job, trainer
+def measure(job, info, hand_written: bool) -> float:
+    """Samples/s of one run of the hand-written loop or of `trainer.fit`."""
+    from largebatch import trainer
+
+    return handwritten(job, info) if hand_written else trainer.fit(job, info)["samples_per_s"]
+
+
+def worker(engine: str, steps: int, repeats: int) -> None:
+    """Runs under torchrun: alternate the loops of `engine` `repeats` times; rank 0 prints one JSON line."""
+    from largebatch import config, dist, job
 
     info = dist.from_env()
-    dist.init(info)
-    ours, theirs = [], []
+    dist.init(info, always=engine == "deepspeed")
+    loops = LOOPS[engine]
+    samples_per_s: dict[str, list[float]] = {name: [] for name in loops}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = config.load(None, [*CONFIG, f"train.steps={steps}", f"run.dir={tmp}"])
-        prepared = job.prepare(cfg, info.world_size)
-        handwritten(prepared, info)  # warm-up: allocator, thread pools, gloo buffers
+        jobs = {name: job.prepare(config.load(None, [*CONFIG, *(overrides or ()), f"train.steps={steps}",
+                                                     f"run.dir={tmp}/{name}"]), info.world_size)
+                for name, (_, overrides) in loops.items()}
+        first = next(iter(loops))
+        measure(jobs[first], info, loops[first][1] is None)  # warm-up: allocator, thread pools, gloo buffers
         for _ in range(repeats):
-            theirs.append(handwritten(prepared, info))
-            ours.append(trainer.fit(prepared, info)["samples_per_s"])
+            for name, (_, overrides) in loops.items():
+                samples_per_s[name].append(measure(jobs[name], info, overrides is None))
     dist.teardown()
     if info.is_main:
-        print(json.dumps({"ours": ours, "handwritten": theirs, "plan": prepared.plan.describe()}))
+        print(json.dumps({"samples_per_s": samples_per_s, "plan": jobs[first].plan.describe()}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,25 +96,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per measurement")
     parser.add_argument("--repeats", type=int, default=9, help="alternating measurements of each loop")
+    parser.add_argument("--engine", choices=list(LOOPS), default="ddp",
+                        help="ddp: the trainer against a hand-written loop; deepspeed: ZeRO-0 and ZeRO-2 against DDP")
     args = parser.parse_args(argv)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
-               "-m", "largebatch.bench.loop", "--worker", str(args.steps), str(args.repeats)]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    if result.returncode or not lines:
-        print(result.stdout[-2000:] + result.stderr[-2000:], file=sys.stderr)
+    res = bench.run_workers("largebatch.bench.loop", args.nproc, args.engine, str(args.steps), str(args.repeats))
+    if res is None:
         return 1
-    res = json.loads(lines[-1])
-    ours, theirs = statistics.median(res["ours"]), statistics.median(res["handwritten"])
+    loops = LOOPS[args.engine]
+    median = {name: statistics.median(values) for name, values in res["samples_per_s"].items()}
     print(f"{res['plan']}, {args.nproc} processes, {args.steps} steps × {args.repeats} repeats (median)")
-    print(f"{'hand-written DDP loop':24} {theirs:10.0f} samples/s")
-    print(f"{'largebatch trainer':24} {ours:10.0f} samples/s")
-    print(f"ratio trainer / hand-written = {ours / theirs:.3f} (goal ≥ 0.98)")
+    for name, (label, _) in loops.items():
+        print(f"{label:24} {median[name]:10.0f} samples/s")
+    base, *others = loops
+    goal = " (goal ≥ 0.98)" if args.engine == "ddp" else ""
+    for name in others:
+        print(f"ratio {name} / {base} = {median[name] / median[base]:.3f}{goal}")
     return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        worker(int(sys.argv[2]), int(sys.argv[3]))
+        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
         sys.exit(main())

@@ -2,10 +2,10 @@
 
 An engine owns the wrapped model, the optimizer and the precision policy (autocast, loss scaling), in the
 manner of Lightning Fabric's Strategy: the trainer asks it for a sync context per micro-step, a backward, a
-gradient reduction after unsynced micro-steps, the global pre-clip norm, and a step; checkpoints go through its
-collective `state_dict` / `save_shards` / `load_state_dict`. `engines()` maps `engine.name` to its class: DDP, and
-DeepSpeed ZeRO. The clip and the optimizer step are one call, `step`, because DeepSpeed computes the norm inside its
-step (clipping and its overflow check share it).
+gradient reduction after unsynced micro-steps, and a step that clips and reports the global pre-clip norm;
+checkpoints go through its collective `state_dict` / `save_shards` / `load_state_dict`. `engines()` maps
+`engine.name` to its class: DDP, and DeepSpeed ZeRO. The clip and the optimizer step are one call because
+DeepSpeed computes the norm inside its step (its clipping and overflow check share it).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Engine(Protocol):
     needs_process_group: bool
     """Join a process group also when there is one process."""
     module: nn.Module
-    """The bare model: eval, hashing, model.pt."""
+    """The bare model, for eval (`full_state_dict` for its weights: ZeRO-3 partitions them)."""
     model: nn.Module
     """What forward is called on during training (the wrapped model)."""
     optimizer: torch.optim.Optimizer

@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import glob
 import importlib.util
-import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -134,6 +134,8 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.config = deepspeed_config(cfg, plan)
+        for name, value in (("LOCAL_RANK", info.local_rank), ("RANK", info.rank), ("WORLD_SIZE", info.world_size)):
+            os.environ.setdefault(name, str(value))  # what a launcher sets, and DeepSpeed asserts; one process has none
         self.stage = cfg.engine.zero_stage
         module = module.to(info.device)
         self.optimizer = make_optimizer(module)
