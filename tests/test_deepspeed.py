@@ -153,6 +153,8 @@ def test_resume_continues_exactly_also_on_another_world_size(trained: Path, tmp_
     (("engine.ds_config={gradient_clipping: 1.0}",), "gradient_clipping=1.0 but train.clip_grad_norm gives 0.3"),
     (("engine.ds_config={zero_optimization: {stage: 3}}",), "zero_optimization.stage=3 but engine.zero_stage gives 2"),
     (("engine.ds_config={optimizer: {type: Adam}}",), "engine.ds_config sets optimizer, which optim.name owns"),
+    (("engine.ds_config={zero_optimization: {offload_optimizer: {device: cpu}}}",),
+     "engine.ds_config sets zero_optimization.offload_optimizer, which engine.offload owns"),
     (("engine.ds_config=missing.json",), "engine.ds_config=missing.json not found"),
     (("optim.name=lamb",), "optim.name=lamb computes a trust ratio per layer, but engine.zero_stage=2 flattens"),
     (("optim.name=lambc", "engine.zero_stage=1"), "optim.name=lambc computes a trust ratio per layer"),

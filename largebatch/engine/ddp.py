@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from largebatch.batch import BatchPlan
 from largebatch.config import Config
-from largebatch.dist import DistInfo
+from largebatch.dist import DistInfo, broadcast_buffers
 from largebatch.errors import UserError
 from largebatch.optim.state import load_named_state_dict, named_state_dict
 from largebatch.precision import Precision, StepOutcome, grad_norm
@@ -82,9 +82,7 @@ class DDPEngine:
     def sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm running statistics), as DDP does before each forward;
         called before eval and saving, so eval, checkpoints and model.pt see the same statistics."""
-        if isinstance(self.model, DistributedDataParallel):
-            for buffer in self.module.buffers():
-                dist.broadcast(buffer, 0)
+        broadcast_buffers(self.module)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

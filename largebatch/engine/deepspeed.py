@@ -29,7 +29,7 @@ from torch import nn
 
 from largebatch.batch import BatchPlan
 from largebatch.config import Config
-from largebatch.dist import DistInfo, broadcast_from_main
+from largebatch.dist import DistInfo, broadcast_buffers, broadcast_from_main
 from largebatch.errors import UserError
 from largebatch.precision import StepOutcome, grad_norm
 
@@ -41,7 +41,8 @@ OWNED = {
     "train_batch_size": "batch.global_size", "train_micro_batch_size_per_gpu": "batch.micro_size",
     "gradient_accumulation_steps": "batch.accum_steps", "gradient_clipping": "train.clip_grad_norm",
     "fp16": "train.precision", "bf16": "train.precision", "torch_autocast": "train.precision",
-    "optimizer": "optim.name", "scheduler": "schedule.name",
+    "optimizer": "optim.name", "scheduler": "schedule.name", "zero_optimization.stage": "engine.zero_stage",
+    "zero_optimization.offload_optimizer": "engine.offload",
 }
 """DeepSpeed keys that largebatch sets from the config (the key that sets them): ds_config may only repeat them."""
 
@@ -108,8 +109,7 @@ def _merge(ours: dict[str, Any], theirs: dict[str, Any], prefix: str) -> dict[st
         if key in ours and isinstance(ours[key], dict) and isinstance(value, dict):
             merged[key] = _merge(ours[key], value, f"{name}.")
         elif key in ours and ours[key] != value:
-            owner = OWNED.get(name, {"zero_optimization.stage": "engine.zero_stage",
-                                     "zero_optimization.offload_optimizer": "engine.offload"}.get(name, "largebatch"))
+            owner = OWNED.get(name, "largebatch")
             raise UserError(f"engine.ds_config sets {name}={value!r} but {owner} gives {ours[key]!r}; "
                             f"remove it from engine.ds_config and set {owner}")
         elif key not in ours and name in OWNED:
@@ -213,9 +213,7 @@ class DeepSpeedEngine:
 
     def sync_buffers(self) -> None:
         """DeepSpeed does not broadcast buffers as DDP does before each forward: give every rank rank 0's."""
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            for buffer in self.module.buffers():
-                dist.broadcast(buffer, 0)
+        broadcast_buffers(self.module)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model on every rank (stage 3 gathers its partitioned parameters; collective)."""
