@@ -185,13 +185,17 @@ class TrainConfig:
 @dataclass
 class EngineConfig:
     name: str = "ddp"
-    """ddp (torch DistributedDataParallel) or deepspeed (ZeRO stages 0-3, optional CPU offload)."""
+    """ddp (torch DistributedDataParallel), deepspeed (ZeRO stages 0-3, optional CPU offload) or fsdp (torch FSDP2:
+    parameters, gradients and optimizer state sharded)."""
     zero_stage: int = 0
     """deepspeed: 0 (data parallel), 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)."""
     offload: str = "none"
     """deepspeed: none, or cpu (optimizer state and step on the CPU; stage 1+)."""
     ds_config: str | dict | None = None
     """deepspeed: raw DeepSpeed config keys (a JSON/YAML path or a mapping) merged over the ones the plan sets."""
+    shard_blocks: list[str] = field(default_factory=list)
+    """fsdp: class names of the modules to shard as units (default: a Hugging Face model's _no_split_modules, else
+    the classes the model repeats, e.g. its transformer or residual blocks)."""
 
 
 @dataclass
@@ -262,7 +266,7 @@ def validate(cfg: Config) -> None:
     check_choice("train.nonfinite", cfg.train.nonfinite, ("skip", "stop"))
     check_choice("logging.wandb", cfg.logging.wandb, ("disabled", "offline", "online"))
     check_choice("data.dtype", cfg.data.dtype, ("uint16", "uint32"))
-    check_choice("engine.name", cfg.engine.name, ("ddp", "deepspeed"))
+    check_choice("engine.name", cfg.engine.name, ("ddp", "deepspeed", "fsdp"))
     check_choice("engine.offload", cfg.engine.offload, ("none", "cpu"))
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise UserError(f"engine.zero_stage={cfg.engine.zero_stage} must be 0, 1, 2 or 3")
@@ -359,7 +363,8 @@ MODE_KEYS: dict[str, dict[Any, tuple[str, ...]]] = {
         "poly": ("schedule.min_lr_ratio", "schedule.power"),
     },
     "train.precision": {"fp32": (), "bf16": (), "fp16": ("train.fp16_init_scale",)},
-    "engine.name": {"ddp": (), "deepspeed": ("engine.zero_stage", "engine.offload", "engine.ds_config")},
+    "engine.name": {"ddp": (), "deepspeed": ("engine.zero_stage", "engine.offload", "engine.ds_config"),
+                    "fsdp": ("engine.shard_blocks",)},
 }
 """{deciding key: {value: the keys that value uses}}. A key listed under a deciding key is ignored by the values
 that do not list it; keys listed nowhere (data.seed, train.loss, ...) apply whatever the mode."""

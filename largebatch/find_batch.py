@@ -18,7 +18,8 @@ from torch import nn
 from largebatch import config, job, optim
 from largebatch.task import forward, logits_of, take, to_device
 from largebatch.errors import ArgumentParser
-from largebatch.memory import ActivationMeter, parse_size, peak_bytes, state_bytes
+from largebatch.engine import engines
+from largebatch.memory import ActivationMeter, parse_size, peak_bytes, state_bytes, training_state
 from largebatch.precision import Precision
 
 
@@ -56,7 +57,9 @@ class _OutputMeter:
 
 
 def measure(prepared: job.Job, micro: int, inference: bool, repeats: int, device: torch.device) -> tuple[int, float]:
-    """(peak bytes, samples/s) of one training step, or one forward pass, at micro-batch `micro`."""
+    """(peak bytes, samples/s) of one training step, or one forward pass, at micro-batch `micro`. Training: one
+    process measures, and the state the configured engine does not keep on each rank of the plan's world (sharded
+    parameters, gradients, optimizer state) is taken off the peak."""
     cfg, task = prepared.cfg, prepared.task
     torch.manual_seed(cfg.run.seed)
     model = task.build_model().to(device)
@@ -90,7 +93,9 @@ def measure(prepared: job.Job, micro: int, inference: bool, repeats: int, device
             precision.step(optimizer, loss.item(), norm.item())
             optimizer.zero_grad(set_to_none=True)
         seconds = _timed(run, repeats)
-        peak = peak_bytes(device, activations, model, optimizer)
+        whole = training_state(model, optimizer)
+        mine = engines()[cfg.engine.name].per_rank(cfg, prepared.plan.world_size, whole)
+        peak = peak_bytes(device, activations, model, optimizer) - whole.total + mine.total
     return peak, micro / seconds
 
 
@@ -108,6 +113,17 @@ def output_drift(prepared: job.Job, batch_sizes: list[int], device: torch.device
     with torch.no_grad():
         reference = outputs(1)
         return max(float((outputs(b) - reference).abs().max()) for b in batch_sizes)
+
+
+def _state_line(prepared: job.Job, device: torch.device) -> str:
+    """Parameters, gradients and optimizer state per rank under the configured engine, against one process's."""
+    cfg = prepared.cfg
+    torch.manual_seed(cfg.run.seed)
+    model = prepared.task.build_model().to(device)
+    whole = training_state(model, optim.build(model, cfg.optim, prepared.peak_lr))
+    mine = engines()[cfg.engine.name].per_rank(cfg, prepared.plan.world_size, whole)
+    return (f"per rank parameters {_mib(mine.params)}, gradients {_mib(mine.grads)}, optimizer state "
+            f"{_mib(mine.optimizer)} ({mine.total / whole.total:.2f}× one process's {_mib(whole.total)})")
 
 
 def _mib(n: int) -> str:
@@ -135,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         else "parameters + gradients + optimizer state + saved activations (counted)")
     print(f"{'inference' if args.inference else 'training'}: {cfg.model.name} on {cfg.data.name}, {cfg.train.precision}, "
           f"{device.type}; memory = {how}; budget {_mib(budget) if budget else 'none'}")
+    if not args.inference:
+        print(f"engine.name={cfg.engine.name} on {plan.world_size} process(es): {_state_line(prepared, device)}")
     print(f"{'micro':>7} {'peak memory':>13} {'samples/s':>11}  status")
     fitting: list[int] = []
     for micro in sizes(plan.per_rank):

@@ -96,13 +96,15 @@ def prepare(cfg: Config, world_size: int, train_examples: int | None = None, tas
         raise UserError("batch.micro_size=auto derives batch.accum_steps; drop batch.accum_steps")
     micro = None if cfg.batch.micro_size == "auto" else cfg.batch.micro_size
     plan = batch.plan(world_size, cfg.batch.global_size, micro, cfg.batch.accum_steps)
+    model = None
     if train_examples is None:
         task = task or tasks.build(cfg)
         torch.manual_seed(cfg.run.seed)
-        tasks.check(task, task.build_model(), cfg.model.name)
+        model = task.build_model()
+        tasks.check(task, model, cfg.model.name)
         train_examples = len(task.train)
     optim.check(cfg.optim)
-    engines()[cfg.engine.name].check(cfg, plan)
+    engines()[cfg.engine.name].check(cfg, plan, model)
     if cfg.train.noise_scale and plan.world_size == 1 and plan.accum_steps == 1 and cfg.batch.micro_size != "auto":
         raise UserError("train.noise_scale compares two batch sizes: run on 2+ processes or set batch.micro_size "
                         "below batch.global_size (accumulation)")

@@ -13,6 +13,7 @@ import contextlib
 import re
 import resource
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,20 +31,39 @@ def parse_size(text: str, key: str) -> int:
     return int(float(match.group(1)) * UNITS[match.group(2).upper()])
 
 
-def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, gradients: bool = True) -> int:
-    """Parameters and buffers, their gradients unless `gradients=False`, plus the optimizer's state
-    (estimated before its first step)."""
+@dataclass(frozen=True)
+class State:
+    """Bytes of training state: parameters and buffers, their gradients, the optimizer's state."""
+
+    params: int
+    grads: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, gradients: bool = True) -> State:
+    """Parameters and buffers, their gradients unless `gradients=False`, and the optimizer's state (estimated before
+    its first step: 2 slots with betas, 1 with momentum)."""
     params = [p for p in model.parameters() if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    total = (2 if gradients else 1) * param_bytes + sum(b.numel() * b.element_size() for b in model.buffers())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     if optimizer is None:
-        return total
-    if optimizer.state:
-        return total + sum(t.numel() * t.element_size() for s in optimizer.state.values()
-                           for t in s.values() if isinstance(t, torch.Tensor))
-    group = optimizer.param_groups[0]
-    slots = 2 if "betas" in group else int(group.get("momentum", 0) > 0)
-    return total + slots * param_bytes
+        optimizer_bytes = 0
+    elif optimizer.state:
+        optimizer_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                              for t in s.values() if isinstance(t, torch.Tensor))
+    else:
+        group = optimizer.param_groups[0]
+        optimizer_bytes = (2 if "betas" in group else int(group.get("momentum", 0) > 0)) * param_bytes
+    return State(param_bytes + buffers, param_bytes if gradients else 0, optimizer_bytes)
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, gradients: bool = True) -> int:
+    """`training_state(...).total`."""
+    return training_state(model, optimizer, gradients).total
 
 
 class OverBudget(torch.OutOfMemoryError):

@@ -419,18 +419,26 @@ def _mean_over_ranks(value: float, info: DistInfo) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, info: DistInfo, batch_size: int, workers: int = 0) -> dict[str, float]:
-    """Mean loss over the held-out loss terms (and accuracy where the output is class logits), sharded over ranks."""
+    """Mean loss over the held-out loss terms (and accuracy where the output is class logits), sharded over ranks.
+
+    Every rank runs the same number of forward passes (a sharded model's forward is collective): one with fewer
+    examples repeats its first batch, or example 0, and does not count it."""
     if task.eval is None or len(task.eval) == 0:
         return {}
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=info.device)
     mine = list(range(info.rank, len(task.eval), info.world_size))
     chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    rounds = math.ceil(math.ceil(len(task.eval) / info.world_size) / batch_size)
+    counted_chunks = len(chunks)
+    chunks += [chunks[0] if chunks else [0]] * (rounds - counted_chunks)
     loader = torch.utils.data.DataLoader(task.eval, batch_sampler=chunks, collate_fn=collate_of(task.eval),
                                          num_workers=workers)
-    for batch in loader:
+    for i, batch in enumerate(loader):
         inputs, targets = to_device(batch, info.device)
         output = forward(model, inputs)
+        if i >= counted_chunks:
+            continue
         total, count = task.loss(output, targets)
         right, counted = correct(output, targets) or (0, 0)
         totals += torch.stack([torch.as_tensor(v, device=info.device).double() for v in (total, count, right, counted)])

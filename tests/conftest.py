@@ -62,6 +62,37 @@ def train(run_dir: Path, *overrides: str, nproc: int = 1, config: str | None = N
     return json.loads((run_dir / "summary.json").read_text())
 
 
+ONE_JOB = """
+import json, sys
+from largebatch import config, dist, job, trainer
+info = dist.from_env()
+dist.init(info, always=True)
+for run_dir, args in json.loads(sys.argv[1]).items():
+    path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    cfg = config.load(path, [a for a in args if not a.startswith("--config=")] + [f"run.dir={run_dir}"])
+    trainer.fit(job.prepare(cfg, info.world_size), info)
+dist.teardown()
+"""
+
+
+def train_in_one_job(base: Path, runs: dict[str, tuple[str, ...]], nproc: int = 2) -> None:
+    """Train each of `runs` ({run name: CLI arguments, `--config=FILE` included}) into `base/<name>`, one after
+    another in the same torchrun job: many short trainings cost one interpreter start and one import."""
+    script = base / "runs.py"
+    script.write_text(ONE_JOB)
+    table = json.dumps({str(base / name): args for name, args in runs.items()})
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                           "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", str(script), table],
+                          capture_output=True, text=True, cwd=ROOT / "examples", timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def relative(ours: list[dict], reference: list[dict], key: str) -> float:
+    """The largest relative difference of `key` between two runs' metrics, step by step (same steps logged)."""
+    assert [m["step"] for m in ours] == [m["step"] for m in reference]
+    return max(abs(a[key] - b[key]) / abs(b[key]) for a, b in zip(ours, reference))
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -10,33 +10,21 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, cli_in_process, metrics, train, write_tiny_gpt2, write_tokens
+from conftest import ROOT, cli_in_process, metrics, relative, train, train_in_one_job, write_tiny_gpt2, write_tokens
 
 LM = (f"--config={ROOT / 'configs/lamb-lm.yaml'}", "optim.name=adamw", "optim.lr=0.002", "model.width=32",
       "data.context=32", "batch.global_size=32", "train.steps=20", "schedule.warmup_steps=3",
       "train.clip_grad_norm=0.3", "train.log_every=1", "train.eval_every=0", "logging.progress=false")
 """A byte-level GPT: its loss has one term per token, so the count normalisation is not 1, and clipping is on."""
 DS = ("engine.name=deepspeed",)
-SCRIPT = """
-import json, sys
-from largebatch import config, dist, job, trainer
-info = dist.from_env()
-dist.init(info, always=True)
-for run_dir, args in json.loads(sys.argv[1]).items():
-    path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
-    cfg = config.load(path, [a for a in args if not a.startswith("--config=")] + [f"run.dir={run_dir}"])
-    trainer.fit(job.prepare(cfg, info.world_size), info)
-dist.teardown()
-"""
 
 
-def runs(base: Path, tiny_gpt2: Path, tokens: Path) -> dict[str, tuple[str, ...]]:
+def runs(tiny_gpt2: Path, tokens: Path) -> dict[str, tuple[str, ...]]:
     hf = ("data.name=tokens", f"data.path={tokens}", "data.context=32", f"model.name=hf:{tiny_gpt2}", "optim.name=adamw",
           "optim.lr=3e-3", "batch.global_size=16", "batch.micro_size=4", "train.steps=8", "train.log_every=1",
           "logging.progress=false")
@@ -59,27 +47,15 @@ def runs(base: Path, tiny_gpt2: Path, tokens: Path) -> dict[str, tuple[str, ...]
         noise = ("train.noise_scale=true",) if stage < 2 else ()
         table[f"ds{stage}-a2"] = (*LM, *DS, f"engine.zero_stage={stage}", "batch.micro_size=8", *noise,
                                   *(("train.checkpoint_every=10",) if stage == 2 else ()))
-    return {str(base / name): args for name, args in table.items()}
+    return table
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """Every comparison's training, in one 2-process job; returns the directory of their run directories."""
     base = tmp_path_factory.mktemp("ds")
-    tiny = write_tiny_gpt2(base / "tiny-gpt2")
-    tokens = write_tokens(base / "train.bin", 20_000)
-    script = base / "runs.py"
-    script.write_text(SCRIPT)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend",
-                           "c10d", "--rdzv-endpoint", "127.0.0.1:0", str(script), json.dumps(runs(base, tiny, tokens))],
-                          capture_output=True, text=True, cwd=ROOT / "examples", timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    train_in_one_job(base, runs(write_tiny_gpt2(base / "tiny-gpt2"), write_tokens(base / "train.bin", 20_000)))
     return base
-
-
-def relative(ours: list[dict], reference: list[dict], key: str) -> float:
-    assert [m["step"] for m in ours] == [m["step"] for m in reference]
-    return max(abs(a[key] - b[key]) / abs(b[key]) for a, b in zip(ours, reference))
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

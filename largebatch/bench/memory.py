@@ -4,9 +4,9 @@ Activation memory is the bytes autograd holds for backward at the end of the for
 `saved_tensors_hooks`; with checkpointing, backward transiently recomputes one block's activations on top).
 Step time is the median of forward + backward + optimizer step. Goal: ≤ 0.5× the memory at ≤ 1.4× the time.
 
-`--engines ddp,deepspeed` measures the engines instead, in one torchrun job (gloo on CPU): the bytes of parameters,
-gradients and optimizer state each rank holds in one AdamW step of the tiny GPT, under DDP and DeepSpeed ZeRO 0-3,
-counted from the tensors themselves (each storage once). Gradients are counted after backward, before the step frees
+`--engines ddp,deepspeed,fsdp` measures the engines instead, in one torchrun job (gloo on CPU): the bytes of
+parameters, gradients and optimizer state each rank holds in one AdamW step of the tiny GPT, under DDP, DeepSpeed ZeRO
+0-3 and FSDP2, counted from the tensors themselves (each storage once; a DTensor by its local shard). Gradients are counted after backward, before the step frees
 them; optimizer state after the step creates it.
 """
 
@@ -38,7 +38,8 @@ ALL_PARAMS_SHARDED = "engine.ds_config={zero_optimization: {stage3_param_persist
 """ZeRO-3 keeps parameters under 100k elements whole on every rank by default: all of the tiny GPT's."""
 ENGINES = {"ddp": {"DDP": ("engine.name=ddp",)},
            "deepspeed": {f"ZeRO-{s}": ("engine.name=deepspeed", f"engine.zero_stage={s}", ALL_PARAMS_SHARDED)
-                         for s in range(4)}}
+                         for s in range(4)},
+           "fsdp": {"FSDP": ("engine.name=fsdp",)}}
 """--engines names → the rows they add: row name → config overrides."""
 GRADIENT_PARTITIONS = ("averaged_gradients", "grad_partitions_flat_buffer")
 """Where DeepSpeed's ZeRO optimizer holds this rank's reduced gradients (stages 1-3; stage 3's are views of its flat
@@ -73,7 +74,7 @@ def measure(overrides: tuple[str, ...], micro: int, checkpointing: bool, steps: 
 def tensors(value: Any) -> Iterator[torch.Tensor]:
     """Every tensor in `value`: a tensor, or lists, tuples and dicts of them (None holds none)."""
     if isinstance(value, torch.Tensor):
-        yield value
+        yield value.to_local() if hasattr(value, "to_local") else value
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from tensors(item)
@@ -152,8 +153,8 @@ def print_engines(rows: dict[str, dict[str, int]], nproc: int, micro: int) -> No
               f"{r['grads'] / base['grads']:6.2f} {r['moments'] / base['moments']:7.2f} {optimizer:9.2f}")
     print("master: DeepSpeed's fp32 copy of the rank's parameter partition (ZeRO 1-3, fp32 parameters too); "
           "optimizer = master + moments")
-    print(f"expected ≈ 1/{nproc}: moments at ZeRO 1-3, grads at 2-3, params at 3; not counted: DDP's gradient buckets "
-          "(held in C++)")
+    print(f"expected ≈ 1/{nproc}: moments at ZeRO 1-3, grads at 2-3, params at 3 and all three under FSDP; not counted: "
+          "DDP's gradient buckets (held in C++), FSDP's all-gathered block during its forward and backward")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ An engine owns the wrapped model, the optimizer and the precision policy (autoca
 manner of Lightning Fabric's Strategy: the trainer asks it for a sync context per micro-step, a backward, a
 gradient reduction after unsynced micro-steps, and a step that clips and reports the global pre-clip norm;
 checkpoints go through its collective `state_dict` / `save_shards` / `load_state_dict`. `engines()` maps
-`engine.name` to its class: DDP, and DeepSpeed ZeRO. The clip and the optimizer step are one call because
+`engine.name` to its class: DDP, DeepSpeed ZeRO and torch FSDP2. The clip and the optimizer step are one call because
 DeepSpeed computes the norm inside its step (its clipping and overflow check share it).
 """
 
@@ -21,6 +21,7 @@ from torch import nn
 from largebatch.batch import BatchPlan
 from largebatch.config import Config
 from largebatch.dist import DistInfo
+from largebatch.memory import State
 from largebatch.precision import StepOutcome
 
 
@@ -35,8 +36,13 @@ class Engine(Protocol):
     """The torch optimizer: its param groups carry the LR the trainer's schedule sets."""
 
     @staticmethod
-    def check(cfg: Config, plan: BatchPlan) -> None:
-        """Raise UserError on what this engine cannot run, before any process group starts."""
+    def check(cfg: Config, plan: BatchPlan, model: nn.Module | None) -> None:
+        """Raise UserError on what this engine cannot run, before any process group starts (`model`: a freshly built
+        one, or None when only the plan is wanted)."""
+
+    @staticmethod
+    def per_rank(cfg: Config, world_size: int, whole: State) -> State:
+        """The part of one model's training state (`whole`, as one process holds it) each of `world_size` ranks holds."""
 
     def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  cfg: Config, plan: BatchPlan, info: DistInfo) -> None: ...
@@ -86,5 +92,6 @@ class Engine(Protocol):
 def engines() -> dict[str, type[Engine]]:
     from largebatch.engine.ddp import DDPEngine
     from largebatch.engine.deepspeed import DeepSpeedEngine
+    from largebatch.engine.fsdp import FSDPEngine
 
-    return {"ddp": DDPEngine, "deepspeed": DeepSpeedEngine}
+    return {"ddp": DDPEngine, "deepspeed": DeepSpeedEngine, "fsdp": FSDPEngine}

@@ -16,6 +16,7 @@ from largebatch.batch import BatchPlan
 from largebatch.config import Config
 from largebatch.dist import DistInfo, broadcast_buffers
 from largebatch.errors import UserError
+from largebatch.memory import State
 from largebatch.optim.state import load_named_state_dict, named_state_dict
 from largebatch.precision import Precision, StepOutcome, grad_norm
 
@@ -26,8 +27,13 @@ class DDPEngine:
     needs_process_group = False
 
     @staticmethod
-    def check(cfg: Config, plan: BatchPlan) -> None:
+    def check(cfg: Config, plan: BatchPlan, model: nn.Module | None) -> None:
         """Nothing DDP cannot run."""
+
+    @staticmethod
+    def per_rank(cfg: Config, world_size: int, whole: State) -> State:
+        """Every rank holds everything."""
+        return whole
 
     def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  cfg: Config, plan: BatchPlan, info: DistInfo) -> None:

@@ -31,6 +31,7 @@ from largebatch.batch import BatchPlan
 from largebatch.config import Config
 from largebatch.dist import DistInfo, broadcast_buffers, broadcast_from_main
 from largebatch.errors import UserError
+from largebatch.memory import State
 from largebatch.precision import StepOutcome, grad_norm
 
 TAG = "deepspeed"
@@ -57,8 +58,8 @@ def deepspeed_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
                         "(largebatch find-batch measures it)")
     if cfg.optim.name in LAYERWISE and stage >= 1:
         raise UserError(f"optim.name={cfg.optim.name} computes a trust ratio per layer, but engine.zero_stage={stage} "
-                        f"flattens layers into partitions (it would be per chunk); use engine.zero_stage=0, "
-                        f"engine.name=ddp, or sgd, adamw or a torch_optimizer:<Class>")
+                        f"flattens layers into partitions (it would be per chunk); use engine.name=fsdp (sharded, "
+                        f"per-layer ratios kept), engine.zero_stage=0, or sgd, adamw or a torch_optimizer:<Class>")
     if cfg.train.noise_scale and stage >= 2:
         raise UserError(f"train.noise_scale needs each rank's gradient before the reduction, which "
                         f"engine.zero_stage={stage} does not keep; use engine.zero_stage=0 or 1")
@@ -126,8 +127,18 @@ class DeepSpeedEngine:
     """deepspeed.initialize wants a process group, also for one process."""
 
     @staticmethod
-    def check(cfg: Config, plan: BatchPlan) -> None:
+    def check(cfg: Config, plan: BatchPlan, model: nn.Module | None) -> None:
         deepspeed_config(cfg, plan)
+
+    @staticmethod
+    def per_rank(cfg: Config, world_size: int, whole: State) -> State:
+        """Stage 1+ shards the optimizer state and adds an fp32 master copy of the parameters, sharded; stage 2+ the
+        gradients; stage 3 the parameters."""
+        stage, share = cfg.engine.zero_stage, lambda n: -(-n // world_size)
+        if stage == 0:
+            return whole
+        return State(share(whole.params) if stage >= 3 else whole.params,
+                     share(whole.grads) if stage >= 2 else whole.grads, share(whole.optimizer + whole.params))
 
     def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  cfg: Config, plan: BatchPlan, info: DistInfo) -> None:

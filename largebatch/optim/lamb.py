@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from largebatch.optim import fused
+from largebatch.optim import fused, sharding
 
 
 class LAMB(Optimizer):
@@ -36,6 +36,9 @@ class LAMB(Optimizer):
     norm before step().
 
     After each step ``state[p]["trust_ratio"]`` is the ratio used, a 0-d tensor (no host sync).
+    Parameters may be DTensors sharded over a 1-D device mesh (FSDP2's fully_shard): the norms are
+    then of the whole parameter, from one all-reduce per step (largebatch.optim.sharding), and the
+    ratio is a plain tensor, the same on every process; the moments are DTensors like the parameter.
     ``impl``: "foreach" uses torch._foreach_* ops on any device; "fused" uses a C++ kernel for
     contiguous fp32 CPU tensors and foreach for the rest; "auto" is fused if the kernel builds,
     else foreach with one warning. State is the same for every impl.
@@ -79,30 +82,54 @@ class LAMB(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if any(g.is_sparse for g in grads):
-                raise RuntimeError("LAMB does not support sparse gradients")
-            states = [self._state(p) for p in params]
-            tensors = [grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]]
-            kernels = fused.kernels_for(self.impl, params, tensors)
-            (kernels.lamb_step if kernels else foreach_lamb_step)(
-                params,
-                *tensors,
-                [state["step"] for state in states],
-                [state["trust_ratio"] for state in states],
-                group["lr"],
-                *group["betas"],
-                group["eps"],
-                group["weight_decay"],
-                group["bias_correction"],
-                group["trust_clip"],
-                group["adapt"],
-            )
+        groups = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
+        groups = [(group, params) for group, params in groups if params]
+        if sharding.is_sharded([p for _, params in groups for p in params]):
+            sharding.two_pass_step(groups, self._first_pass)
+        else:
+            for group, params in groups:
+                self._step(group, params)
         return loss
+
+    def _step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """One step of a group whose parameters are whole tensors: the fused kernel finishes each
+        tensor before the next."""
+        params, grads, exp_avgs, exp_avg_sqs, steps, trust_ratios = self._local_tensors(params)
+        kernels = fused.kernels_for(self.impl, params, [grads, exp_avgs, exp_avg_sqs])
+        (kernels.lamb_step if kernels else foreach_lamb_step)(
+            params, grads, exp_avgs, exp_avg_sqs, steps, trust_ratios,
+            group["lr"], *_adam(group), group["trust_clip"], group["adapt"],
+        )
+
+    def _first_pass(self, group: dict[str, Any], params: list[Tensor]) -> tuple[Tensor, Callable[[Tensor], None]]:
+        """Count steps, update the moments and sum the squares of w and u over the local shards;
+        returns the [n, 2] sums and the second pass, to call with the sums reduced over the shards."""
+        params, grads, exp_avgs, exp_avg_sqs, steps, trust_ratios = self._local_tensors(params)
+        adam = _adam(group)
+        lr, trust_clip, adapt = group["lr"], group["trust_clip"], group["adapt"]
+        kernels = fused.kernels_for(self.impl, params, [grads, exp_avgs, exp_avg_sqs])
+        if kernels:
+            sums = kernels.lamb_sums(params, grads, exp_avgs, exp_avg_sqs, steps, *adam)
+            return sums, lambda reduced: kernels.lamb_apply(
+                params, exp_avgs, exp_avg_sqs, steps, trust_ratios, reduced, lr, *adam, trust_clip, adapt
+            )
+        sums, updates = foreach_lamb_sums(params, grads, exp_avgs, exp_avg_sqs, steps, *adam)
+        return sums, lambda reduced: foreach_lamb_apply(params, updates, trust_ratios, reduced, lr, trust_clip, adapt)
+
+    def _local_tensors(self, params: list[Tensor]) -> tuple[list[Tensor], ...]:
+        """Params, grads, exp_avgs, exp_avg_sqs (this process's shards of DTensors), steps and trust ratios."""
+        grads = [p.grad for p in params]
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError("LAMB does not support sparse gradients")
+        states = [self._state(p) for p in params]
+        return (
+            [sharding.local(p) for p in params],
+            [sharding.local(g) for g in grads],
+            [sharding.local(state["exp_avg"]) for state in states],
+            [sharding.local(state["exp_avg_sq"]) for state in states],
+            [state["step"] for state in states],
+            [state["trust_ratio"] for state in states],
+        )
 
     def _state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -112,6 +139,11 @@ class LAMB(Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p)
             state["trust_ratio"] = torch.ones((), device=p.device)
         return state
+
+
+def _adam(group: dict[str, Any]) -> tuple[float, float, float, float, bool]:
+    """beta1, beta2, eps, weight_decay and bias_correction of a param group."""
+    return (*group["betas"], group["eps"], group["weight_decay"], group["bias_correction"])
 
 
 def foreach_lamb_step(
@@ -131,6 +163,26 @@ def foreach_lamb_step(
     adapt: bool,
 ) -> None:
     """One LAMB step with torch._foreach_* ops; counts `steps` and copies ratios into `trust_ratios`."""
+    sums, updates = foreach_lamb_sums(
+        params, grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, weight_decay, bias_correction
+    )
+    foreach_lamb_apply(params, updates, trust_ratios, sums, lr, trust_clip, adapt)
+
+
+def foreach_lamb_sums(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+) -> tuple[Tensor, list[Tensor]]:
+    """The first half of foreach_lamb_step: counts `steps`, updates the moments; returns the [n, 2]
+    float64 sums of squares of each w and u, and the updates u."""
     torch._foreach_add_(steps, 1.0)
     if bias_correction:
         bias_correction1 = [1.0 - beta1 ** step.item() for step in steps]
@@ -150,10 +202,21 @@ def foreach_lamb_step(
     torch._foreach_div_(updates, denom)
     if weight_decay != 0.0:
         torch._foreach_add_(updates, params, alpha=weight_decay)
+    return sharding.sum_squares(params, updates), updates
 
+
+def foreach_lamb_apply(
+    params: list[Tensor],
+    updates: list[Tensor],
+    trust_ratios: list[Tensor],
+    sums: Tensor,
+    lr: float,
+    trust_clip: float | None,
+    adapt: bool,
+) -> None:
+    """The second half of foreach_lamb_step: w -= lr·ratio·u with ratio = ‖w‖ / ‖u‖ from `sums`."""
     if adapt:
-        w_norm = torch.stack(torch._foreach_norm(params))
-        u_norm = torch.stack(torch._foreach_norm(updates))
+        w_norm, u_norm = sums.sqrt().float().unbind(1)
         ratio = w_norm / u_norm
         if trust_clip is not None:
             ratio = torch.clamp(ratio, 0.0, trust_clip)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from largebatch.optim import fused
+from largebatch.optim import fused, sharding
 
 
 class LARS(Optimizer):
@@ -35,6 +35,10 @@ class LARS(Optimizer):
     weight_decay=0 is not excluded from adaptation silently: exclusion is its ``adapt`` key.
 
     After each step ``state[p]["trust_ratio"]`` is the ratio used, a 0-d tensor (no host sync).
+    Parameters may be DTensors sharded over a 1-D device mesh (FSDP2's fully_shard): the norms are
+    then of the whole parameter, from one all-reduce per step (largebatch.optim.sharding), and the
+    ratio is a plain tensor, the same on every process; the momentum buffer is a DTensor like the
+    parameter.
     ``impl``: "foreach" uses torch._foreach_* ops on any device; "fused" uses a C++ kernel for
     contiguous fp32 CPU tensors and foreach for the rest; "auto" is fused if the kernel builds,
     else foreach with one warning. State is the same for every impl.
@@ -80,31 +84,48 @@ class LARS(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if any(g.is_sparse for g in grads):
-                raise RuntimeError("LARS does not support sparse gradients")
-            states = [self._state(p, group["momentum"]) for p in params]
-            buffers = [state["momentum_buffer"] for state in states] if group["momentum"] != 0.0 else []
-            kernels = fused.kernels_for(self.impl, params, [grads, buffers] if buffers else [grads])
-            (kernels.lars_step if kernels else foreach_lars_step)(
-                params,
-                grads,
-                buffers,
-                [state["trust_ratio"] for state in states],
-                group["lr"],
-                group["momentum"],
-                group["weight_decay"],
-                group["trust_coefficient"],
-                group["eps"],
-                group["nesterov"],
-                group["trust_clip"],
-                group["adapt"],
-            )
+        groups = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
+        groups = [(group, params) for group, params in groups if params]
+        if sharding.is_sharded([p for _, params in groups for p in params]):
+            sharding.two_pass_step(groups, self._first_pass)
+        else:
+            for group, params in groups:
+                self._step(group, params)
         return loss
+
+    def _step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """One step of a group whose parameters are whole tensors: the fused kernel finishes each
+        tensor before the next."""
+        params, grads, buffers, trust_ratios = self._local_tensors(group, params)
+        kernels = fused.kernels_for(self.impl, params, [grads, buffers] if buffers else [grads])
+        (kernels.lars_step if kernels else foreach_lars_step)(
+            params, grads, buffers, trust_ratios, *(group[key] for key in _HYPERPARAMETERS)
+        )
+
+    def _first_pass(self, group: dict[str, Any], params: list[Tensor]) -> tuple[Tensor, Callable[[Tensor], None]]:
+        """Sum the squares of w and g over the local shards; returns the [n, 2] sums and the second
+        pass, to call with the sums reduced over the shards."""
+        params, grads, buffers, trust_ratios = self._local_tensors(group, params)
+        kernels = fused.kernels_for(self.impl, params, [grads, buffers] if buffers else [grads])
+        sums = (kernels.lars_sums if kernels else foreach_lars_sums)(params, grads, group["adapt"])
+        apply = kernels.lars_apply if kernels else foreach_lars_apply
+        hyperparameters = [group[key] for key in _HYPERPARAMETERS]
+        return sums, lambda reduced: apply(params, grads, buffers, trust_ratios, reduced, *hyperparameters)
+
+    def _local_tensors(self, group: dict[str, Any], params: list[Tensor]) -> tuple[list[Tensor], ...]:
+        """Params, grads, momentum buffers (none without momentum; this process's shards of DTensors)
+        and trust ratios."""
+        grads = [p.grad for p in params]
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError("LARS does not support sparse gradients")
+        states = [self._state(p, group["momentum"]) for p in params]
+        buffers = [sharding.local(state["momentum_buffer"]) for state in states] if group["momentum"] != 0.0 else []
+        return (
+            [sharding.local(p) for p in params],
+            [sharding.local(g) for g in grads],
+            buffers,
+            [state["trust_ratio"] for state in states],
+        )
 
     def _state(self, p: Tensor, momentum: float) -> dict[str, Any]:
         state = self.state[p]
@@ -113,6 +134,10 @@ class LARS(Optimizer):
         if momentum != 0.0 and "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p)
         return state
+
+
+_HYPERPARAMETERS = ("lr", "momentum", "weight_decay", "trust_coefficient", "eps", "nesterov", "trust_clip", "adapt")
+"""The group keys that the step functions take after the tensors, in their order."""
 
 
 def foreach_lars_step(
@@ -130,9 +155,37 @@ def foreach_lars_step(
     adapt: bool,
 ) -> None:
     """One LARS step with torch._foreach_* ops; copies each tensor's ratio into `trust_ratios`."""
+    sums = foreach_lars_sums(params, grads, adapt)
+    foreach_lars_apply(params, grads, momentum_buffers, trust_ratios, sums, lr, momentum, weight_decay,
+                       trust_coefficient, eps, nesterov, trust_clip, adapt)
+
+
+def foreach_lars_sums(params: list[Tensor], grads: list[Tensor], adapt: bool) -> Tensor:
+    """The first half of foreach_lars_step: [n, 2] float64 sums of squares of each w and g (zeros
+    unless adapt)."""
+    if not adapt:
+        return torch.zeros(len(params), 2, dtype=torch.float64, device=params[0].device)
+    return sharding.sum_squares(params, grads)
+
+
+def foreach_lars_apply(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    trust_ratios: list[Tensor],
+    sums: Tensor,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    nesterov: bool,
+    trust_clip: bool,
+    adapt: bool,
+) -> None:
+    """The second half of foreach_lars_step, with ‖w‖ and ‖g‖ from `sums`."""
     if adapt:
-        w_norm = torch.stack(torch._foreach_norm(params))
-        g_norm = torch.stack(torch._foreach_norm(grads))
+        w_norm, g_norm = sums.sqrt().float().unbind(1)
         ratio = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
         if trust_clip:
             ratio = torch.clamp(ratio / lr, max=1.0)

@@ -1,0 +1,193 @@
+"""torch FSDP2 (`fully_shard`: every parameter a DTensor sharded on dim 0 over the ranks) behind the engine interface.
+
+Each block of the model is sharded as one unit (all-gathered for its forward and backward, resharded after), then
+the root with what is left, as torchtitan does. Blocks are the classes named in `engine.shard_blocks`, else a Hugging
+Face model's `_no_split_modules`, else the model's repeated blocks (`blocks`). bf16 is FSDP's MixedPrecisionPolicy
+(bf16 compute copies of the parameters, fp32 gradient reduction) with autocast for the loss. Between micro-steps of
+one step FSDP neither reduces nor reshards; the last micro-step reduce-scatters. Gradient norms and clipping are taken
+over the sharded gradients (DTensors) with the reduction FSDP's DTensors carry; checkpoints are
+`torch.distributed.checkpoint` with sharded state dicts, so another world size reshards on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from largebatch.batch import BatchPlan
+from largebatch.config import Config
+from largebatch.dist import DistInfo, broadcast_buffers
+from largebatch.errors import UserError
+from largebatch.memory import State
+from largebatch.precision import Precision, StepOutcome
+
+SHARDS = "fsdp"
+"""The checkpoint's subdirectory for the torch.distributed.checkpoint files."""
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def blocks(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The modules to shard as units, outermost first: instances of the classes in `names`, else of a Hugging Face
+    model's `_no_split_modules`, else of the classes the model holds more than once that have children and are not
+    containers (transformer and residual blocks), outermost only. [] means: the whole model is one unit."""
+    chosen = set(names or getattr(model, "_no_split_modules", None) or [])
+    if names:
+        present = {type(m).__name__ for m in model.modules()}
+        if missing := sorted(set(names) - present):
+            candidates = sorted({type(m).__name__ for m in model.modules() if list(m.children())} - {type(model).__name__})
+            raise UserError(f"engine.shard_blocks names {', '.join(missing)}, which the model does not have; "
+                            f"its module classes with children: {', '.join(candidates) or 'none'}")
+    if not chosen:
+        counts = Counter(type(m).__name__ for m in model.modules()
+                         if m is not model and list(m.children()) and not isinstance(m, CONTAINERS))
+        chosen = {name for name, n in counts.items() if n > 1}
+    found: list[nn.Module] = []
+    for module in model.modules():
+        if module is not model and type(module).__name__ in chosen and not any(
+                sub is module for outer in found for sub in outer.modules()):
+            found.append(module)
+    return found
+
+
+class FSDPEngine:
+    """`model` and `module` are the same object: fully_shard turns the model itself into the sharded one."""
+
+    needs_process_group = True
+    """fully_shard needs a device mesh, also for one process."""
+
+    @staticmethod
+    def check(cfg: Config, plan: BatchPlan, model: nn.Module | None) -> None:
+        if cfg.batch.micro_size == "auto":
+            raise UserError("batch.micro_size=auto is not supported with engine.name=fsdp (its out-of-memory redo "
+                            "needs gradients that are not yet reduced); set batch.micro_size (largebatch find-batch "
+                            "measures it)")
+        if cfg.train.noise_scale:
+            raise UserError("train.noise_scale needs each rank's gradient before the reduction, which FSDP "
+                            "reduce-scatters inside backward; measure it with engine.name=ddp on the same batch plan")
+        if cfg.train.precision == "fp16":
+            raise UserError("train.precision=fp16 is not supported with engine.name=fsdp (no loss scaler for sharded "
+                            "gradients here); use bf16, or engine.name=ddp")
+        if cfg.model.norm == "syncbatch":
+            raise UserError("model.norm=syncbatch is not supported with engine.name=fsdp; use model.norm=group or "
+                            "layer, or engine.name=ddp")
+        if model is not None:
+            blocks(model, cfg.engine.shard_blocks)
+
+    @staticmethod
+    def per_rank(cfg: Config, world_size: int, whole: State) -> State:
+        """A 1/world shard of everything (buffers are counted whole: they are few); not counted: one unit all-gathered
+        during its forward and backward."""
+        return State(*(-(-part // world_size) for part in (whole.params, whole.grads, whole.optimizer)))
+
+    def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                 cfg: Config, plan: BatchPlan, info: DistInfo) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if cfg.train.precision == "bf16" else MixedPrecisionPolicy()
+        module = module.to(info.device)
+        self.units = blocks(module, cfg.engine.shard_blocks)
+        for unit in self.units:
+            fully_shard(unit, mesh=mesh, mp_policy=policy)
+        self.module = self.model = fully_shard(module, mesh=mesh, mp_policy=policy)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.module)
+        self.precision = Precision(cfg.train.precision, info.device)
+
+    def micro_step(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Reduce-scatter the gradients and reshard after backward only on the step's last micro-step."""
+        self.model.set_requires_gradient_sync(sync)
+        self.model.set_reshard_after_backward(sync)
+        return contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.precision.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def reduce_gradients(self) -> None:
+        raise AssertionError("FSDP reduces gradients in backward: check() refuses what would need it")
+
+    def scale_gradients(self, factor: float) -> None:
+        torch._foreach_mul_(_local_grads(self.params), factor)
+
+    def local_grad_sq(self) -> float:
+        raise AssertionError("FSDP reduces gradients in backward: check() refuses the noise scale")
+
+    def step(self, loss: float, max_norm: float | None) -> StepOutcome:
+        """The norm over all ranks' gradient shards, clipping with it, then the optimizer if loss and norm are finite."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads, foreach=True)
+        total = total.full_tensor() if hasattr(total, "full_tensor") else total
+        if max_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, total, foreach=True)
+        outcome = self.precision.step(self.optimizer, loss, total.item())
+        self.optimizer.zero_grad(set_to_none=True)
+        return outcome
+
+    @property
+    def loss_scale(self) -> float | None:
+        return None
+
+    def sync_buffers(self) -> None:
+        """Buffers are not sharded: give every rank rank 0's (BatchNorm running statistics)."""
+        broadcast_buffers(self.module)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model on every rank, gathered from the shards (collective)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing for state.pt: model and optimizer go through `save_shards`."""
+        return {}
+
+    def _sharded(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optimizer = get_state_dict(self.module, self.optimizer)
+        return {"model": model, "optimizer": optimizer}
+
+    def save_shards(self, directory: Path) -> None:
+        """Every rank writes its shards of the model and of the optimizer state, by parameter name (collective)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._sharded(), checkpoint_id=directory / SHARDS)
+
+    def load_state_dict(self, state: dict[str, Any], directory: Path) -> None:
+        """Load the shards this rank holds now, from a checkpoint written by any number of processes (collective);
+        optimizer hyperparameters stay this run's config's."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        if not (directory / SHARDS / ".metadata").is_file():
+            raise UserError(f"checkpoint {directory} has no FSDP shards under {SHARDS}/ (another engine wrote it); "
+                            f"resume it with that engine.name, or run.resume=never")
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        sharded = self._sharded()
+        dcp.load(sharded, checkpoint_id=directory / SHARDS)
+        set_state_dict(self.module, self.optimizer, model_state_dict=sharded["model"],
+                       optim_state_dict=sharded["optimizer"])
+        for group, setting in zip(self.optimizer.param_groups, settings):
+            group.update(setting)
+
+    def files(self) -> dict[str, Any]:
+        """Written to the run directory: which modules were sharded as units."""
+        names = {id(m): n for n, m in self.module.named_modules()}
+        return {"fsdp.json": {"units": [names[id(u)] for u in self.units] + ["(root)"],
+                              "world_size": torch.distributed.get_world_size()}}
+
+
+def _local_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's shards of the gradients (DTensor locals), in place-modifiable."""
+    return [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
