@@ -15,15 +15,15 @@ QUICK = ("--config", "configs/quickstart.yaml")
 @pytest.fixture(scope="module")
 def fp32_curve(tmp_path_factory):
     run = tmp_path_factory.mktemp("fp32")
-    train(run, "train.epochs=30", "train.precision=fp32", config=QUICK[1])
+    train(run, "train.epochs=10", "train.precision=fp32", config=QUICK[1])
     return [r["loss"] for r in metrics(run)]
 
 
 @pytest.mark.parametrize("precision, tolerance", [("bf16", 0.05), ("fp16", 0.02)])
 def test_mixed_precision_tracks_the_fp32_loss_curve(run_dirs, fp32_curve, precision, tolerance):
-    """Stated tolerance: every logged loss within `tolerance` absolute of fp32 on the quickstart task (30 epochs)."""
+    """Stated tolerance: every logged loss within `tolerance` absolute of fp32 on the quickstart task (10 epochs)."""
     run = run_dirs(precision)
-    summary = train(run, "train.epochs=30", f"train.precision={precision}", config=QUICK[1])
+    summary = train(run, "train.epochs=10", f"train.precision={precision}", config=QUICK[1])
     curve = [r["loss"] for r in metrics(run)]
     assert len(curve) == len(fp32_curve)
     assert max(abs(a - b) for a, b in zip(curve, fp32_curve)) <= tolerance

@@ -196,7 +196,7 @@ def test_a_user_module_trains_the_same_through_the_cli_and_the_python_api(user_t
 def test_kill_9_mid_epoch_on_an_image_folder_ends_with_the_same_weights(images, run_dirs):
     """torchrun --max-restarts 1 restarts the group after a worker's SIGKILL; the resumed run draws the same crops
     (seeded per example) and ends bit-identical to an uninterrupted one."""
-    config = (*RESNET18, f"data.path={images}", "batch.global_size=16", "train.steps=20", "train.checkpoint_every=4")
+    config = (*RESNET18, f"data.path={images}", "batch.global_size=16", "train.steps=12", "train.checkpoint_every=4")
     reference = train(run_dirs("uninterrupted"), *config, nproc=2)
     run = run_dirs("killed")
     kill_one_worker_mid_run(run, config, 6, "step_00000004")  # epoch 1 of 12 steps: resumes at step 4

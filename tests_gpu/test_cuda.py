@@ -1,6 +1,7 @@
 """The GPU check list (`make test-gpu`, not part of `make test`): the CUDA paths the CPU suite cannot reach.
 
-NCCL DDP, DeepSpeed ZeRO-2/3 in fp32, bf16 and fp16 (and CPU offload with DeepSpeed's CPU Adam), SyncBatchNorm,
+NCCL DDP, DeepSpeed ZeRO-2/3 in fp32, bf16 and fp16 (and CPU offload with DeepSpeed's CPU Adam), FSDP2 in fp32
+(AdamW and sharded LAMB) and bf16, SyncBatchNorm,
 LARS/LAMB on CUDA against the same optimizer on the CPU, a real CUDA out-of-memory error caught by
 `batch.micro_size=auto`, and find-batch on the real allocator. Runs on 2 GPUs where there are 2 or more, else on 1.
 Without CUDA every test skips with one line.
@@ -73,6 +74,22 @@ def test_deepspeed_zero(tmp_path: Path, stage: int, precision: str, ddp_gpt: lis
 def test_deepspeed_cpu_offload(tmp_path: Path) -> None:
     _, metrics = train(tmp_path, GPT, "engine.name=deepspeed", "engine.zero_stage=2", "engine.offload=cpu")
     learned(metrics)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fsdp(tmp_path: Path, optimizer: str, precision: str) -> None:
+    """FSDP2 over NCCL; fp32 within CUDA's reproducibility of the DDP engine, trust ratios included for LAMB."""
+    lamb = ("optim.name=lamb", "optim.lr=0.004") if optimizer == "lamb" else ()
+    _, metrics = train(tmp_path, GPT, "engine.name=fsdp", f"train.precision={precision}", *lamb)
+    learned(metrics)
+    if precision == "fp32":
+        _, reference = train(tmp_path / "ddp", GPT, *lamb)
+        for ours, ref in zip(metrics, reference):
+            assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-3)
+            ratios = [k for k in ref if k.startswith("trust_ratio/")]
+            assert [ours[k] for k in ratios] == pytest.approx([ref[k] for k in ratios], rel=1e-3)
+    assert json.loads((tmp_path / "fsdp.json").read_text())["units"][-1] == "(root)"
 
 
 def test_syncbatchnorm(tmp_path: Path) -> None:

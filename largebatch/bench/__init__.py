@@ -15,8 +15,9 @@ BENCHMARKS = {
     "data": "our image-folder loader against torchvision's ImageFolder + DataLoader, and whether training is input-bound",
     "loop": "our trainer's samples/s against a minimal hand-written DDP loop; --engine deepspeed: ZeRO-0/2 vs DDP",
     "memory": "activation memory and step time with and without gradient checkpointing (tiny GPT, CNN); --engines: "
-              "per-rank bytes of parameters, gradients and optimizer state under DDP and ZeRO 0-3",
-    "optim": "our LARS/LAMB against torch's fused SGD/AdamW and torch-optimizer, on ResNet-50's shapes",
+              "per-rank bytes of parameters, gradients and optimizer state under DDP, ZeRO 0-3 and FSDP",
+    "optim": "our LARS/LAMB against torch's fused SGD/AdamW and torch-optimizer, on ResNet-50's shapes; --sharded: "
+             "on FSDP2-style shards of 2 processes (one all-reduce for whole-parameter norms)",
 }
 
 
