@@ -28,6 +28,7 @@ from largebatch.dist import DistInfo
 from largebatch.engine import Engine
 from largebatch.errors import ArgumentParser, check_choice
 from largebatch.memory import ActivationMeter
+from largebatch.optim.sharding import local
 
 WORKLOADS = {
     "gpt": ("data.name=text", "data.context=128", "model.name=gpt", "model.width=128", "model.depth=4", "model.heads=4"),
@@ -74,7 +75,7 @@ def measure(overrides: tuple[str, ...], micro: int, checkpointing: bool, steps: 
 def tensors(value: Any) -> Iterator[torch.Tensor]:
     """Every tensor in `value`: a tensor, or lists, tuples and dicts of them (None holds none)."""
     if isinstance(value, torch.Tensor):
-        yield value.to_local() if hasattr(value, "to_local") else value
+        yield local(value)
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from tensors(item)

@@ -25,6 +25,7 @@ from largebatch.config import Config
 from largebatch.dist import DistInfo, broadcast_buffers
 from largebatch.errors import UserError
 from largebatch.memory import State
+from largebatch.optim.sharding import local
 from largebatch.precision import Precision, StepOutcome
 
 SHARDS = "fsdp"
@@ -118,7 +119,7 @@ class FSDPEngine:
         raise AssertionError("FSDP reduces gradients in backward: check() refuses what would need it")
 
     def scale_gradients(self, factor: float) -> None:
-        torch._foreach_mul_(_local_grads(self.params), factor)
+        torch._foreach_mul_([local(p.grad) for p in self.params if p.grad is not None], factor)
 
     def local_grad_sq(self) -> float:
         raise AssertionError("FSDP reduces gradients in backward: check() refuses the noise scale")
@@ -187,7 +188,3 @@ class FSDPEngine:
         return {"fsdp.json": {"units": [names[id(u)] for u in self.units] + ["(root)"],
                               "world_size": torch.distributed.get_world_size()}}
 
-
-def _local_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """This rank's shards of the gradients (DTensor locals), in place-modifiable."""
-    return [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]

@@ -84,13 +84,7 @@ class LARS(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        groups = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
-        groups = [(group, params) for group, params in groups if params]
-        if sharding.is_sharded([p for _, params in groups for p in params]):
-            sharding.two_pass_step(groups, self._first_pass)
-        else:
-            for group, params in groups:
-                self._step(group, params)
+        sharding.step(self.param_groups, self._step, self._first_pass)
         return loss
 
     def _step(self, group: dict[str, Any], params: list[Tensor]) -> None:

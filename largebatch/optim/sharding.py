@@ -82,6 +82,22 @@ def reduce_sums(params: list[Tensor], sums: Tensor) -> Tensor:
     return sums.index_copy(0, index, shared)
 
 
+def step(
+    param_groups: list[dict[str, Any]],
+    whole_step: Callable[[dict[str, Any], list[Tensor]], None],
+    first_pass: Callable[[dict[str, Any], list[Tensor]], tuple[Tensor, Callable[[Tensor], None]]],
+) -> None:
+    """A LARS or LAMB step over the parameters that have gradients: `whole_step(group, params)` group by group,
+    or `two_pass_step` if any of them is sharded."""
+    groups = [(group, [p for p in group["params"] if p.grad is not None]) for group in param_groups]
+    groups = [(group, params) for group, params in groups if params]
+    if is_sharded([p for _, params in groups for p in params]):
+        two_pass_step(groups, first_pass)
+    else:
+        for group, params in groups:
+            whole_step(group, params)
+
+
 def two_pass_step(
     groups: list[tuple[dict[str, Any], list[Tensor]]],
     first_pass: Callable[[dict[str, Any], list[Tensor]], tuple[Tensor, Callable[[Tensor], None]]],
