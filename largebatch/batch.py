@@ -97,28 +97,46 @@ def steps_per_epoch(dataset_size: int, batch_plan: BatchPlan) -> int:
     return dataset_size // batch_plan.global_batch
 
 
-class GlobalBatchSampler:
-    """Yields this rank's micro-batches of indices, step by step, the same global batches on any topology.
+Position = tuple[int, int]
+"""(epoch, offset): where the next global batch starts in that epoch's permutation of the training set."""
 
-    Each epoch is one seeded permutation of the dataset cut into ⌊n / global⌋ global batches
-    (the remainder is dropped). Within a global batch, rank r takes the r-th contiguous
-    share of `per_rank` examples and micro-step m the m-th `micro_batch` of that share, so the
-    union over ranks and micro-steps at step t does not depend on the split.
+
+def locate(position: Position, size: int, dataset_size: int) -> Position:
+    """(epoch, start) of the global batch of `size` taken at `position`: an epoch's tail shorter than `size` is
+    dropped, so no batch spans two epochs and no example repeats within one, whatever the sizes before it."""
+    epoch, offset = position
+    return (epoch + 1, 0) if offset + size > dataset_size else (epoch, offset)
+
+
+def advance(position: Position, size: int, dataset_size: int) -> Position:
+    """The position after taking a global batch of `size` at `position`."""
+    epoch, start = locate(position, size, dataset_size)
+    return epoch, start + size
+
+
+class GlobalBatchSampler:
+    """Yields this rank's micro-batches of indices for `steps` global batches of one plan, taken from `position` on.
+
+    Each epoch is one seeded permutation of the dataset, consumed batch after batch (a tail too short for the
+    next batch is dropped): with a constant global batch, ⌊n / global⌋ batches per epoch. Within a global batch,
+    rank r takes the r-th contiguous share of `per_rank` examples and micro-step m the m-th `micro_batch` of that
+    share, so the union over ranks and micro-steps at step t does not depend on the split. A batch-size schedule
+    starts a new sampler at each change, from the position the last one reached.
 
     With `draws`, each index comes as (seed, epoch, index), from which an epoch-aware dataset seeds that
     example's random augmentation: the same crop at step t on any topology and with any worker count.
     """
 
-    def __init__(self, dataset_size: int, batch_plan: BatchPlan, rank: int, seed: int,
-                 total_steps: int, start_step: int = 0, draws: bool = False) -> None:
+    def __init__(self, dataset_size: int, batch_plan: BatchPlan, rank: int, seed: int, steps: int,
+                 position: Position = (0, 0), draws: bool = False) -> None:
+        steps_per_epoch(dataset_size, batch_plan)  # the global batch must fit in the training set
         self.dataset_size = dataset_size
         self.plan = batch_plan
         self.rank = rank
         self.seed = seed
-        self.total_steps = total_steps
-        self.start_step = start_step
+        self.steps = steps
+        self.position = position
         self.draws = draws
-        self.steps_per_epoch = steps_per_epoch(dataset_size, batch_plan)
         self._epoch_order: tuple[int, np.ndarray] | None = None
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -126,20 +144,21 @@ class GlobalBatchSampler:
             self._epoch_order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.dataset_size))
         return self._epoch_order[1]
 
-    def global_batch(self, step: int) -> np.ndarray:
-        """All indices of the global batch at optimizer step `step` (0-based)."""
-        epoch, position = divmod(step, self.steps_per_epoch)
-        size = self.plan.global_batch
-        return self._order(epoch)[position * size:(position + 1) * size]
+    def global_batches(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(epoch, all indices) of each global batch in turn."""
+        position, size = self.position, self.plan.global_batch
+        for _ in range(self.steps):
+            epoch, start = locate(position, size, self.dataset_size)
+            position = (epoch, start + size)
+            yield epoch, self._order(epoch)[start:start + size]
 
     def __iter__(self) -> Iterator[list[int] | list[tuple[int, int, int]]]:
         share, micro = self.plan.per_rank, self.plan.micro_batch
-        for step in range(self.start_step, self.total_steps):
-            mine = self.global_batch(step)[self.rank * share:(self.rank + 1) * share]
-            epoch = step // self.steps_per_epoch
+        for epoch, indices in self.global_batches():
+            mine = indices[self.rank * share:(self.rank + 1) * share]
             for m in range(self.plan.accum_steps):
-                indices = mine[m * micro:(m + 1) * micro].tolist()
-                yield [(self.seed, epoch, i) for i in indices] if self.draws else indices
+                chunk = mine[m * micro:(m + 1) * micro].tolist()
+                yield [(self.seed, epoch, i) for i in chunk] if self.draws else chunk
 
     def __len__(self) -> int:
-        return (self.total_steps - self.start_step) * self.plan.accum_steps
+        return self.steps * self.plan.accum_steps

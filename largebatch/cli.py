@@ -55,7 +55,19 @@ def _find_batch(argv: list[str]) -> int:
     return find_batch.main(argv)
 
 
-SUBPROGRAMS = {"find-batch": _find_batch, "report": _report}
+def _noise_scale(argv: list[str]) -> int:
+    from largebatch import noise_probe
+
+    return noise_probe.main(argv)
+
+
+def _sweep(argv: list[str]) -> int:
+    from largebatch import sweep
+
+    return sweep.main(argv)
+
+
+SUBPROGRAMS = {"find-batch": _find_batch, "noise-scale": _noise_scale, "report": _report, "sweep": _sweep}
 """Commands with their own argument parser: everything after the command name goes to it."""
 
 
@@ -80,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
 
     commands.add_parser("find-batch", help="micro-batch size vs memory and speed, and the plan that fits")
+    commands.add_parser("noise-scale", help="the gradient noise scale B_simple at a checkpoint, fitted over batch sizes")
     commands.add_parser("report", help="PNG plots and one HTML page from run directories")
+    commands.add_parser("sweep", help="train at several global batches to a target; fit steps vs examples (B_crit)")
     return parser
 
 

@@ -98,6 +98,14 @@ class BatchConfig:
     """Micro-steps per optimizer step; derived, and must agree if given."""
     memory_limit: str | None = None
     """Per-process memory budget for micro_size=auto, e.g. 2GiB (default: the GPU's memory; none on CPU)."""
+    schedule: str = "constant"
+    """How the global batch changes: constant, ramp (linear in examples, Megatron-style) or gns (follows the
+    measured noise scale, AdaptDL-style); ramp and gns change accumulation only, at step boundaries."""
+    start_size: int | None = None
+    """ramp, gns: the global batch of the first step (a multiple of world × micro-batch); batch.global_size is the
+    largest (ramp's end, gns's cap)."""
+    ramp_samples: int | None = None
+    """ramp: training examples over which the global batch grows linearly from start_size to global_size."""
 
 
 @dataclass
@@ -134,6 +142,9 @@ class OptimConfig:
     """lars, lamb: auto (fused kernel where it builds), fused, or foreach (the readable reference)."""
     options: dict = field(default_factory=dict)
     """torch_optimizer:<Class>: keyword options passed through, e.g. {clamp_value: 10}."""
+    scale_beta2: bool = False
+    """adamw, lamb: set β2 to β2^(global batch / reference_batch) at each batch size, keeping the second moment's
+    half-life fixed in examples (Marek et al. 2025)."""
 
 
 @dataclass
@@ -180,6 +191,9 @@ class TrainConfig:
     """Estimate the gradient noise scale (≈ critical batch size) on log steps; needs 2+ processes or accumulation."""
     nonfinite: str = "skip"
     """A NaN/inf loss or gradient: skip the step (counted and logged) or stop the run."""
+    target: str | None = None
+    """Stop at the first eval step where eval/<metric>=VALUE is reached (≥ VALUE; ≤ for a metric named *loss*),
+    e.g. eval/accuracy=0.97; summary.json records the step and examples it took."""
 
 
 @dataclass
@@ -196,6 +210,32 @@ class EngineConfig:
     shard_blocks: list[str] = field(default_factory=list)
     """fsdp: class names of the modules to shard as units (default: a Hugging Face model's _no_split_modules, else
     the classes the model repeats, e.g. its transformer or residual blocks)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A held-out metric to reach: eval/<metric>=VALUE; a loss is reached from above, anything else from below."""
+
+    key: str
+    value: float
+
+    @staticmethod
+    def parse(text: str, option: str = "train.target") -> Target:
+        key, _, value = text.partition("=")
+        try:
+            target = Target(key.strip(), float(value))
+        except ValueError:
+            target = None
+        if target is None or not target.key.startswith("eval/") or not math.isfinite(target.value):
+            raise UserError(f"{option}={text} must be eval/<metric>=<number>, e.g. eval/accuracy=0.97 or "
+                            f"eval/loss=0.5")
+        return target
+
+    def met(self, record: Mapping[str, Any]) -> bool:
+        value = record.get(self.key)
+        if value is None:
+            return False
+        return value <= self.value if "loss" in self.key else value >= self.value
 
 
 @dataclass
@@ -267,6 +307,16 @@ def validate(cfg: Config) -> None:
     check_choice("logging.wandb", cfg.logging.wandb, ("disabled", "offline", "online"))
     check_choice("data.dtype", cfg.data.dtype, ("uint16", "uint32"))
     check_choice("engine.name", cfg.engine.name, ("ddp", "deepspeed", "fsdp"))
+    check_choice("batch.schedule", cfg.batch.schedule, ("constant", "ramp", "gns"))
+    if cfg.train.target is not None:
+        Target.parse(cfg.train.target)
+        if not cfg.train.eval_every:
+            raise UserError("train.target is checked on eval steps: set train.eval_every (e.g. a hundredth of the run)")
+    if cfg.batch.schedule == "gns" and not cfg.train.noise_scale:
+        raise UserError("batch.schedule=gns follows the measured noise scale: set train.noise_scale=true")
+    if cfg.batch.schedule != "constant" and cfg.engine.name == "deepspeed":
+        raise UserError(f"batch.schedule={cfg.batch.schedule} changes accumulation during the run, which DeepSpeed "
+                        f"fixes in its config (train_batch_size): use engine.name=ddp or fsdp")
     check_choice("engine.offload", cfg.engine.offload, ("none", "cpu"))
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise UserError(f"engine.zero_stage={cfg.engine.zero_stage} must be 0, 1, 2 or 3")
@@ -356,6 +406,7 @@ MODE_KEYS: dict[str, dict[Any, tuple[str, ...]]] = {
         FACTORY: ("model.args",),
     },
     "batch.micro_size": {"auto": ("batch.memory_limit",)},
+    "batch.schedule": {"constant": (), "ramp": ("batch.start_size", "batch.ramp_samples"), "gns": ("batch.start_size",)},
     "schedule.name": {
         "constant": (),
         "cosine": ("schedule.min_lr_ratio",),

@@ -10,16 +10,17 @@ from typing import Any
 
 import torch
 
-from largebatch import batch, checkpoint, dist, memory, optim, task as tasks
+from largebatch import batch, batch_schedule, checkpoint, dist, memory, optim, task as tasks
 from largebatch.config import Config
 from largebatch.engine import engines
 from largebatch.errors import UserError, warn
 from largebatch.optim.scaling import peak_lr
 
 
-CHECKPOINT_FORMAT = 4
+CHECKPOINT_FORMAT = 5
 """Bumped when the checkpoint layout changes (2: optimizer state by parameter name, applied-step count;
-3: the dataset's length and fingerprint in its identity; 4: the engine in its identity, engine shards beside state.pt)."""
+3: the dataset's length and fingerprint in its identity; 4: the engine in its identity, engine shards beside state.pt;
+5: the data position, examples trained and current global batch in the state, for batch-size schedules)."""
 CADENCE = ("log_every", "eval_every", "checkpoint_every", "checkpoint_keep")
 """train.* keys that only change how often things happen, not the trajectory; not reported on resume."""
 
@@ -31,6 +32,7 @@ class Job:
     """None only when planning without the data (`largebatch plan --examples`)."""
     train_examples: int
     plan: batch.BatchPlan
+    """The plan at batch.global_size (a batch-size schedule starts smaller and grows to it)."""
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
@@ -42,6 +44,11 @@ class Job:
     """batch.memory_limit in bytes."""
     resumed_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     """`settings()` of the checkpoint being resumed ({} when starting afresh)."""
+
+    @property
+    def total_samples(self) -> int:
+        """The run's length in examples: total_steps global batches of batch.global_size, whatever the schedule."""
+        return self.total_steps * self.plan.global_batch
 
     @property
     def auto_micro(self) -> bool:
@@ -61,11 +68,12 @@ class Job:
         return fixed
 
     def settings(self) -> dict[str, Any]:
-        """What a resume may change (applied from the resumed step on, and reported): optimizer, schedule,
-        training options and the batch split."""
+        """What a resume may change (applied from the resumed step on, and reported): optimizer, LR and batch-size
+        schedules, training options and the batch split."""
         c = self.cfg
         flat = {f"{section}.{k}": v for section in ("optim", "schedule", "train")
                 for k, v in dataclasses.asdict(getattr(c, section)).items() if k not in CADENCE}
+        flat |= {f"batch.{k}": getattr(c.batch, k) for k in ("schedule", "start_size", "ramp_samples")}
         return {**flat, "micro_batch": self.plan.micro_batch, "world_size": self.plan.world_size}
 
     def checkpoint_meta(self) -> dict[str, Any]:
@@ -94,8 +102,11 @@ def prepare(cfg: Config, world_size: int, train_examples: int | None = None, tas
     reading any data."""
     if cfg.batch.micro_size == "auto" and cfg.batch.accum_steps is not None:
         raise UserError("batch.micro_size=auto derives batch.accum_steps; drop batch.accum_steps")
-    micro = None if cfg.batch.micro_size == "auto" else cfg.batch.micro_size
+    micro = batch_schedule.micro_size(cfg.batch, world_size)
     plan = batch.plan(world_size, cfg.batch.global_size, micro, cfg.batch.accum_steps)
+    if cfg.batch.schedule == "gns" and world_size == 1 and cfg.batch.start_size < 2 * plan.micro_batch:
+        raise UserError("batch.schedule=gns on one process measures the noise scale across micro-batches: set "
+                        "batch.start_size to at least 2 × batch.micro_size")
     model = None
     if train_examples is None:
         task = task or tasks.build(cfg)
@@ -149,7 +160,7 @@ def _resume_point(job: Job) -> Path | None:
             )
     job.resumed_settings = saved["settings"]
     changed = [f"{k} {saved['settings'].get(k)} → {v}" for k, v in job.settings().items()
-               if k.startswith(("optim.", "schedule.", "train.")) and saved["settings"].get(k) != v]
+               if k.startswith(("optim.", "schedule.", "train.", "batch.")) and saved["settings"].get(k) != v]
     if changed:
         warn(f"resuming {path.name} with changed settings, applied from its step on: {', '.join(changed)}")
     return path

@@ -32,11 +32,22 @@ class NoiseScale:
     decay: float = 0.9
     g2: float | None = None
     trace: float | None = None
+    count: int = 0
+    """Measurements so far."""
+
+    @property
+    def value(self) -> float | None:
+        """B_noise once the averages span their window (1 / (1 − decay) measurements), else None: the first
+        estimates at small batches scatter by ±50 %, too much to act on."""
+        if self.count * (1 - self.decay) < 1 or not self.g2 or self.g2 <= 0:
+            return None
+        return self.trace / self.g2
 
     def update(self, sq_small: float, b_small: int, sq_big: float, b_big: int) -> dict[str, float]:
         g2, trace = estimate(sq_small, b_small, sq_big, b_big)
         self.g2 = g2 if self.g2 is None else self.decay * self.g2 + (1 - self.decay) * g2
         self.trace = trace if self.trace is None else self.decay * self.trace + (1 - self.decay) * trace
+        self.count += 1
         out = {"gns/grad_sq": self.g2, "gns/trace": self.trace}
         if self.g2 > 0:
             out["gns"] = self.trace / self.g2
@@ -47,4 +58,4 @@ class NoiseScale:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.decay, self.g2, self.trace = state["decay"], state["g2"], state["trace"]
+        self.decay, self.g2, self.trace, self.count = state["decay"], state["g2"], state["trace"], state["count"]

@@ -171,29 +171,59 @@ def loss_panel(runs: list[Run]) -> Figure:
 
 
 def noise_scale_panel(runs: list[Run]) -> Figure | None:
-    """B_noise over training, and each run's late-training median against its global batch (McCandlish et al. 2018)."""
+    """B_noise as training goes, with each run's global batch drawn beside it: below B_noise a larger batch would
+    still cut steps almost in proportion; above it, steps barely fall (McCandlish et al. 2018)."""
     measured = [run for run in runs if run.series("gns")[0]]
     if not measured:
         return None
-    fig = Figure(figsize=(12, 4.2), layout="constrained")
-    over_time, vs_batch = fig.subplots(1, 2)
-    _lines(measured, "gns", "samples", over_time)
-    _axes(over_time, "Gradient noise scale during training", SAMPLES, "B_noise", log=True)
-    batches = sorted({run.global_batch for run in measured if run.global_batch})
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    _lines(measured, "gns", "samples", ax)
     for run in measured:
-        if run.global_batch:
-            values = run.series("gns")[1]
-            vs_batch.scatter([run.global_batch], [statistics.median(values[len(values) // 2:])], color=run.color,
-                             label=run.label, s=50, zorder=3)
-    if batches:
-        lo, hi = batches[0] / 2, batches[-1] * 2
-        vs_batch.plot([lo, hi], [lo, hi], "k--", lw=1, label="B_noise = global batch")
-        vs_batch.set_xscale("log")
-        vs_batch.set_xticks(batches, [str(b) for b in batches])
-        vs_batch.xaxis.set_minor_formatter(NullFormatter())
-        _log_y(vs_batch)
-        vs_batch.legend(fontsize="small")
-    _axes(vs_batch, "Noise scale (median, 2nd half) vs global batch", "global batch", "B_noise")
+        xs, ys = run.series("global_batch", "samples")
+        if not xs and run.global_batch:
+            xs, ys = [run.series("gns", "samples")[0][0], run.series("gns", "samples")[0][-1]], [run.global_batch] * 2
+        ax.step(xs, ys, where="post", color=run.color, ls="--", lw=1.2, label=f"{run.label}: global batch")
+    _axes(ax, "Gradient noise scale B_noise and the global batch", SAMPLES, "examples", log=True)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def sweep_figure(result: dict[str, Any], name: str) -> Figure:
+    """Steps vs examples to the target, one point per run, the fitted S = S_min + E_min/B with its asymptotes,
+    B_crit, the 20 %-over-linear batch and the measured noise scale marked on the curve."""
+    fig = Figure(figsize=(8, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    reached = [p for p in result["points"] if p["reached"]]
+    best = set(result["best"])
+    for p in reached:
+        ax.scatter(p["examples"], p["steps"], s=60 if p["run_dir"] in best else 25, zorder=3,
+                   color="C0" if p["run_dir"] in best else "C7")
+        ax.annotate(f"B={p['global_batch']}" + (f", lr {p['lr']:g}" if p["lr"] is not None else "")
+                    + (f", {p['optimizer']}" if p["optimizer"] else ""),
+                    (p["examples"], p["steps"]), textcoords="offset points", xytext=(6, 4), fontsize="small")
+    f = result["fit"]
+    if f is not None:
+        batches = [p["global_batch"] for p in reached]
+        grid = [min(batches) / 4 * 1.1**i for i in range(200) if min(batches) / 4 * 1.1**i <= max(batches) * 8]
+        steps = [f["s_min"] + f["e_min"] / b for b in grid]
+        ax.plot([s * b for s, b in zip(steps, grid)], steps, "C0-", lw=1.5,
+                label=f"fit: (S/S_min − 1)(E/E_min − 1) = 1, S_min {f['s_min']:.3g}, E_min {f['e_min']:.3g}")
+        ax.axhline(f["s_min"], color="C0", ls=":", lw=1)
+        ax.axvline(f["e_min"], color="C0", ls=":", lw=1)
+        marks = [(f["b_crit"], "C3", f"B_crit = E_min/S_min = {f['b_crit']:.3g}"),
+                 (f["b_20"], "C2", f"20 % over linear scaling: B = {f['b_20']:.3g}")]
+        if result["noise_scale"]:
+            marks.append((result["noise_scale"], "C1", f"measured noise scale (median) {result['noise_scale']:.3g}"))
+        for b, color, label in marks:
+            s = f["s_min"] + f["e_min"] / b
+            ax.scatter([s * b], [s], marker="*", s=180, color=color, zorder=4, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    target = result["target"]
+    what = f"{target['key']} = {target['value']:g}" if target else "the end of the budget"
+    _axes(ax, f"{name}: steps vs examples to reach {what}", "examples to target (E)", "optimizer steps to target (S)")
+    ax.legend(fontsize="small")
     return fig
 
 
@@ -230,9 +260,9 @@ PANELS: list[tuple[str, str, Callable[[list[Run]], Figure | None]]] = [
      lambda runs: _single(runs, "samples_per_s", "Throughput", "samples/s")),
     ("eval_accuracy", "Held-out accuracy against examples seen.",
      lambda runs: _single(runs, "eval/accuracy", "Held-out accuracy", "accuracy", x="samples", marker="o")),
-    ("noise_scale", "Gradient noise scale B_noise (McCandlish et al. 2018). A run above the dashed line trains at a "
-     "batch below its B_noise; below the line, a larger batch gives diminishing returns per example.",
-     noise_scale_panel),
+    ("noise_scale", "Gradient noise scale B_noise (McCandlish et al. 2018) as training goes, each run's global batch "
+     "dashed: where the batch is below B_noise a larger one would still cut steps almost in proportion; above it, "
+     "it costs examples for few steps saved.", noise_scale_panel),
     ("trust_ratio", "Per-layer trust ratios (LARS/LAMB) over training.", trust_ratio_panel),
 ]
 
@@ -271,12 +301,29 @@ def _html(runs: list[Run], figures: list[tuple[str, Path]]) -> str:
             f"<table><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>\n{rows}</table>\n{images}</body></html>\n")
 
 
+def write_sweep(sweep_dir: Path, out: Path) -> Path:
+    """The steps-vs-examples plot of a `largebatch sweep` directory, as `out/<its name>.png`."""
+    result = _read(sweep_dir / "sweep.json", json.loads, json.JSONDecodeError)
+    fig = sweep_figure(result, sweep_dir.resolve().name)
+    FigureCanvasAgg(fig)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{sweep_dir.resolve().name}.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`largebatch report RUN_DIR... [--out DIR]`; user errors propagate as UserError (the CLI exits 2)."""
+    """`largebatch report RUN_DIR|SWEEP_DIR... [--out DIR]`; user errors propagate as UserError (the CLI exits 2)."""
     parser = ArgumentParser(prog="largebatch report", description="Plots and an HTML page comparing run directories.")
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories (run.dir)")
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="run directories (run.dir), or sweep directories (largebatch sweep --out)")
     parser.add_argument("--out", type=Path, default=Path("report"), help="output directory (default: report/)")
     args = parser.parse_args(argv)
-    written = write_report(args.run_dirs, args.out)
-    print(f"wrote {written[-1]} and {len(written) - 1} plots in {args.out}")
+    sweeps = [d for d in args.run_dirs if (d / "sweep.json").is_file()]
+    for sweep_dir in sweeps:
+        print(f"wrote {write_sweep(sweep_dir, args.out)}")
+    runs = [d for d in args.run_dirs if d not in sweeps]
+    if runs:
+        written = write_report(runs, args.out)
+        print(f"wrote {written[-1]} and {len(written) - 1} plots in {args.out}")
     return 0

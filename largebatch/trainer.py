@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from largebatch import autobatch, checkpoint, config, optim
-from largebatch.batch import BatchPlan, GlobalBatchSampler
+from largebatch import autobatch, batch_schedule, checkpoint, config, optim
+from largebatch.batch import BatchPlan, GlobalBatchSampler, Position, advance
 from largebatch.task import Batch, Task, collate_of, correct, forward, take, to_device
 from largebatch.dist import DistInfo, all_reduce_sum, broadcast_from_main
 from largebatch.engine import Engine, engines
@@ -25,6 +25,7 @@ from largebatch.errors import Preempted, TrainingStopped, warn
 from largebatch.job import Job
 from largebatch.memory import process_peak_mib
 from largebatch.noise import NoiseScale
+from largebatch.optim.scaling import peak_lr
 from largebatch.optim.schedules import Schedule
 from largebatch.precision import StepOutcome
 from largebatch.stop import StopFlags
@@ -33,21 +34,29 @@ from largebatch.track import Tracker
 
 @dataclass
 class TrainState:
-    """Everything a checkpoint must hold to resume bit-exactly; the data position is `step` itself."""
+    """Everything a checkpoint must hold to resume bit-exactly."""
 
     engine: Engine
     noise: NoiseScale | None
+    global_batch: int
+    """The global batch of the next step (it changes under a batch-size schedule)."""
     step: int = 0
-    """Optimizer steps taken, applied or skipped: the position in the data."""
+    """Optimizer steps taken, applied or skipped."""
+    samples: int = 0
+    """Examples trained on (the global batches of all steps taken): the run ends at job.total_samples."""
+    position: Position = (0, 0)
+    """Where the next global batch starts in the data: (epoch, offset)."""
     applied_steps: int = 0
-    """Steps whose update was applied: the position in the LR schedule."""
+    applied_samples: int = 0
+    """Examples of the steps whose update was applied: the position in the LR schedule."""
     nonfinite_steps: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
             **self.engine.state_dict(), "noise": self.noise.state_dict() if self.noise else None,
-            "rng": torch.get_rng_state(), "step": self.step, "applied_steps": self.applied_steps,
-            "nonfinite_steps": self.nonfinite_steps,
+            "rng": torch.get_rng_state(), "nonfinite_steps": self.nonfinite_steps,
+            **{k: getattr(self, k) for k in ("global_batch", "step", "samples", "position", "applied_steps",
+                                             "applied_samples")},
         }
 
     def load(self, path: Path) -> None:
@@ -57,8 +66,9 @@ class TrainState:
         if self.noise is not None and state["noise"] is not None:
             self.noise.load_state_dict(state["noise"])
         torch.set_rng_state(state["rng"])
-        self.step, self.applied_steps, self.nonfinite_steps = (
-            state["step"], state["applied_steps"], state["nonfinite_steps"])
+        for key in ("global_batch", "step", "samples", "applied_steps", "applied_samples", "nonfinite_steps"):
+            setattr(self, key, state[key])
+        self.position = tuple(state["position"])
 
 
 def build_state(job: Job, info: DistInfo) -> TrainState:
@@ -67,7 +77,8 @@ def build_state(job: Job, info: DistInfo) -> TrainState:
     torch.manual_seed(cfg.run.seed)
     engine = engines()[cfg.engine.name](job.task.build_model(), lambda module: optim.build(module, cfg.optim, job.peak_lr),
                                         cfg, job.plan, info)
-    state = TrainState(engine, NoiseScale() if cfg.train.noise_scale else None)
+    state = TrainState(engine, NoiseScale() if cfg.train.noise_scale else None,
+                       batch_schedule.first_size(cfg.batch, job.plan))
     resume_from = broadcast_from_main(job.resume_from)
     if resume_from is not None:
         state.load(resume_from)
@@ -81,10 +92,12 @@ class Batches:
         self.job, self.info = job, info
         self._it = iter(())
 
-    def restart(self, plan: BatchPlan, step: int) -> None:
+    def restart(self, plan: BatchPlan, position: Position, samples: int) -> None:
+        """Batches of `plan` from `position` on, as many as the run has left after `samples` examples."""
         dataset = self.job.task.train
-        sampler = GlobalBatchSampler(len(dataset), plan, self.info.rank, self.job.cfg.run.seed,
-                                     self.job.total_steps, step, draws=getattr(dataset, "epoch_aware", False))
+        steps = -(-(self.job.total_samples - samples) // plan.global_batch)
+        sampler = GlobalBatchSampler(len(dataset), plan, self.info.rank, self.job.cfg.run.seed, steps, position,
+                                     draws=getattr(dataset, "epoch_aware", False))
         workers = self.job.cfg.data.workers
         self._it = iter(torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, collate_fn=collate_of(dataset), num_workers=workers,
@@ -136,27 +149,28 @@ class Trainer:
         self.s = build_state(job, info)
         self.engine, self.optimizer = self.s.engine, self.s.engine.optimizer
         self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.beta2s = [group["betas"][1] for group in self.optimizer.param_groups if "betas" in group]
         self.schedule = Schedule(self.cfg.schedule, job.total_steps, job.warmup_steps)
+        self.batch_schedule = batch_schedule.build(self.cfg.batch, job.plan)
+        self.plan = batch_schedule.at(job.plan, self.s.global_batch)
         self.budget = autobatch.budget_bytes(job.memory_limit, info.device)
         self.meter = autobatch.training_meter(self.budget, self.engine.module, self.optimizer, info.device) \
             if job.auto_micro else None
         self.inject_oom_at = int(os.environ.get("LARGEBATCH_INJECT_OOM_AT_STEP", 0))
         self.flags = StopFlags()
         self.batches = Batches(job, info)
-        self._set_lr()
-
-    @property
-    def plan(self) -> BatchPlan:
-        """The batch plan now (the job owns it: auto micro-batching replaces the job, and config.yaml follows)."""
-        return self.job.plan
+        self.target = config.Target.parse(self.cfg.train.target) if self.cfg.train.target else None
+        self.reached: dict[str, Any] | None = None
+        """Where train.target was first met: {step, samples, value}."""
 
     def fit(self) -> dict[str, Any]:
         self._start()
         self.flags.install()
         try:
-            while self.s.step < self.job.total_steps:
+            while self.s.samples < self.job.total_samples and self.reached is None:
                 result = self.train_step()
                 self._after_step(result)
+                self._follow_batch_schedule()
         finally:
             self.flags.uninstall()
         return self._finish()
@@ -170,11 +184,16 @@ class Trainer:
             plan = autobatch.fit(self.plan, self.engine.module, self.optimizer, self._probe, self.budget,
                                  info.device, largest)
             self.job = job = dataclasses.replace(job, plan=plan)
+            self.plan = plan
+        self._set_batch(self.batch_schedule.size(s.global_batch, s.samples, self._noise_scale()))
         self._warn_batchnorm()
         self.tracker = Tracker(job, False, s.step)
         if info.is_main:
-            print(f"{self.plan.describe()}; peak lr {job.peak_lr:.6g}; {job.total_steps} steps "
+            print(f"{job.plan.describe()}; peak lr {job.peak_lr:.6g}; {job.total_steps} steps "
                   f"({job.steps_per_epoch} per epoch), warmup {job.warmup_steps}; {job.threads} threads", flush=True)
+            if self.cfg.batch.schedule != "constant":
+                print(f"batch.schedule={self.cfg.batch.schedule}: global batch {self.plan.global_batch} now, up to "
+                      f"{job.plan.global_batch}; {job.total_samples} examples in all", flush=True)
             if job.resume_from is not None:
                 print(f"resuming from {job.resume_from} at step {s.step}", flush=True)
             with self.flags.guard(str(self.cfg.run_dir)):
@@ -184,10 +203,42 @@ class Trainer:
                     (self.cfg.run_dir / name).write_text(json.dumps(content, indent=2) + "\n")
                 self.tracker = Tracker(job, True, s.step)
         self.flags.agree_now(info.device)
-        self.batches.restart(self.plan, s.step)
+        self.batches.restart(self.plan, s.position, s.samples)
         self.start = self.last_log = time.perf_counter()
-        self.first_step = self.last_logged_step = s.step
+        self.first_samples = self.last_logged_samples = s.samples
         self.eval_s = 0.0
+
+    def _noise_scale(self) -> float | None:
+        return self.s.noise.value if self.s.noise is not None else None
+
+    def _follow_batch_schedule(self) -> None:
+        """Between steps: if the batch-size schedule asks for another global batch, change accumulation (every
+        rank computes the same size from the same all-reduced values), restart the data there and rescale the LR."""
+        size = self.batch_schedule.size(self.s.global_batch, self.s.samples, self._noise_scale())
+        if size == self.plan.global_batch:
+            return
+        before, lr_before = self.plan, self.peak_lrs[0] * self._batch_lr_ratio()
+        self._set_batch(size)
+        self.batches.restart(self.plan, self.s.position, self.s.samples)
+        if self.info.is_main:
+            print(f"step {self.s.step}: global batch {before.global_batch} → {self.plan.global_batch} "
+                  f"({self.plan.describe()}); peak lr {lr_before:.6g} → {self.peak_lrs[0] * self._batch_lr_ratio():.6g}",
+                  flush=True)
+
+    def _set_batch(self, size: int) -> None:
+        """Train the next steps with a global batch of `size`: its plan, its LR (and β2) by the scaling rules."""
+        self.plan = self.plan if size == self.plan.global_batch else batch_schedule.at(self.job.plan, size)
+        self.s.global_batch = self.plan.global_batch
+        if self.cfg.optim.scale_beta2:
+            ratio = self.plan.global_batch / self.cfg.optim.reference_batch
+            for group, beta2 in zip((g for g in self.optimizer.param_groups if "betas" in g), self.beta2s):
+                group["betas"] = (group["betas"][0], beta2**ratio)
+        self._set_lr()
+
+    def _batch_lr_ratio(self) -> float:
+        """The scaling rule's peak LR at the current global batch over the one at batch.global_size."""
+        o = self.cfg.optim
+        return peak_lr(o.lr, self.plan.global_batch, o.reference_batch, o.scaling) / self.job.peak_lr
 
     def _check_same_data(self) -> None:
         """Every rank must read the same data: a node with another copy would take other steps, or hang."""
@@ -217,7 +268,10 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         outcome = self.engine.step(loss, self.cfg.train.clip_grad_norm)
         s.step += 1
+        s.samples += self.plan.global_batch
+        s.position = advance(s.position, self.plan.global_batch, self.job.train_examples)
         s.applied_steps += outcome.applied
+        s.applied_samples += outcome.applied * self.plan.global_batch
         s.nonfinite_steps += outcome.nonfinite
         if outcome.nonfinite and self.cfg.train.nonfinite == "stop":
             raise TrainingStopped(f"non-finite loss or gradient at step {s.step} (train.nonfinite=stop); "
@@ -293,10 +347,11 @@ class Trainer:
             warn(f"out of memory at step {step} with micro-batch {self.plan.micro_batch}; "
                  f"redoing the step as {smaller.describe()}")
             self.job = dataclasses.replace(self.job, plan=smaller)
+            self.plan = smaller
             if self.info.is_main:  # config.yaml records the plan the run trains with from here on
                 with self.flags.guard(str(self.cfg.run_dir / "config.yaml")):
                     config.dump(self.cfg, self.job.derived(), self.cfg.run_dir / "config.yaml")
-            self.batches.restart(self.plan, self.s.step)
+            self.batches.restart(self.plan, self.s.position, self.s.samples)
 
     def _probe(self, micro: int) -> None:
         """One forward and backward of `micro` training examples, for autobatch to measure."""
@@ -307,15 +362,16 @@ class Trainer:
         total.backward()
 
     def _set_lr(self) -> None:
-        """The LR of the next step: a pure function of the applied steps, so skipped steps do not eat warmup."""
-        factor = self.schedule.factor(self.s.applied_steps)
+        """The LR of the next step: the scaling rule at the current global batch × the LR schedule at the examples
+        of applied steps (in steps of batch.global_size), so skipped steps do not eat warmup."""
+        factor = self.schedule.factor(self.s.applied_samples / self.job.plan.global_batch) * self._batch_lr_ratio()
         for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
             group["lr"] = peak * factor
 
     def _after_step(self, result: StepResult) -> None:
         """Log, evaluate and checkpoint on their cadence; on an agreed signal, checkpoint and stop."""
         s, train = self.s, self.cfg.train
-        last = s.step == self.job.total_steps
+        last = s.samples >= self.job.total_samples
         eval_now = bool(train.eval_every and s.step % train.eval_every == 0) or last
         if s.step % train.log_every == 0 or eval_now or result.outcome.nonfinite:
             self._log(result, eval_now)
@@ -329,9 +385,10 @@ class Trainer:
     def _log(self, result: StepResult, eval_now: bool) -> None:
         s, plan, now = self.s, self.plan, time.perf_counter()
         record = {
-            "step": s.step, "samples": s.step * plan.global_batch, "epoch": s.step / self.job.steps_per_epoch,
+            "step": s.step, "samples": s.samples, "epoch": self._epoch(),
             "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-            "samples_per_s": (s.step - self.last_logged_step) * plan.global_batch / (now - self.last_log),
+            "samples_per_s": (s.samples - self.last_logged_samples) / (now - self.last_log),
+            "global_batch": plan.global_batch,
             "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps,
             "memory_mib": process_peak_mib(self.info.device),
             "nonfinite_steps": s.nonfinite_steps, "applied_steps": s.applied_steps,
@@ -347,9 +404,16 @@ class Trainer:
             metrics = evaluate(self.engine.module, self.job.task, self.info, 2 * plan.micro_batch, self.cfg.data.workers)
             record.update({f"eval/{k}": v for k, v in metrics.items()})
             self.eval_s += time.perf_counter() - now
+            if self.target is not None and self.target.met(record):  # eval metrics are all-reduced: every rank agrees
+                self.reached = {"step": s.step, "samples": s.samples, "value": record[self.target.key]}
         with self.flags.guard(f"{self.cfg.run_dir}/metrics.jsonl"):
             self.tracker.log(record)
-        self.last_log, self.last_logged_step = time.perf_counter(), s.step
+        self.last_log, self.last_logged_samples = time.perf_counter(), s.samples
+
+    def _epoch(self) -> float:
+        """Epochs done: whole ones, plus the fraction of an epoch's full-size batches (batch.global_size) taken."""
+        epoch, offset = self.s.position
+        return epoch + offset / (self.job.steps_per_epoch * self.job.plan.global_batch)
 
     def _save_checkpoint(self) -> None:
         """Every rank writes its shards (if its engine has any) into a directory rank 0 made, then rank 0 adds the
@@ -388,12 +452,12 @@ class Trainer:
             warn(f"{s.nonfinite_steps} step(s) had a non-finite loss or gradient and were skipped")
         wall_s = time.perf_counter() - self.start
         summary = {
-            "steps": job.total_steps,
-            "samples": job.total_steps * plan.global_batch,
+            "steps": s.step,
+            "samples": s.samples,
             "final_loss": self.tracker.last.get("loss"),
             "eval": {k.removeprefix("eval/"): v for k, v in self.tracker.last.items() if k.startswith("eval/")},
             "wall_s": wall_s,
-            "samples_per_s": (job.total_steps - self.first_step) * plan.global_batch / max(wall_s - self.eval_s, 1e-9),
+            "samples_per_s": (s.samples - self.first_samples) / max(wall_s - self.eval_s, 1e-9),
             "world_size": plan.world_size,
             "global_batch": plan.global_batch,
             "micro_batch": plan.micro_batch,
@@ -403,6 +467,8 @@ class Trainer:
             "applied_steps": s.applied_steps,
             "nonfinite_steps": s.nonfinite_steps,
         }
+        if self.target is not None:
+            summary["target"] = {"key": self.target.key, "value": self.target.value, "reached": self.reached}
         weights = self.engine.full_state_dict()
         summary["params_sha256"] = params_sha256(weights)
         if self.info.is_main:

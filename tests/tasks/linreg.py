@@ -7,6 +7,8 @@ B_simple = d·(1 + σ²/|δ|²) + 1 (McCandlish et al. 2018, App. A). The model 
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -32,6 +34,25 @@ class Regression(torch.utils.data.Dataset):
 
 def data(sigma: float, size: int = 32768) -> tuple[Regression, Regression]:
     return Regression(size, sigma, 0), Regression(256, sigma, 2)
+
+
+class Recorded(Regression):
+    """Appends each training index it serves to `<record>/<rank>.txt` (tests/test_batch_schedule.py: which examples
+    each step trained on)."""
+
+    def __init__(self, size: int, sigma: float, seed: int, record: str) -> None:
+        super().__init__(size, sigma, seed)
+        self.record = record
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with open(os.path.join(self.record, f"{os.environ.get('RANK', '0')}.txt"), "a") as f:
+            f.write(f"{index}\n")
+        return super().__getitem__(index)
+
+
+def recorded_data(sigma: float, size: int, record: str) -> tuple[Regression, Regression]:
+    os.makedirs(record, exist_ok=True)
+    return Recorded(size, sigma, 0, record), Regression(256, sigma, 2)
 
 
 def model(delta: float) -> nn.Module:
