@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import json
 import math
 import statistics
@@ -301,15 +302,40 @@ def _html(runs: list[Run], figures: list[tuple[str, Path]]) -> str:
             f"<table><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>\n{rows}</table>\n{images}</body></html>\n")
 
 
-def write_sweep(sweep_dir: Path, out: Path) -> Path:
-    """The steps-vs-examples plot of a `largebatch sweep` directory, as `out/<its name>.png`."""
-    result = _read(sweep_dir / "sweep.json", json.loads, json.JSONDecodeError)
-    fig = sweep_figure(result, sweep_dir.resolve().name)
-    FigureCanvasAgg(fig)
+def budget_figure(sweeps: dict[str, dict[str, Any]]) -> Figure:
+    """Final held-out metric vs global batch, one line per sweep (and per LR and optimizer within one)."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.add_subplot()
+    metrics = set()
+    for name, result in sweeps.items():
+        points = [p for p in result["points"] if p["final"] is not None]
+        metrics |= {p["metric"] for p in points}
+        for (lr, optimizer), group in itertools.groupby(
+                sorted(points, key=lambda p: (str(p["lr"]), str(p["optimizer"]), p["global_batch"])),
+                key=lambda p: (p["lr"], p["optimizer"])):
+            group = list(group)
+            label = " ".join([name, *([f"lr {lr:g}"] if lr is not None else []), *([optimizer] if optimizer else [])])
+            ax.plot([p["global_batch"] for p in group], [p["final"] for p in group], "o-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    _axes(ax, "Held-out metric at the end of the budget vs global batch", "global batch", " / ".join(sorted(metrics)))
+    ax.legend(fontsize="small")
+    return fig
+
+
+def write_sweeps(sweep_dirs: list[Path], out: Path) -> list[Path]:
+    """For `largebatch sweep` directories: each one with a target, its steps-vs-examples plot (`<name>.png`); those
+    without, one plot of the final held-out metric vs global batch together (`sweeps.png`)."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{sweep_dir.resolve().name}.png"
-    fig.savefig(path, dpi=110)
-    return path
+    results = {d.resolve().name: _read(d / "sweep.json", json.loads, json.JSONDecodeError) for d in sweep_dirs}
+    figures = {name: sweep_figure(result, name) for name, result in results.items() if result["target"]}
+    budgets = {name: result for name, result in results.items() if not result["target"]}
+    if budgets:
+        figures["sweeps"] = budget_figure(budgets)
+    for name, fig in figures.items():
+        FigureCanvasAgg(fig)
+        fig.savefig(out / f"{name}.png", dpi=110)
+    return [out / f"{name}.png" for name in figures]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("report"), help="output directory (default: report/)")
     args = parser.parse_args(argv)
     sweeps = [d for d in args.run_dirs if (d / "sweep.json").is_file()]
-    for sweep_dir in sweeps:
-        print(f"wrote {write_sweep(sweep_dir, args.out)}")
+    for path in write_sweeps(sweeps, args.out) if sweeps else []:
+        print(f"wrote {path}")
     runs = [d for d in args.run_dirs if d not in sweeps]
     if runs:
         written = write_report(runs, args.out)

@@ -14,30 +14,31 @@ from largebatch.wandb_sink import WandbSink
 
 
 class Progress:
-    """A rich progress bar on a terminal; plain periodic lines when stdout is not a TTY (logs, CI)."""
+    """A rich progress bar on a terminal; plain periodic lines when stdout is not a TTY (logs, CI). Progress is in
+    examples, which a batch-size schedule does not change (its steps grow with the batch)."""
 
-    def __init__(self, total_steps: int, start_step: int) -> None:
-        self.total_steps, self.start_step = total_steps, start_step
+    def __init__(self, total_samples: int, start_samples: int) -> None:
+        self.total_samples, self.start_samples = total_samples, start_samples
         self.start = time.perf_counter()
         self._bar = None
         if sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
-            self._bar = Bar(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(),
+            self._bar = Bar(TextColumn("examples"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(),
                             TextColumn("{task.description}"))
-            self._task = self._bar.add_task("", total=total_steps, completed=start_step)
+            self._task = self._bar.add_task("", total=total_samples, completed=start_samples)
             self._bar.start()
 
     def update(self, r: dict[str, Any]) -> None:
-        parts = [f"loss {r['loss']:.4f}", f"lr {r['lr']:.4g}", f"grad {r['grad_norm']:.3g}",
+        parts = [f"step {r['step']}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.4g}", f"grad {r['grad_norm']:.3g}",
                  f"{r['samples_per_s']:.0f} samples/s", *(f"{k} {v:.4f}" for k, v in r.items() if k.startswith("eval/"))]
         if self._bar is not None:
-            self._bar.update(self._task, completed=r["step"], description=" | ".join(parts))
+            self._bar.update(self._task, completed=r["samples"], description=" | ".join(parts))
             return
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(1, r["step"] - self.start_step) * (self.total_steps - r["step"])
-        print(" | ".join([f"step {r['step']}/{self.total_steps}", *parts, f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"]),
-              flush=True)
+        eta = elapsed / max(1, r["samples"] - self.start_samples) * (self.total_samples - r["samples"])
+        done = f"{100 * r['samples'] / self.total_samples:.0f}%"
+        print(" | ".join([done, *parts, f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"]), flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -59,7 +60,7 @@ class Tracker:
         self._jsonl = self._open(self.run_dir / "metrics.jsonl", start_step)
         log = job.cfg.logging
         if log.progress:
-            self._progress = Progress(job.total_steps, start_step)
+            self._progress = Progress(job.total_samples, self.last.get("samples", 0))  # the ETA's starting point
         if log.wandb != "disabled":
             config = {**job.cfg.to_dict(), "derived": job.derived()}
             self._sink = WandbSink(log.wandb, log.project, self.run_dir, config, self._wandb_id(start_step))

@@ -74,3 +74,16 @@ def test_a_bad_sweep_is_one_line_and_exit_2_before_any_training(args: tuple[str,
     result = cli_in_process("sweep", "--config", LINREG, *POINT, *args, "--out", str(tmp_path))
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "points").exists()
+
+
+def test_the_report_draws_budget_sweeps_together_as_metric_vs_batch(tmp_path: Path):
+    """Sweeps without a target (each point ran its budget): one plot of the final metric against the global batch."""
+    for name, finals in (("warmup", [0.99, 0.98, 0.9]), ("no-warmup", [0.99, 0.95, 0.7])):
+        points = [{"global_batch": b, "lr": None, "optimizer": None, "metric": "eval/accuracy", "final": f,
+                   "reached": False, "run_dir": f"{name}/b{b}"} for b, f in zip([64, 256, 1024], finals)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sweep.json").write_text(json.dumps({"target": None, "points": points, "fit": None,
+                                                                "best": [], "noise_scale": None}))
+    result = cli_in_process("report", str(tmp_path / "warmup"), str(tmp_path / "no-warmup"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0 and result.stdout.strip() == f"wrote {tmp_path / 'out' / 'sweeps.png'}"
+    assert (tmp_path / "out" / "sweeps.png").stat().st_size > 10_000
