@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 from pathlib import Path
 
@@ -63,6 +64,14 @@ def test_two_ranks_and_one_rank_with_accumulation_measure_a_consistent_noise_sca
 def test_noise_scale_without_two_batch_sizes_is_a_one_line_error():
     result = cli("train", "train.noise_scale=true")
     assert result.returncode == 2 and "train.noise_scale compares two batch sizes" in result.stderr
+
+
+def test_bench_gns_prints_both_rates_and_their_ratio():
+    result = cli("bench", "gns", "--steps", "1", "--repeats", "1", "data.size=1024")
+    assert result.returncode == 0, result.stderr
+    rates = re.findall(r"^noise scale (?:off|every step)\s+(\d+)$", result.stdout, re.M)
+    assert len(rates) == 2 and all(int(rate) > 0 for rate in rates)
+    assert re.search(r"^ratio on / off = \d+\.\d{3} \(goal ≥ 0\.98\)$", result.stdout, re.M)
 
 
 GROUND_TRUTH = {"sigma0": (0.0, 1.0), "sigma2": (2.0, 1.0)}

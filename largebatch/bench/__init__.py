@@ -13,6 +13,8 @@ from largebatch.errors import check_choice
 
 BENCHMARKS = {
     "data": "our image-folder loader against torchvision's ImageFolder + DataLoader, and whether training is input-bound",
+    "gns": "samples/s of the trainer measuring the gradient noise scale on every step vs not; --hook: a hand-written "
+           "DDP loop measuring it the trainer's way (sync after backward) and in a communication hook",
     "loop": "our trainer's samples/s against a minimal hand-written DDP loop; --engine deepspeed: ZeRO-0/2 vs DDP",
     "memory": "activation memory and step time with and without gradient checkpointing (tiny GPT, CNN); --engines: "
               "per-rank bytes of parameters, gradients and optimizer state under DDP, ZeRO 0-3 and FSDP",
