@@ -21,9 +21,10 @@ def _train(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
     summary = api.run(cfg)
     if os.environ.get("RANK", "0") == "0":
-        held_out = ", ".join(f"held-out {k} {v:.4f}" for k, v in summary["eval"].items() if k == "accuracy")
-        print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, {held_out}, "
-              f"{summary['samples_per_s']:.0f} samples/s; run dir {cfg.run_dir}")
+        parts = [f"{summary['steps']} steps", f"final loss {summary['final_loss']:.4f}",
+                 *(f"held-out {k} {v:.4f}" for k, v in summary["eval"].items() if k == "accuracy"),
+                 f"{summary['samples_per_s']:.0f} samples/s"]
+        print(f"done: {', '.join(parts)}; run dir {cfg.run_dir}")
     return 0
 
 

@@ -162,6 +162,7 @@ class Trainer:
         self.target = config.Target.parse(self.cfg.train.target) if self.cfg.train.target else None
         self.reached: dict[str, Any] | None = None
         """Where train.target was first met: {step, samples, value}."""
+        self.warned_target = False
 
     def fit(self) -> dict[str, Any]:
         self._start()
@@ -406,6 +407,11 @@ class Trainer:
             self.eval_s += time.perf_counter() - now
             if self.target is not None and self.target.met(record):  # eval metrics are all-reduced: every rank agrees
                 self.reached = {"step": s.step, "samples": s.samples, "value": record[self.target.key]}
+            elif self.target is not None and self.target.key not in record and not self.warned_target:
+                given = ", ".join(f"eval/{k}" for k in metrics) or "no metric"
+                warn(f"train.target={self.cfg.train.target}: the evaluation gives {given}, not {self.target.key}, so "
+                     f"the run will not stop early")
+                self.warned_target = True
         with self.flags.guard(f"{self.cfg.run_dir}/metrics.jsonl"):
             self.tracker.log(record)
         self.last_log, self.last_logged_samples = time.perf_counter(), s.samples

@@ -87,3 +87,12 @@ def test_the_report_draws_budget_sweeps_together_as_metric_vs_batch(tmp_path: Pa
     result = cli_in_process("report", str(tmp_path / "warmup"), str(tmp_path / "no-warmup"), "--out", str(tmp_path / "out"))
     assert result.returncode == 0 and result.stdout.strip() == f"wrote {tmp_path / 'out' / 'sweeps.png'}"
     assert (tmp_path / "out" / "sweeps.png").stat().st_size > 10_000
+
+
+def test_a_target_the_evaluation_does_not_give_is_a_warning_and_the_run_goes_on(tmp_path: Path):
+    result = cli("train", "--config", LINREG, "train.steps=10", "train.eval_every=5", "train.noise_scale=false",
+                 "train.target=eval/accuracy=0.9", f"run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert "the evaluation gives eval/loss, not eval/accuracy, so the run will not stop early" in result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["target"]["reached"] is None
