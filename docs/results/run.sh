@@ -19,6 +19,10 @@ $LB sweep --config configs/lars-resnet.yaml --global-sizes 128,512,1024 --nproc 
 $LB sweep --config configs/lars-resnet.yaml optim.name=sgd optim.lr=0.05 optim.scaling=linear optim.trust_coefficient=0.001 \
     --global-sizes 128,512,1024 --nproc 2 --out $OUT/2-sgd
 
+# ... and LAMB vs AdamW on the tiny GPT (configs/lamb-lm.yaml: sqrt rule from lr 0.004 at 64), 9 epochs at each batch.
+$LB sweep --config configs/lamb-lm.yaml train.steps=null train.epochs=9 schedule.warmup_steps=null schedule.warmup_epochs=1 \
+    --optimizers lamb,adamw --global-sizes 256,1024 --nproc 2 --out $OUT/2-lamb-adamw
+
 # 3. Steps vs examples to 95 % held-out accuracy across batch sizes; fitted B_crit beside the measured noise scale.
 $LB sweep --config $QS train.noise_scale=true --global-sizes 64,128,256,512,1024 --target eval/accuracy=0.95 \
     --nproc 2 --out $OUT/3-critical-batch
