@@ -102,4 +102,7 @@ def micro_size(cfg: BatchConfig, world_size: int) -> int | None:
     if not quantum or cfg.start_size % quantum or cfg.start_size > cfg.global_size:
         raise UserError(f"batch.start_size={cfg.start_size} must be a multiple of world × micro-batch = {world_size} × "
                         f"{micro} and at most batch.global_size={cfg.global_size}")
+    if cfg.schedule == "gns" and world_size == 1 and cfg.start_size < 2 * micro:
+        raise UserError("batch.schedule=gns on one process measures the noise scale across micro-batches: set "
+                        "batch.start_size to at least 2 × batch.micro_size")
     return micro

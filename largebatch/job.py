@@ -104,9 +104,6 @@ def prepare(cfg: Config, world_size: int, train_examples: int | None = None, tas
         raise UserError("batch.micro_size=auto derives batch.accum_steps; drop batch.accum_steps")
     micro = batch_schedule.micro_size(cfg.batch, world_size)
     plan = batch.plan(world_size, cfg.batch.global_size, micro, cfg.batch.accum_steps)
-    if cfg.batch.schedule == "gns" and world_size == 1 and cfg.batch.start_size < 2 * plan.micro_batch:
-        raise UserError("batch.schedule=gns on one process measures the noise scale across micro-batches: set "
-                        "batch.start_size to at least 2 × batch.micro_size")
     model = None
     if train_examples is None:
         task = task or tasks.build(cfg)

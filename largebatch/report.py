@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -206,7 +207,7 @@ def sweep_figure(result: dict[str, Any], name: str) -> Figure:
     f = result["fit"]
     if f is not None:
         batches = [p["global_batch"] for p in reached]
-        grid = [min(batches) / 4 * 1.1**i for i in range(200) if min(batches) / 4 * 1.1**i <= max(batches) * 8]
+        grid = np.geomspace(min(batches) / 4, max(batches) * 8, 200)
         steps = [f["s_min"] + f["e_min"] / b for b in grid]
         ax.plot([s * b for s, b in zip(steps, grid)], steps, "C0-", lw=1.5,
                 label=f"fit: (S/S_min − 1)(E/E_min − 1) = 1, S_min {f['s_min']:.3g}, E_min {f['e_min']:.3g}")

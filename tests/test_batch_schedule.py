@@ -147,6 +147,7 @@ def test_a_resume_mid_ramp_ends_with_the_uninterrupted_parameters(runs: Path):
     (("batch.schedule=ramp", "batch.ramp_samples=100"), "batch.start_size"),
     (("batch.schedule=ramp", "batch.start_size=48", "batch.micro_size=32", "batch.ramp_samples=100"), "multiple"),
     (("batch.schedule=gns", "batch.start_size=64"), "train.noise_scale=true"),
+    (("batch.schedule=gns", "batch.start_size=64", "train.noise_scale=true"), "at least 2 × batch.micro_size"),
     (("batch.schedule=ramp", "batch.start_size=64", "batch.ramp_samples=100", "engine.name=deepspeed"), "DeepSpeed"),
     (("batch.schedule=ramp", "batch.start_size=64", "batch.ramp_samples=100", "batch.micro_size=auto"), "micro_size"),
 ])
