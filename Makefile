@@ -1,4 +1,5 @@
 # make run   : set up .venv, then train the quickstart on 2 processes (~10 s after setup)
+# make lint  : ruff check and ruff format --check (CI runs it before make test)
 # make test  : set up .venv, then run the test suite (what CI runs)
 # make test-cluster : the docker-compose cluster test (needs root or a Docker daemon; not part of make test)
 # make test-gpu : the GPU check list (tests_gpu/: NCCL, DeepSpeed ZeRO on CUDA, SyncBatchNorm, CUDA OOM; not part of make test)
@@ -11,7 +12,11 @@ BIN := $(VENV)/bin
 # JIT-compiled extensions (DeepSpeed's CPU comm op, our fused optimizer kernels) are built once and kept here.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/largebatch/torch_extensions
 
-.PHONY: setup run test test-gpu test-cluster bench clean
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+.PHONY: setup lint run test test-gpu test-cluster bench clean
 
 setup: $(VENV)/.installed
 

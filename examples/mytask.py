@@ -35,10 +35,14 @@ class RunningQuadrant(torch.utils.data.Dataset):
         return x, (mean[:, 0] > 0).long() + 2 * (mean[:, 1] > 0).long()
 
     @staticmethod
-    def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def collate(
+        batch: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Pad to the longest sequence of the micro-batch; the model gets the points and a mask of real steps."""
         points = nn.utils.rnn.pad_sequence([x for x, _ in batch], batch_first=True)
-        targets = nn.utils.rnn.pad_sequence([y for _, y in batch], batch_first=True, padding_value=IGNORE)
+        targets = nn.utils.rnn.pad_sequence(
+            [y for _, y in batch], batch_first=True, padding_value=IGNORE
+        )
         return {"points": points, "mask": targets != IGNORE}, targets
 
 
@@ -53,7 +57,9 @@ class QuadrantRNN(nn.Module):
         self.head = nn.Linear(hidden, 4)
 
     def forward(self, points: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(points)[0])  # causal: padding after a step cannot change its output
+        return self.head(
+            self.rnn(points)[0]
+        )  # causal: padding after a step cannot change its output
 
 
 def build_model(hidden: int = 64) -> QuadrantRNN:
@@ -62,5 +68,7 @@ def build_model(hidden: int = 64) -> QuadrantRNN:
 
 def loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of per-step cross-entropies, number of real steps): largebatch divides once, by the global count."""
-    total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    total = F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
     return total, (targets != IGNORE).sum()

@@ -16,10 +16,15 @@ from largebatch import config
 from largebatch.errors import TrainingStopped, UserError
 
 
-def train(config_or_path: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = (), *,
-          model: nn.Module | Callable[[], nn.Module] | None = None, train_data: Dataset | None = None,
-          eval_data: Dataset | None = None,
-          loss: Callable[[Any, Any], tuple[Any, Any]] | None = None) -> dict[str, Any]:
+def train(
+    config_or_path: str | Path | Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    model: nn.Module | Callable[[], nn.Module] | None = None,
+    train_data: Dataset | None = None,
+    eval_data: Dataset | None = None,
+    loss: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+) -> dict[str, Any]:
     """Train as `largebatch train` would, with Python objects in place of `model.name`, `data.name`, `train.loss`.
 
     `config_or_path`: a YAML file, a mapping of sections ({"batch": {"global_size": 1024}, ...}) or None (defaults);
@@ -30,9 +35,15 @@ def train(config_or_path: str | Path | Mapping[str, Any] | None = None, override
     prints one line and exits 2, as the CLI does; a stopped run exits with the CLI's code.
     """
     try:
-        named = [f"{key}=python:{getattr(given, '__qualname__', type(given).__qualname__)}"
-                 for key, given in (("model.name", model), ("data.name", train_data), ("train.loss", loss))
-                 if given is not None]
+        named = [
+            f"{key}=python:{getattr(given, '__qualname__', type(given).__qualname__)}"
+            for key, given in (
+                ("model.name", model),
+                ("data.name", train_data),
+                ("train.loss", loss),
+            )
+            if given is not None
+        ]
         cfg = config.load(config_or_path, [*named, *overrides])
         return run(cfg, model=model, train_data=train_data, eval_data=eval_data, loss=loss)
     except UserError as exc:
@@ -55,7 +66,9 @@ def run(cfg: config.Config, **objects: Any) -> dict[str, Any]:
     try:
         summary = trainer.fit(prepared, info)
     except TrainingStopped as exc:
-        stopped = exc.with_traceback(None)  # frees the trainer (and its DDP's hold on the group) before teardown
+        stopped = exc.with_traceback(
+            None
+        )  # frees the trainer (and its DDP's hold on the group) before teardown
     # Every rank stopped at the same step, so all reach teardown's barrier. Not after an unexpected error: that rank
     # would wait in the barrier while the others wait in a collective.
     dist.teardown()

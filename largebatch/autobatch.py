@@ -8,7 +8,6 @@ under `batch.memory_limit`, counted as in `largebatch.memory`, and no limit mean
 from __future__ import annotations
 
 import gc
-
 from collections.abc import Callable
 
 import torch
@@ -56,8 +55,9 @@ def budget_bytes(limit: int | None, device: torch.device) -> int | None:
     return None
 
 
-def training_meter(budget: int | None, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   device: torch.device) -> ActivationMeter | None:
+def training_meter(
+    budget: int | None, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+) -> ActivationMeter | None:
     """What enforces the budget while training: on CUDA the allocator itself (capped at the budget),
     on CPU a meter that raises OverBudget when the saved activations pass what the state leaves free."""
     if budget is None:
@@ -69,12 +69,20 @@ def training_meter(budget: int | None, model: nn.Module, optimizer: torch.optim.
     return ActivationMeter(max(0, budget - state_bytes(model, optimizer)))
 
 
-def fits(model: nn.Module, optimizer: torch.optim.Optimizer, run_micro_step: Callable[[int], None],
-         micro: int, budget: int | None, device: torch.device) -> bool:
+def fits(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    run_micro_step: Callable[[int], None],
+    micro: int,
+    budget: int | None,
+    device: torch.device,
+) -> bool:
     """Forward + backward one micro-batch of `micro` and compare its peak memory with `budget`; leaves no trace."""
     if budget is None:
         return True
-    saved = {k: v.clone() for k, v in model.state_dict().items()}  # BatchNorm statistics move in a train forward
+    saved = {
+        k: v.clone() for k, v in model.state_dict().items()
+    }  # BatchNorm statistics move in a train forward
     meter = training_meter(budget, model, optimizer, device) or ActivationMeter()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -89,13 +97,28 @@ def fits(model: nn.Module, optimizer: torch.optim.Optimizer, run_micro_step: Cal
         model.zero_grad(set_to_none=True)
         model.load_state_dict(saved)
     if not fit:
-        release(device)  # outside the except clause: there the error's traceback still holds the activations
+        release(
+            device
+        )  # outside the except clause: there the error's traceback still holds the activations
     return fit
 
 
-def fit(plan: BatchPlan, model: nn.Module, optimizer: torch.optim.Optimizer, run_micro_step: Callable[[int], None],
-        budget: int | None, device: torch.device, largest: int | None = None) -> BatchPlan:
+def fit(
+    plan: BatchPlan,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    run_micro_step: Callable[[int], None],
+    budget: int | None,
+    device: torch.device,
+    largest: int | None = None,
+) -> BatchPlan:
     """The largest micro-batch dividing the per-rank share (and at most `largest`) that fits on every rank."""
-    candidates = [m for m in range(min(plan.per_rank, largest or plan.per_rank), 0, -1) if plan.per_rank % m == 0]
-    mine = next((m for m in candidates if fits(model, optimizer, run_micro_step, m, budget, device)), 1)
+    candidates = [
+        m
+        for m in range(min(plan.per_rank, largest or plan.per_rank), 0, -1)
+        if plan.per_rank % m == 0
+    ]
+    mine = next(
+        (m for m in candidates if fits(model, optimizer, run_micro_step, m, budget, device)), 1
+    )
     return with_micro(plan, agree_min(mine, device))

@@ -46,7 +46,11 @@ def plan(
     With only `global_size`, accumulation is 1 and the micro-batch is the per-rank share.
     With only `micro_size`, accumulation is 1 (or `accum_steps`) and the global batch follows.
     """
-    for key, value in (("global_size", global_size), ("micro_size", micro_size), ("accum_steps", accum_steps)):
+    for key, value in (
+        ("global_size", global_size),
+        ("micro_size", micro_size),
+        ("accum_steps", accum_steps),
+    ):
         if value is not None and value < 1:
             raise UserError(f"batch.{key}={value} must be a positive integer")
     if world_size < 1:
@@ -54,7 +58,9 @@ def plan(
 
     if global_size is None:
         if micro_size is None:
-            raise UserError("the batch plan needs batch.global_size or batch.micro_size; set at least one")
+            raise UserError(
+                "the batch plan needs batch.global_size or batch.micro_size; set at least one"
+            )
         accum = accum_steps or 1
         return BatchPlan(world_size * micro_size * accum, micro_size, accum, world_size)
 
@@ -127,8 +133,16 @@ class GlobalBatchSampler:
     example's random augmentation: the same crop at step t on any topology and with any worker count.
     """
 
-    def __init__(self, dataset_size: int, batch_plan: BatchPlan, rank: int, seed: int, steps: int,
-                 position: Position = (0, 0), draws: bool = False) -> None:
+    def __init__(
+        self,
+        dataset_size: int,
+        batch_plan: BatchPlan,
+        rank: int,
+        seed: int,
+        steps: int,
+        position: Position = (0, 0),
+        draws: bool = False,
+    ) -> None:
         steps_per_epoch(dataset_size, batch_plan)  # the global batch must fit in the training set
         self.dataset_size = dataset_size
         self.plan = batch_plan
@@ -141,7 +155,10 @@ class GlobalBatchSampler:
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._epoch_order is None or self._epoch_order[0] != epoch:
-            self._epoch_order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.dataset_size))
+            self._epoch_order = (
+                epoch,
+                np.random.default_rng([self.seed, epoch]).permutation(self.dataset_size),
+            )
         return self._epoch_order[1]
 
     def global_batches(self) -> Iterator[tuple[int, np.ndarray]]:
@@ -150,14 +167,14 @@ class GlobalBatchSampler:
         for _ in range(self.steps):
             epoch, start = locate(position, size, self.dataset_size)
             position = (epoch, start + size)
-            yield epoch, self._order(epoch)[start:start + size]
+            yield epoch, self._order(epoch)[start : start + size]
 
     def __iter__(self) -> Iterator[list[int] | list[tuple[int, int, int]]]:
         share, micro = self.plan.per_rank, self.plan.micro_batch
         for epoch, indices in self.global_batches():
-            mine = indices[self.rank * share:(self.rank + 1) * share]
+            mine = indices[self.rank * share : (self.rank + 1) * share]
             for m in range(self.plan.accum_steps):
-                chunk = mine[m * micro:(m + 1) * micro].tolist()
+                chunk = mine[m * micro : (m + 1) * micro].tolist()
                 yield [(self.seed, epoch, i) for i in chunk] if self.draws else chunk
 
     def __len__(self) -> int:

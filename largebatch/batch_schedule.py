@@ -59,7 +59,9 @@ class FollowNoise:
     def size(self, current: int, samples: int, noise_scale: float | None) -> int:
         if noise_scale is None or not math.isfinite(noise_scale):
             return current
-        return min(self.final, 2 * current, max(current, int(noise_scale // self.quantum) * self.quantum))
+        return min(
+            self.final, 2 * current, max(current, int(noise_scale // self.quantum) * self.quantum)
+        )
 
 
 def build(cfg: BatchConfig, final: BatchPlan) -> BatchSchedule:
@@ -90,19 +92,29 @@ def micro_size(cfg: BatchConfig, world_size: int) -> int | None:
     if cfg.schedule == "constant":
         return None if cfg.micro_size == "auto" else cfg.micro_size
     if cfg.micro_size == "auto":
-        raise UserError(f"batch.schedule={cfg.schedule} changes accumulation, not the micro-batch: set batch.micro_size "
-                        f"to a number, or use batch.schedule=constant with micro_size=auto")
+        raise UserError(
+            f"batch.schedule={cfg.schedule} changes accumulation, not the micro-batch: set batch.micro_size "
+            f"to a number, or use batch.schedule=constant with micro_size=auto"
+        )
     if cfg.start_size is None or cfg.global_size is None:
-        raise UserError(f"batch.schedule={cfg.schedule} grows the global batch from batch.start_size to "
-                        f"batch.global_size: set both")
+        raise UserError(
+            f"batch.schedule={cfg.schedule} grows the global batch from batch.start_size to "
+            f"batch.global_size: set both"
+        )
     if cfg.schedule == "ramp" and not cfg.ramp_samples:
-        raise UserError("batch.schedule=ramp needs batch.ramp_samples, the examples over which the batch grows")
+        raise UserError(
+            "batch.schedule=ramp needs batch.ramp_samples, the examples over which the batch grows"
+        )
     micro = cfg.micro_size or cfg.start_size // world_size
     quantum = world_size * micro
     if not quantum or cfg.start_size % quantum or cfg.start_size > cfg.global_size:
-        raise UserError(f"batch.start_size={cfg.start_size} must be a multiple of world × micro-batch = {world_size} × "
-                        f"{micro} and at most batch.global_size={cfg.global_size}")
+        raise UserError(
+            f"batch.start_size={cfg.start_size} must be a multiple of world × micro-batch = {world_size} × "
+            f"{micro} and at most batch.global_size={cfg.global_size}"
+        )
     if cfg.schedule == "gns" and world_size == 1 and cfg.start_size < 2 * micro:
-        raise UserError("batch.schedule=gns on one process measures the noise scale across micro-batches: set "
-                        "batch.start_size to at least 2 × batch.micro_size")
+        raise UserError(
+            "batch.schedule=gns on one process measures the noise scale across micro-batches: set "
+            "batch.start_size to at least 2 × batch.micro_size"
+        )
     return micro

@@ -39,7 +39,9 @@ def begin(run_dir: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{PREFIX}", dir=parent))
 
 
-def commit(tmp: Path, run_dir: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
+def commit(
+    tmp: Path, run_dir: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int
+) -> Path:
     """Add `state` for `step` and a manifest of every file in `tmp` (with `meta`), rename it into place, then keep
     only the newest `keep` (rank 0, after every rank wrote its shards)."""
     with (tmp / STATE).open("wb") as f:
@@ -48,9 +50,15 @@ def commit(tmp: Path, run_dir: Path, step: int, state: dict[str, Any], meta: dic
         os.fsync(f.fileno())
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     for path in files:
-        if path.name != STATE:  # shards written by other ranks: make them durable before the manifest says so
+        if (
+            path.name != STATE
+        ):  # shards written by other ranks: make them durable before the manifest says so
             _fsync_file(path)
-    manifest = {"step": step, "meta": meta, "files": {p.relative_to(tmp).as_posix(): _sha256(p) for p in files}}
+    manifest = {
+        "step": step,
+        "meta": meta,
+        "files": {p.relative_to(tmp).as_posix(): _sha256(p) for p in files},
+    }
     with (tmp / MANIFEST).open("w") as f:
         json.dump(manifest, f)
         f.flush()
@@ -101,7 +109,9 @@ def latest_good(run_dir: Path) -> Path | None:
 def check_explicit(path: Path) -> Path:
     """A user-named checkpoint (run.resume=PATH) must exist and verify; a run directory means its latest good one."""
     if not path.exists():
-        raise UserError(f"run.resume={path} does not exist; give a checkpoint directory, a run directory, auto or never")
+        raise UserError(
+            f"run.resume={path} does not exist; give a checkpoint directory, a run directory, auto or never"
+        )
     if directory(path).is_dir():
         found = latest_good(path)
         if found is None:
@@ -109,7 +119,9 @@ def check_explicit(path: Path) -> Path:
         return found
     problem = verify(path)
     if problem:
-        raise UserError(f"checkpoint {path} is unusable: {problem}; pick an older one under checkpoints/")
+        raise UserError(
+            f"checkpoint {path} is unusable: {problem}; pick an older one under checkpoints/"
+        )
     return path
 
 

@@ -11,8 +11,15 @@ from largebatch.errors import ArgumentParser, TrainingStopped, UserError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (defaults apply to anything it leaves out)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config keys, e.g. optim.lr=0.2")
+    parser.add_argument(
+        "--config", help="YAML config file (defaults apply to anything it leaves out)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="override config keys, e.g. optim.lr=0.2",
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -21,9 +28,12 @@ def _train(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
     summary = api.run(cfg)
     if os.environ.get("RANK", "0") == "0":
-        parts = [f"{summary['steps']} steps", f"final loss {summary['final_loss']:.4f}",
-                 *(f"held-out {k} {v:.4f}" for k, v in summary["eval"].items() if k == "accuracy"),
-                 f"{summary['samples_per_s']:.0f} samples/s"]
+        parts = [
+            f"{summary['steps']} steps",
+            f"final loss {summary['final_loss']:.4f}",
+            *(f"held-out {k} {v:.4f}" for k, v in summary["eval"].items() if k == "accuracy"),
+            f"{summary['samples_per_s']:.0f} samples/s",
+        ]
         print(f"done: {', '.join(parts)}; run dir {cfg.run_dir}")
     return 0
 
@@ -68,23 +78,37 @@ def _sweep(argv: list[str]) -> int:
     return sweep.main(argv)
 
 
-SUBPROGRAMS = {"find-batch": _find_batch, "noise-scale": _noise_scale, "report": _report, "sweep": _sweep}
+SUBPROGRAMS = {
+    "find-batch": _find_batch,
+    "noise-scale": _noise_scale,
+    "report": _report,
+    "sweep": _sweep,
+}
 """Commands with their own argument parser: everything after the command name goes to it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="largebatch", description="Distributed large-batch training with one global-batch contract.")
+    parser = ArgumentParser(
+        prog="largebatch",
+        description="Distributed large-batch training with one global-batch contract.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     train = commands.add_parser("train", help="train a config, alone or under torchrun")
     _add_config_args(train)
     train.set_defaults(func=_train)
 
-    plan = commands.add_parser("plan", help="print the batch plan, peak LR and lengths a config gives, and exit")
+    plan = commands.add_parser(
+        "plan", help="print the batch plan, peak LR and lengths a config gives, and exit"
+    )
     _add_config_args(plan)
     plan.add_argument("--world-size", type=int, default=1, help="processes the job will run on")
-    plan.add_argument("--examples", type=int, help="plan for a training set of this size without reading the data "
-                                                   "(e.g. 1281167 for ImageNet before it is on this machine)")
+    plan.add_argument(
+        "--examples",
+        type=int,
+        help="plan for a training set of this size without reading the data "
+        "(e.g. 1281167 for ImageNet before it is on this machine)",
+    )
     plan.set_defaults(func=_plan)
 
     bench = commands.add_parser("bench", help="benchmarks that print ratios")
@@ -92,10 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     bench.set_defaults(func=_bench)
 
-    commands.add_parser("find-batch", help="micro-batch size vs memory and speed, and the plan that fits")
-    commands.add_parser("noise-scale", help="the gradient noise scale B_simple at a checkpoint, fitted over batch sizes")
+    commands.add_parser(
+        "find-batch", help="micro-batch size vs memory and speed, and the plan that fits"
+    )
+    commands.add_parser(
+        "noise-scale",
+        help="the gradient noise scale B_simple at a checkpoint, fitted over batch sizes",
+    )
     commands.add_parser("report", help="PNG plots and one HTML page from run directories")
-    commands.add_parser("sweep", help="train at several global batches to a target; fit steps vs examples (B_crit)")
+    commands.add_parser(
+        "sweep", help="train at several global batches to a target; fit steps vs examples (B_crit)"
+    )
     return parser
 
 

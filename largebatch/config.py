@@ -29,17 +29,20 @@ class RunConfig:
     resume: str = "auto"
     """auto (latest good checkpoint in run.dir, if any), never, or a checkpoint or run directory."""
     threads: int | None = None
-    """CPU threads per process (torch intra-op); default OMP_NUM_THREADS if set, else usable cores ÷ processes on this node."""
+    """CPU threads per process (torch intra-op); default OMP_NUM_THREADS if set, else usable cores ÷ processes on this
+    node."""
 
 
 @dataclass
 class DataConfig:
     name: str = "synthetic"
-    """Dataset: synthetic, digits or text (built in, nothing downloaded), imagefolder, tokens, jsonl, or your own pkg.module:callable."""
+    """Dataset: synthetic, digits or text (built in, nothing downloaded), imagefolder, tokens, jsonl, or your own
+    pkg.module:callable."""
     args: dict = field(default_factory=dict)
     """pkg.module:callable: keyword arguments it is called with; it returns a Dataset or a (train, eval) pair."""
     path: str | None = None
-    """imagefolder: folder of class sub-folders (or with train/ and val/); tokens: token file (or folder with train.bin, val.bin); jsonl: file."""
+    """imagefolder: folder of class sub-folders (or with train/ and val/); tokens: token file (or folder with
+    train.bin, val.bin); jsonl: file."""
     seed: int = 0
     """Seeds data generation and the held-out split, independently of run.seed."""
     size: int = 8192
@@ -73,11 +76,13 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "mlp"
-    """Model: mlp, resnet (small ResNet for images), gpt (small causal transformer), torchvision:<name>, hf:<name-or-dir>, or your own pkg.module:callable."""
+    """Model: mlp, resnet (small ResNet for images), gpt (small causal transformer), torchvision:<name>, hf:<name-or-
+    dir>, or your own pkg.module:callable."""
     args: dict = field(default_factory=dict)
     """torchvision:, hf: and pkg.module:callable models: keyword arguments of the builder (hf: config fields)."""
     norm: str = "none"
-    """mlp, resnet: normalisation: batch, syncbatch (BatchNorm synchronised across ranks; CUDA only), group, layer or none."""
+    """mlp, resnet: normalisation: batch, syncbatch (BatchNorm synchronised across ranks; CUDA only), group, layer or
+    none."""
     width: int = 256
     """mlp: hidden units; resnet: channels of the first stage; gpt: embedding size."""
     depth: int = 2
@@ -172,7 +177,8 @@ class TrainConfig:
     epochs: float | None = None
     """Training length in epochs of ⌊dataset size / global batch⌋ steps."""
     loss: str | None = None
-    """pkg.module:callable(output, targets) → (sum of loss terms, number of terms); default cross-entropy, ignoring -100."""
+    """pkg.module:callable(output, targets) → (sum of loss terms, number of terms); default cross-entropy, ignoring
+    -100."""
     clip_grad_norm: float | None = None
     """Clip the global gradient norm to this value (after the all-reduce)."""
     precision: str = "fp32"
@@ -227,8 +233,10 @@ class Target:
         except ValueError:
             target = None
         if target is None or not target.key.startswith("eval/") or not math.isfinite(target.value):
-            raise UserError(f"{option}={text} must be eval/<metric>=<number>, e.g. eval/accuracy=0.97 or "
-                            f"eval/loss=0.5")
+            raise UserError(
+                f"{option}={text} must be eval/<metric>=<number>, e.g. eval/accuracy=0.97 or "
+                f"eval/loss=0.5"
+            )
         return target
 
     def met(self, record: Mapping[str, Any]) -> bool:
@@ -280,7 +288,10 @@ def load(path: str | Path | Mapping[str, Any] | None, overrides: list[str] = ())
     overrides, validate."""
     raw: dict[str, Any] = {}
     if isinstance(path, Mapping):
-        raw = {name: dict(values) if isinstance(values, Mapping) else values for name, values in path.items()}
+        raw = {
+            name: dict(values) if isinstance(values, Mapping) else values
+            for name, values in path.items()
+        }
     elif path is not None:
         raw = _read_yaml(Path(path))
     raw.pop(DERIVED, None)
@@ -311,12 +322,18 @@ def validate(cfg: Config) -> None:
     if cfg.train.target is not None:
         Target.parse(cfg.train.target)
         if not cfg.train.eval_every:
-            raise UserError("train.target is checked on eval steps: set train.eval_every (e.g. a hundredth of the run)")
+            raise UserError(
+                "train.target is checked on eval steps: set train.eval_every (e.g. a hundredth of the run)"
+            )
     if cfg.batch.schedule == "gns" and not cfg.train.noise_scale:
-        raise UserError("batch.schedule=gns follows the measured noise scale: set train.noise_scale=true")
+        raise UserError(
+            "batch.schedule=gns follows the measured noise scale: set train.noise_scale=true"
+        )
     if cfg.batch.schedule != "constant" and cfg.engine.name == "deepspeed":
-        raise UserError(f"batch.schedule={cfg.batch.schedule} changes accumulation during the run, which DeepSpeed "
-                        f"fixes in its config (train_batch_size): use engine.name=ddp or fsdp")
+        raise UserError(
+            f"batch.schedule={cfg.batch.schedule} changes accumulation during the run, which DeepSpeed "
+            f"fixes in its config (train_batch_size): use engine.name=ddp or fsdp"
+        )
     check_choice("engine.offload", cfg.engine.offload, ("none", "cpu"))
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise UserError(f"engine.zero_stage={cfg.engine.zero_stage} must be 0, 1, 2 or 3")
@@ -324,24 +341,39 @@ def validate(cfg: Config) -> None:
         check_choice("batch.micro_size", cfg.batch.micro_size, ("auto",))
     _check_finite(cfg)
     positive = {
-        "data.size": cfg.data.size, "data.eval_size": cfg.data.eval_size,
-        "model.width": cfg.model.width, "model.depth": cfg.model.depth, "model.heads": cfg.model.heads,
-        "data.context": cfg.data.context, "data.image_size": cfg.data.image_size, "data.stride": cfg.data.stride,
-        "optim.lr": cfg.optim.lr, "optim.reference_batch": cfg.optim.reference_batch,
-        "optim.trust_coefficient": cfg.optim.trust_coefficient, "optim.trust_clip": cfg.optim.trust_clip,
-        "train.steps": cfg.train.steps, "train.epochs": cfg.train.epochs, "train.log_every": cfg.train.log_every,
-        "train.clip_grad_norm": cfg.train.clip_grad_norm, "schedule.power": cfg.schedule.power,
+        "data.size": cfg.data.size,
+        "data.eval_size": cfg.data.eval_size,
+        "model.width": cfg.model.width,
+        "model.depth": cfg.model.depth,
+        "model.heads": cfg.model.heads,
+        "data.context": cfg.data.context,
+        "data.image_size": cfg.data.image_size,
+        "data.stride": cfg.data.stride,
+        "optim.lr": cfg.optim.lr,
+        "optim.reference_batch": cfg.optim.reference_batch,
+        "optim.trust_coefficient": cfg.optim.trust_coefficient,
+        "optim.trust_clip": cfg.optim.trust_clip,
+        "train.steps": cfg.train.steps,
+        "train.epochs": cfg.train.epochs,
+        "train.log_every": cfg.train.log_every,
+        "train.clip_grad_norm": cfg.train.clip_grad_norm,
+        "schedule.power": cfg.schedule.power,
         "train.checkpoint_keep": cfg.train.checkpoint_keep,
-        "train.fp16_init_scale": cfg.train.fp16_init_scale, "run.threads": cfg.run.threads,
+        "train.fp16_init_scale": cfg.train.fp16_init_scale,
+        "run.threads": cfg.run.threads,
     }
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise UserError(f"{key}={value} must be positive")
     non_negative = {
-        "optim.weight_decay": cfg.optim.weight_decay, "optim.eps": cfg.optim.eps,
-        "data.workers": cfg.data.workers, "train.eval_every": cfg.train.eval_every,
-        "train.checkpoint_every": cfg.train.checkpoint_every, "model.grad_checkpointing": cfg.model.grad_checkpointing,
-        "schedule.warmup_steps": cfg.schedule.warmup_steps, "schedule.warmup_epochs": cfg.schedule.warmup_epochs,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.eps": cfg.optim.eps,
+        "data.workers": cfg.data.workers,
+        "train.eval_every": cfg.train.eval_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "model.grad_checkpointing": cfg.model.grad_checkpointing,
+        "schedule.warmup_steps": cfg.schedule.warmup_steps,
+        "schedule.warmup_epochs": cfg.schedule.warmup_epochs,
     }
     for key, value in non_negative.items():
         if value is not None and value < 0:
@@ -349,15 +381,22 @@ def validate(cfg: Config) -> None:
     for key, value in (("run.seed", cfg.run.seed), ("data.seed", cfg.data.seed)):
         if not 0 <= value < 2**63:
             raise UserError(f"{key}={value} must be an integer in [0, 2**63), e.g. 0")
-    for key, value in (("data.label_noise", cfg.data.label_noise), ("schedule.min_lr_ratio", cfg.schedule.min_lr_ratio)):
+    for key, value in (
+        ("data.label_noise", cfg.data.label_noise),
+        ("schedule.min_lr_ratio", cfg.schedule.min_lr_ratio),
+    ):
         if not 0 <= value <= 1:
             raise UserError(f"{key}={value} must be between 0 and 1")
     if not 0 < cfg.data.eval_fraction < 1:
-        raise UserError(f"data.eval_fraction={cfg.data.eval_fraction} must be between 0 and 1 (exclusive)")
+        raise UserError(
+            f"data.eval_fraction={cfg.data.eval_fraction} must be between 0 and 1 (exclusive)"
+        )
     if cfg.data.classes < 2:
         raise UserError(f"data.classes={cfg.data.classes} must be at least 2")
     if not cfg.data.shape or any(d < 1 for d in cfg.data.shape):
-        raise UserError(f"data.shape={cfg.data.shape} must be a non-empty list of positive sizes, e.g. [32]")
+        raise UserError(
+            f"data.shape={cfg.data.shape} must be a non-empty list of positive sizes, e.g. [32]"
+        )
     if cfg.train.steps is not None and cfg.train.epochs is not None:
         raise UserError("set train.steps or train.epochs, not both")
     if cfg.schedule.warmup_steps is not None and cfg.schedule.warmup_epochs is not None:
@@ -365,11 +404,19 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.optim.momentum < 1:
         raise UserError(f"optim.momentum={cfg.optim.momentum} must be in [0, 1), e.g. 0.9")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
-        raise UserError(f"optim.betas={cfg.optim.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        raise UserError(
+            f"optim.betas={cfg.optim.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]"
+        )
     if not 0 < cfg.schedule.gamma <= 1:
-        raise UserError(f"schedule.gamma={cfg.schedule.gamma} must be a decay factor in (0, 1], e.g. 0.1")
-    if any(not 0 < m < 1 for m in cfg.schedule.milestones) or cfg.schedule.milestones != sorted(cfg.schedule.milestones):
-        raise UserError(f"schedule.milestones={cfg.schedule.milestones} must be increasing fractions of training in (0, 1)")
+        raise UserError(
+            f"schedule.gamma={cfg.schedule.gamma} must be a decay factor in (0, 1], e.g. 0.1"
+        )
+    if any(not 0 < m < 1 for m in cfg.schedule.milestones) or cfg.schedule.milestones != sorted(
+        cfg.schedule.milestones
+    ):
+        raise UserError(
+            f"schedule.milestones={cfg.schedule.milestones} must be increasing fractions of training in (0, 1)"
+        )
     _check_used(cfg)
 
 
@@ -389,12 +436,24 @@ HUB_PREFIXES = ("torchvision:", "hf:")
 
 MODE_KEYS: dict[str, dict[Any, tuple[str, ...]]] = {
     "data.name": {
-        "synthetic": ("data.size", "data.eval_size", "data.shape", "data.classes", "data.label_noise"),
+        "synthetic": (
+            "data.size",
+            "data.eval_size",
+            "data.shape",
+            "data.classes",
+            "data.label_noise",
+        ),
         "digits": ("data.eval_fraction",),
         "text": ("data.eval_fraction", "data.context"),
         "imagefolder": ("data.path", "data.eval_fraction", "data.image_size"),
         "tokens": ("data.path", "data.eval_fraction", "data.context", "data.dtype", "data.stride"),
-        "jsonl": ("data.path", "data.eval_fraction", "data.context", "data.tokenizer", "data.text_key"),
+        "jsonl": (
+            "data.path",
+            "data.eval_fraction",
+            "data.context",
+            "data.tokenizer",
+            "data.text_key",
+        ),
         FACTORY: ("data.args", "data.eval_fraction"),
     },
     "model.name": {
@@ -406,7 +465,11 @@ MODE_KEYS: dict[str, dict[Any, tuple[str, ...]]] = {
         FACTORY: ("model.args",),
     },
     "batch.micro_size": {"auto": ("batch.memory_limit",)},
-    "batch.schedule": {"constant": (), "ramp": ("batch.start_size", "batch.ramp_samples"), "gns": ("batch.start_size",)},
+    "batch.schedule": {
+        "constant": (),
+        "ramp": ("batch.start_size", "batch.ramp_samples"),
+        "gns": ("batch.start_size",),
+    },
     "schedule.name": {
         "constant": (),
         "cosine": ("schedule.min_lr_ratio",),
@@ -414,8 +477,11 @@ MODE_KEYS: dict[str, dict[Any, tuple[str, ...]]] = {
         "poly": ("schedule.min_lr_ratio", "schedule.power"),
     },
     "train.precision": {"fp32": (), "bf16": (), "fp16": ("train.fp16_init_scale",)},
-    "engine.name": {"ddp": (), "deepspeed": ("engine.zero_stage", "engine.offload", "engine.ds_config"),
-                    "fsdp": ("engine.shard_blocks",)},
+    "engine.name": {
+        "ddp": (),
+        "deepspeed": ("engine.zero_stage", "engine.offload", "engine.ds_config"),
+        "fsdp": ("engine.shard_blocks",),
+    },
 }
 """{deciding key: {value: the keys that value uses}}. A key listed under a deciding key is ignored by the values
 that do not list it; keys listed nowhere (data.seed, train.loss, ...) apply whatever the mode."""
@@ -441,17 +507,27 @@ def _check_used(cfg: Config) -> None:
             continue  # an unknown name; the registry's own check says so, with "did you mean"
         for key in dict.fromkeys(k for keys in uses.values() for k in keys):
             if key not in uses.get(current, ()) and _get(cfg, key) != _get(defaults, key):
-                raise ignored_key(key, decider, _get(cfg, decider), [value for value, keys in uses.items() if key in keys])
+                raise ignored_key(
+                    key,
+                    decider,
+                    _get(cfg, decider),
+                    [value for value, keys in uses.items() if key in keys],
+                )
 
 
-def ignored_key(key: str, decider: str, current: Any, users: list[str], fix: str | None = None) -> UserError:
-    """The error for `key`, set although `decider`=`current` ignores it; `users`: the values of `decider` that use it."""
+def ignored_key(
+    key: str, decider: str, current: Any, users: list[str], fix: str | None = None
+) -> UserError:
+    """The error for `key`, set although `decider`=`current` ignores it; `users`: the values of `decider` that use
+    it."""
     *others, last = [str(u) for u in users]
     names = f"{', '.join(others)} and {last}" if others else last
     fix = fix or (f"set {decider}={last}" if not others else f"set {decider} to one of those")
     shown = "null" if current is None else current
-    return UserError(f"{key} is ignored with {decider}={shown} (only {names} use{'s' if not others else ''} it); "
-                     f"remove it or {fix}")
+    return UserError(
+        f"{key} is ignored with {decider}={shown} (only {names} use{'s' if not others else ''} it); "
+        f"remove it or {fix}"
+    )
 
 
 def _get(cfg: Config, dotted: str) -> Any:
@@ -476,7 +552,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise UserError(f"config file {path} must be a mapping of sections (run:, data:, ...), not {type(raw).__name__}")
+        raise UserError(
+            f"config file {path} must be a mapping of sections (run:, data:, ...), not {type(raw).__name__}"
+        )
     return raw
 
 
@@ -503,7 +581,9 @@ def _build_section(name: str, values: Any) -> Any:
     hints = typing.get_type_hints(cls)
     for key in values:
         check_choice(f"{name} key", key, list(hints))
-    return cls(**{key: _coerce(f"{name}.{key}", value, hints[key]) for key, value in values.items()})
+    return cls(
+        **{key: _coerce(f"{name}.{key}", value, hints[key]) for key, value in values.items()}
+    )
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -543,7 +623,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 def _type_name(hint: Any) -> str:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args) + (" or null" if len(args) < len(typing.get_args(hint)) else "")
+        return " or ".join(_type_name(a) for a in args) + (
+            " or null" if len(args) < len(typing.get_args(hint)) else ""
+        )
     if typing.get_origin(hint) is list:
         return f"a list of {_type_name(args[0])}"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        hint, str(hint)
+    )

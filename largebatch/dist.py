@@ -34,7 +34,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise UserError(f"environment variable {name}={value!r} must be an integer; check the launcher") from None
+        raise UserError(
+            f"environment variable {name}={value!r} must be an integer; check the launcher"
+        ) from None
 
 
 def from_env() -> DistInfo:
@@ -43,11 +45,20 @@ def from_env() -> DistInfo:
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", rank)
     if world_size < 1 or not 0 <= rank < world_size:
-        raise UserError(f"launcher environment has RANK={rank} outside WORLD_SIZE={world_size}; check the launcher")
+        raise UserError(
+            f"launcher environment has RANK={rank} outside WORLD_SIZE={world_size}; check the launcher"
+        )
     if world_size > 1 and not os.environ.get("MASTER_ADDR"):
-        raise UserError("WORLD_SIZE > 1 but MASTER_ADDR is not set; launch with torchrun (see launch/torchrun.sh)")
+        raise UserError(
+            "WORLD_SIZE > 1 but MASTER_ADDR is not set; launch with torchrun (see launch/torchrun.sh)"
+        )
     if torch.cuda.is_available():
-        return DistInfo(rank, local_rank, world_size, torch.device("cuda", local_rank % torch.cuda.device_count()))
+        return DistInfo(
+            rank,
+            local_rank,
+            world_size,
+            torch.device("cuda", local_rank % torch.cuda.device_count()),
+        )
     return DistInfo(rank, local_rank, world_size, torch.device("cpu"))
 
 
@@ -63,7 +74,9 @@ def threads(configured: int | None = None, local_processes: int | None = None) -
     if os.environ.get("OMP_NUM_THREADS"):
         value = _env_int("OMP_NUM_THREADS", 1)
         if value < 1:
-            raise UserError(f"OMP_NUM_THREADS={value} must be a positive integer; unset it or set run.threads")
+            raise UserError(
+                f"OMP_NUM_THREADS={value} must be a positive integer; unset it or set run.threads"
+            )
         return value
     local = local_processes or _env_int("LOCAL_WORLD_SIZE", _env_int("LOCAL_SIZE", 1))
     return max(1, len(os.sched_getaffinity(0)) // max(local, 1))
@@ -79,6 +92,7 @@ def init(info: DistInfo, always: bool = False) -> None:
         # bind the default group itself if it is first imported after init (DDP's constructor imports it), and
         # those references would keep the group and its gloo threads alive past teardown (see teardown).
         from torch.distributed import nn as _  # noqa: F401  (not `import torch.distributed.nn`: that makes `torch` local)
+
         backend = "nccl" if info.device.type == "cuda" else "gloo"
         store = _store(info) if info.world_size > 1 else dist.HashStore()
         dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size)
@@ -93,11 +107,16 @@ def _store(info: DistInfo) -> dist.Store:
     """
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 29500), info.world_size,
-        is_master=not agent_store and info.rank == 0, multi_tenant=not agent_store,
+        os.environ["MASTER_ADDR"],
+        _env_int("MASTER_PORT", 29500),
+        info.world_size,
+        is_master=not agent_store and info.rank == 0,
+        multi_tenant=not agent_store,
         timeout=timedelta(minutes=10),
     )
-    return dist.PrefixStore(f"largebatch/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(
+        f"largebatch/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store
+    )
 
 
 def teardown() -> None:

@@ -24,8 +24,10 @@ class Preempted(TrainingStopped):
     """Every rank stopped at a step boundary on a signal and saved a checkpoint; the process exits 128 + signal."""
 
     def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"{signal.Signals(signum).name} after step {step}; checkpoint saved, "
-                         f"rerun the same command (run.resume=auto) to continue")
+        super().__init__(
+            f"{signal.Signals(signum).name} after step {step}; checkpoint saved, "
+            f"rerun the same command (run.resume=auto) to continue"
+        )
         self.exit_code = 128 + signum
 
 
@@ -34,7 +36,9 @@ def require(module: str, extra: str, what: str) -> Any:
     try:
         return importlib.import_module(module)
     except Exception as exc:  # also a torchvision built for another torch: "operator torchvision::nms does not exist"
-        raise UserError(f"{what} needs {module} ({exc}); pip install 'largebatch[{extra}]'") from None
+        raise UserError(
+            f"{what} needs {module} ({exc}); pip install 'largebatch[{extra}]'"
+        ) from None
 
 
 def warn(message: str) -> None:

@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-from largebatch import batch, batch_schedule, checkpoint, dist, memory, optim, task as tasks
+from largebatch import batch, batch_schedule, checkpoint, dist, memory, optim
+from largebatch import task as tasks
 from largebatch.config import Config
 from largebatch.engine import engines
 from largebatch.errors import UserError, warn
 from largebatch.optim.scaling import peak_lr
-
 
 CHECKPOINT_FORMAT = 5
 """Bumped when the checkpoint layout changes (2: optimizer state by parameter name, applied-step count;
@@ -58,22 +58,37 @@ class Job:
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it; world size and micro-batch may change."""
         c = self.cfg
-        fixed = {"batch.global_size": self.plan.global_batch, "run.seed": c.run.seed, "optim.name": c.optim.name,
-                 "train.loss": c.train.loss, "data.train_examples": self.train_examples,
-                 "engine.name": c.engine.name, "engine.zero_stage": c.engine.zero_stage,
-                 "data.fingerprint": self.task.data.fingerprint if self.task else None}
+        fixed = {
+            "batch.global_size": self.plan.global_batch,
+            "run.seed": c.run.seed,
+            "optim.name": c.optim.name,
+            "train.loss": c.train.loss,
+            "data.train_examples": self.train_examples,
+            "engine.name": c.engine.name,
+            "engine.zero_stage": c.engine.zero_stage,
+            "data.fingerprint": self.task.data.fingerprint if self.task else None,
+        }
         for section in ("data", "model"):
-            fixed |= {f"{section}.{k}": v for k, v in dataclasses.asdict(getattr(c, section)).items()
-                      if k not in ("workers", "path")}  # the same data may be mounted elsewhere: its fingerprint decides
+            fixed |= {
+                f"{section}.{k}": v
+                for k, v in dataclasses.asdict(getattr(c, section)).items()
+                if k not in ("workers", "path")
+            }  # the same data may be mounted elsewhere: its fingerprint decides
         return fixed
 
     def settings(self) -> dict[str, Any]:
         """What a resume may change (applied from the resumed step on, and reported): optimizer, LR and batch-size
         schedules, training options and the batch split."""
         c = self.cfg
-        flat = {f"{section}.{k}": v for section in ("optim", "schedule", "train")
-                for k, v in dataclasses.asdict(getattr(c, section)).items() if k not in CADENCE}
-        flat |= {f"batch.{k}": getattr(c.batch, k) for k in ("schedule", "start_size", "ramp_samples")}
+        flat = {
+            f"{section}.{k}": v
+            for section in ("optim", "schedule", "train")
+            for k, v in dataclasses.asdict(getattr(c, section)).items()
+            if k not in CADENCE
+        }
+        flat |= {
+            f"batch.{k}": getattr(c.batch, k) for k in ("schedule", "start_size", "ramp_samples")
+        }
         return {**flat, "micro_batch": self.plan.micro_batch, "world_size": self.plan.world_size}
 
     def checkpoint_meta(self) -> dict[str, Any]:
@@ -92,11 +107,15 @@ class Job:
             "warmup_steps": self.warmup_steps,
             "threads": self.threads,
             "train_examples": self.train_examples,
-            "eval_examples": len(self.task.eval) if self.task and self.task.eval is not None else None,
+            "eval_examples": len(self.task.eval)
+            if self.task and self.task.eval is not None
+            else None,
         }
 
 
-def prepare(cfg: Config, world_size: int, train_examples: int | None = None, task: tasks.Task | None = None) -> Job:
+def prepare(
+    cfg: Config, world_size: int, train_examples: int | None = None, task: tasks.Task | None = None
+) -> Job:
     """Open the data (or take `task`), check the model on one example, derive the batch plan, lengths and peak LR;
     raise UserError if any is impossible. With `train_examples`, plan for a training set of that size without
     reading any data."""
@@ -113,9 +132,16 @@ def prepare(cfg: Config, world_size: int, train_examples: int | None = None, tas
         train_examples = len(task.train)
     optim.check(cfg.optim)
     engines()[cfg.engine.name].check(cfg, plan, model)
-    if cfg.train.noise_scale and plan.world_size == 1 and plan.accum_steps == 1 and cfg.batch.micro_size != "auto":
-        raise UserError("train.noise_scale compares two batch sizes: run on 2+ processes or set batch.micro_size "
-                        "below batch.global_size (accumulation)")
+    if (
+        cfg.train.noise_scale
+        and plan.world_size == 1
+        and plan.accum_steps == 1
+        and cfg.batch.micro_size != "auto"
+    ):
+        raise UserError(
+            "train.noise_scale compares two batch sizes: run on 2+ processes or set batch.micro_size "
+            "below batch.global_size (accumulation)"
+        )
     steps_per_epoch = batch.steps_per_epoch(train_examples, plan)
     if cfg.train.epochs is not None:
         total_steps = max(1, math.floor(cfg.train.epochs * steps_per_epoch))
@@ -130,10 +156,27 @@ def prepare(cfg: Config, world_size: int, train_examples: int | None = None, tas
             f"shorten schedule.warmup_steps/warmup_epochs or train longer"
         )
     lr = peak_lr(cfg.optim.lr, plan.global_batch, cfg.optim.reference_batch, cfg.optim.scaling)
-    limit = memory.parse_size(cfg.batch.memory_limit, "batch.memory_limit") if cfg.batch.memory_limit else None
-    job = Job(cfg, task, train_examples, plan, steps_per_epoch, total_steps, warmup_steps, lr, None, dist.threads(cfg.run.threads),
-              limit)
-    job.resume_from = _resume_point(job) if task is not None else None  # planning only: nothing to resume
+    limit = (
+        memory.parse_size(cfg.batch.memory_limit, "batch.memory_limit")
+        if cfg.batch.memory_limit
+        else None
+    )
+    job = Job(
+        cfg,
+        task,
+        train_examples,
+        plan,
+        steps_per_epoch,
+        total_steps,
+        warmup_steps,
+        lr,
+        None,
+        dist.threads(cfg.run.threads),
+        limit,
+    )
+    job.resume_from = (
+        _resume_point(job) if task is not None else None
+    )  # planning only: nothing to resume
     return job
 
 
@@ -142,13 +185,19 @@ def _resume_point(job: Job) -> Path | None:
     resume = job.cfg.run.resume
     if resume == "never":
         return None
-    path = checkpoint.latest_good(job.cfg.run_dir) if resume == "auto" else checkpoint.check_explicit(Path(resume))
+    path = (
+        checkpoint.latest_good(job.cfg.run_dir)
+        if resume == "auto"
+        else checkpoint.check_explicit(Path(resume))
+    )
     if path is None:
         return None
     saved = checkpoint.manifest(path)["meta"]
     if saved.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint {path} was written by an older largebatch (format {saved.get('format', 1)}, "
-                        f"this one reads {CHECKPOINT_FORMAT}); resume it with that version, or run.resume=never")
+        raise UserError(
+            f"checkpoint {path} was written by an older largebatch (format {saved.get('format', 1)}, "
+            f"this one reads {CHECKPOINT_FORMAT}); resume it with that version, or run.resume=never"
+        )
     for key, value in job.identity().items():
         if saved.get(key) != value:
             raise UserError(
@@ -156,8 +205,14 @@ def _resume_point(job: Job) -> Path | None:
                 f"use the same config, or run.resume=never (or another run.dir) to start afresh"
             )
     job.resumed_settings = saved["settings"]
-    changed = [f"{k} {saved['settings'].get(k)} → {v}" for k, v in job.settings().items()
-               if k.startswith(("optim.", "schedule.", "train.", "batch.")) and saved["settings"].get(k) != v]
+    changed = [
+        f"{k} {saved['settings'].get(k)} → {v}"
+        for k, v in job.settings().items()
+        if k.startswith(("optim.", "schedule.", "train.", "batch."))
+        and saved["settings"].get(k) != v
+    ]
     if changed:
-        warn(f"resuming {path.name} with changed settings, applied from its step on: {', '.join(changed)}")
+        warn(
+            f"resuming {path.name} with changed settings, applied from its step on: {', '.join(changed)}"
+        )
     return path

@@ -44,7 +44,9 @@ class State:
         return self.params + self.grads + self.optimizer
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, gradients: bool = True) -> State:
+def training_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None, gradients: bool = True
+) -> State:
     """Parameters and buffers, their gradients unless `gradients=False`, and the optimizer's state (estimated before
     its first step: 2 slots with betas, 1 with momentum)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -53,15 +55,23 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
     if optimizer is None:
         optimizer_bytes = 0
     elif optimizer.state:
-        optimizer_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
-                              for t in s.values() if isinstance(t, torch.Tensor))
+        optimizer_bytes = sum(
+            t.numel() * t.element_size()
+            for s in optimizer.state.values()
+            for t in s.values()
+            if isinstance(t, torch.Tensor)
+        )
     else:
         group = optimizer.param_groups[0]
-        optimizer_bytes = (2 if "betas" in group else int(group.get("momentum", 0) > 0)) * param_bytes
+        optimizer_bytes = (
+            2 if "betas" in group else int(group.get("momentum", 0) > 0)
+        ) * param_bytes
     return State(param_bytes + buffers, param_bytes if gradients else 0, optimizer_bytes)
 
 
-def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, gradients: bool = True) -> int:
+def state_bytes(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None, gradients: bool = True
+) -> int:
     """`training_state(...).total`."""
     return training_state(model, optimizer, gradients).total
 
@@ -98,8 +108,12 @@ class ActivationMeter:
         return tensor.detach()
 
 
-def peak_bytes(device: torch.device, meter: ActivationMeter, model: nn.Module,
-               optimizer: torch.optim.Optimizer | None) -> int:
+def peak_bytes(
+    device: torch.device,
+    meter: ActivationMeter,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+) -> int:
     """The step's peak: the allocator's on CUDA, counted state + saved activations on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)

@@ -46,7 +46,9 @@ class NoiseScale:
     def update(self, sq_small: float, b_small: int, sq_big: float, b_big: int) -> dict[str, float]:
         g2, trace = estimate(sq_small, b_small, sq_big, b_big)
         self.g2 = g2 if self.g2 is None else self.decay * self.g2 + (1 - self.decay) * g2
-        self.trace = trace if self.trace is None else self.decay * self.trace + (1 - self.decay) * trace
+        self.trace = (
+            trace if self.trace is None else self.decay * self.trace + (1 - self.decay) * trace
+        )
         self.count += 1
         out = {"gns/grad_sq": self.g2, "gns/trace": self.trace}
         if self.g2 > 0:
@@ -58,4 +60,9 @@ class NoiseScale:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.decay, self.g2, self.trace, self.count = state["decay"], state["g2"], state["trace"], state["count"]
+        self.decay, self.g2, self.trace, self.count = (
+            state["decay"],
+            state["g2"],
+            state["trace"],
+            state["count"],
+        )

@@ -16,7 +16,9 @@ scale; such a step counts as non-finite (as DeepSpeed's min_loss_scale). Above i
 
 def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     """The L2 norm over all of `params`' gradients, as one multi-tensor pass (no host sync)."""
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None])))
+    return torch.linalg.vector_norm(
+        torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None]))
+    )
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,9 @@ class Precision:
     def __init__(self, name: str, device: torch.device, init_scale: float = 65536.0) -> None:
         self.name = name
         self.device_type = device.type
-        self.scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=name == "fp16")
+        self.scaler = torch.amp.GradScaler(
+            device.type, init_scale=init_scale, enabled=name == "fp16"
+        )
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.name == "fp32":
@@ -49,8 +53,9 @@ class Precision:
         """The fp16 loss scale (1 without one)."""
         return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
 
-    def unscale_and_clip(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-                         clip: float | None) -> torch.Tensor:
+    def unscale_and_clip(
+        self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], clip: float | None
+    ) -> torch.Tensor:
         """Unscale the (already all-reduced) gradients and clip them; returns the global norm before clipping."""
         self.scaler.unscale_(optimizer)
         if clip is not None:
@@ -71,12 +76,15 @@ class Precision:
             self.scaler.step(optimizer)
         self.scaler.update()
         after = self.scaler.get_scale()
-        return StepOutcome(finite_loss and after >= before, not finite_loss or after < MIN_LOSS_SCALE, norm)
+        return StepOutcome(
+            finite_loss and after >= before, not finite_loss or after < MIN_LOSS_SCALE, norm
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return self.scaler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the loss scale; a checkpoint from another precision (no scaler state, or none wanted) starts afresh."""
+        """Restore the loss scale; a checkpoint from another precision (no scaler state, or none wanted) starts
+        afresh."""
         if self.scaler.is_enabled() and state:
             self.scaler.load_state_dict(state)

@@ -11,10 +11,10 @@ import html
 import itertools
 import json
 import math
-import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import yaml
@@ -58,24 +58,34 @@ class Run:
 def load_run(run_dir: Path, name: str | None = None) -> Run:
     """Read a run directory; anything missing or unreadable is a UserError saying which file and what to do."""
     if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist; pass the run.dir of a `largebatch train` run")
+        raise UserError(
+            f"run directory {run_dir} does not exist; pass the run.dir of a `largebatch train` run"
+        )
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        raise UserError(f"{run_dir} has no metrics.jsonl; pass a run directory written by `largebatch train`")
+        raise UserError(
+            f"{run_dir} has no metrics.jsonl; pass a run directory written by `largebatch train`"
+        )
     records = []
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path} line {number} is not valid JSON ({exc.msg}); delete or fix that line "
-                            "(a run killed mid-write can leave a partial last line)") from None
+            raise UserError(
+                f"{path} line {number} is not valid JSON ({exc.msg}); delete or fix that line "
+                "(a run killed mid-write can leave a partial last line)"
+            ) from None
         missing = [k for k in REQUIRED if not isinstance(record, dict) or k not in record]
         if missing:
-            raise UserError(f"{path} line {number} has no {', '.join(missing)}; each line must be one "
-                            "metrics.jsonl record as `largebatch train` writes it")
+            raise UserError(
+                f"{path} line {number} has no {', '.join(missing)}; each line must be one "
+                "metrics.jsonl record as `largebatch train` writes it"
+            )
         records.append(record)
     if not records:
-        raise UserError(f"{path} is empty; the run has not logged a step yet (wait for train.log_every steps)")
+        raise UserError(
+            f"{path} is empty; the run has not logged a step yet (wait for train.log_every steps)"
+        )
     summary = _read(run_dir / "summary.json", json.loads, json.JSONDecodeError)
     config = _read(run_dir / "config.yaml", yaml.safe_load, yaml.YAMLError)
     return Run(name or run_dir.name, records, summary, config.get("derived") or {})
@@ -112,7 +122,9 @@ def _read(path: Path, parse: Callable[[str], Any], error: type[Exception]) -> di
     try:
         value = parse(path.read_text(errors="replace"))
     except error as exc:
-        raise UserError(f"{path} is unreadable ({' '.join(str(exc).split())}); fix or delete it") from None
+        raise UserError(
+            f"{path} is unreadable ({' '.join(str(exc).split())}); fix or delete it"
+        ) from None
     if not isinstance(value, dict):
         raise UserError(f"{path} does not hold a mapping; fix or delete it")
     return value
@@ -150,8 +162,15 @@ def _lines(runs: list[Run], key: str, x: str, ax: Any, **style: Any) -> bool:
     return drawn
 
 
-def _single(runs: list[Run], key: str, title: str, ylabel: str, x: str = "step", log: bool = False,
-            **style: Any) -> Figure | None:
+def _single(
+    runs: list[Run],
+    key: str,
+    title: str,
+    ylabel: str,
+    x: str = "step",
+    log: bool = False,
+    **style: Any,
+) -> Figure | None:
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
     if not _lines(runs, key, x, ax, **style):
@@ -166,8 +185,20 @@ def loss_panel(runs: list[Run]) -> Figure:
     by_step, by_samples = fig.subplots(1, 2)
     _lines(runs, "loss", "step", by_step)
     _lines(runs, "loss", "samples", by_samples)
-    _axes(by_step, "Training loss vs optimizer steps", STEP, "loss (mean over the global batch)", log=True)
-    _axes(by_samples, "Training loss vs examples seen", SAMPLES, "loss (mean over the global batch)", log=True)
+    _axes(
+        by_step,
+        "Training loss vs optimizer steps",
+        STEP,
+        "loss (mean over the global batch)",
+        log=True,
+    )
+    _axes(
+        by_samples,
+        "Training loss vs examples seen",
+        SAMPLES,
+        "loss (mean over the global batch)",
+        log=True,
+    )
     by_samples.legend(fontsize="small")
     return fig
 
@@ -184,8 +215,19 @@ def noise_scale_panel(runs: list[Run]) -> Figure | None:
     for run in measured:
         xs, ys = run.series("global_batch", "samples")
         if not xs and run.global_batch:
-            xs, ys = [run.series("gns", "samples")[0][0], run.series("gns", "samples")[0][-1]], [run.global_batch] * 2
-        ax.step(xs, ys, where="post", color=run.color, ls="--", lw=1.2, label=f"{run.label}: global batch")
+            xs, ys = (
+                [run.series("gns", "samples")[0][0], run.series("gns", "samples")[0][-1]],
+                [run.global_batch] * 2,
+            )
+        ax.step(
+            xs,
+            ys,
+            where="post",
+            color=run.color,
+            ls="--",
+            lw=1.2,
+            label=f"{run.label}: global batch",
+        )
     _axes(ax, "Gradient noise scale B_noise and the global batch", SAMPLES, "examples", log=True)
     ax.legend(fontsize="small")
     return fig
@@ -199,24 +241,48 @@ def sweep_figure(result: dict[str, Any], name: str) -> Figure:
     reached = [p for p in result["points"] if p["reached"]]
     best = set(result["best"])
     for p in reached:
-        ax.scatter(p["examples"], p["steps"], s=60 if p["run_dir"] in best else 25, zorder=3,
-                   color="C0" if p["run_dir"] in best else "C7")
-        ax.annotate(f"B={p['global_batch']}" + (f", lr {p['lr']:g}" if p["lr"] is not None else "")
-                    + (f", {p['optimizer']}" if p["optimizer"] else ""),
-                    (p["examples"], p["steps"]), textcoords="offset points", xytext=(6, 4), fontsize="small")
+        ax.scatter(
+            p["examples"],
+            p["steps"],
+            s=60 if p["run_dir"] in best else 25,
+            zorder=3,
+            color="C0" if p["run_dir"] in best else "C7",
+        )
+        ax.annotate(
+            f"B={p['global_batch']}"
+            + (f", lr {p['lr']:g}" if p["lr"] is not None else "")
+            + (f", {p['optimizer']}" if p["optimizer"] else ""),
+            (p["examples"], p["steps"]),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize="small",
+        )
     f = result["fit"]
     if f is not None:
         batches = [p["global_batch"] for p in reached]
         grid = np.geomspace(min(batches) / 4, max(batches) * 8, 200)
         steps = [f["s_min"] + f["e_min"] / b for b in grid]
-        ax.plot([s * b for s, b in zip(steps, grid)], steps, "C0-", lw=1.5,
-                label=f"fit: (S/S_min − 1)(E/E_min − 1) = 1, S_min {f['s_min']:.3g}, E_min {f['e_min']:.3g}")
+        ax.plot(
+            [s * b for s, b in zip(steps, grid)],
+            steps,
+            "C0-",
+            lw=1.5,
+            label=f"fit: (S/S_min − 1)(E/E_min − 1) = 1, S_min {f['s_min']:.3g}, E_min {f['e_min']:.3g}",
+        )
         ax.axhline(f["s_min"], color="C0", ls=":", lw=1)
         ax.axvline(f["e_min"], color="C0", ls=":", lw=1)
-        marks = [(f["b_crit"], "C3", f"B_crit = E_min/S_min = {f['b_crit']:.3g}"),
-                 (f["b_20"], "C2", f"20 % over linear scaling: B = {f['b_20']:.3g}")]
+        marks = [
+            (f["b_crit"], "C3", f"B_crit = E_min/S_min = {f['b_crit']:.3g}"),
+            (f["b_20"], "C2", f"20 % over linear scaling: B = {f['b_20']:.3g}"),
+        ]
         if result["noise_scale"]:
-            marks.append((result["noise_scale"], "C1", f"measured noise scale (median) {result['noise_scale']:.3g}"))
+            marks.append(
+                (
+                    result["noise_scale"],
+                    "C1",
+                    f"measured noise scale (median) {result['noise_scale']:.3g}",
+                )
+            )
         for b, color, label in marks:
             s = f["s_min"] + f["e_min"] / b
             ax.scatter([s * b], [s], marker="*", s=180, color=color, zorder=4, label=label)
@@ -224,7 +290,12 @@ def sweep_figure(result: dict[str, Any], name: str) -> Figure:
     ax.set_yscale("log")
     target = result["target"]
     what = f"{target['key']} = {target['value']:g}" if target else "the end of the budget"
-    _axes(ax, f"{name}: steps vs examples to reach {what}", "examples to target (E)", "optimizer steps to target (S)")
+    _axes(
+        ax,
+        f"{name}: steps vs examples to reach {what}",
+        "examples to target (E)",
+        "optimizer steps to target (S)",
+    )
     ax.legend(fontsize="small")
     return fig
 
@@ -233,10 +304,15 @@ def trust_ratio_panel(runs: list[Run]) -> Figure | None:
     """One heatmap per run: log10 of each layer's trust ratio (LARS/LAMB) at each logged step."""
     tables = []
     for run in runs:
-        layers = list(dict.fromkeys(k for r in run.records for k in r if k.startswith("trust_ratio/")))
+        layers = list(
+            dict.fromkeys(k for r in run.records for k in r if k.startswith("trust_ratio/"))
+        )
         rows = [r for r in run.records if any(k in r for k in layers)]
         if layers:
-            grid = [[math.log10(r[k]) if _number(r.get(k)) and r[k] > 0 else math.nan for r in rows] for k in layers]
+            grid = [
+                [math.log10(r[k]) if _number(r.get(k)) and r[k] > 0 else math.nan for r in rows]
+                for k in layers
+            ]
             tables.append((run, layers, [r["step"] for r in rows], grid))
     if not tables:
         return None
@@ -244,9 +320,16 @@ def trust_ratio_panel(runs: list[Run]) -> Figure | None:
     fig = Figure(figsize=(10, max(3.0, height)), layout="constrained")
     axes = fig.subplots(len(tables), 1, squeeze=False)[:, 0]
     for ax, (run, layers, steps, grid) in zip(axes, tables):
-        image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
-                          extent=(steps[0], max(steps[-1], steps[0] + 1), len(layers) - 0.5, -0.5))
-        ax.set_yticks(range(len(layers)), [k.removeprefix("trust_ratio/") for k in layers], fontsize="x-small")
+        image = ax.imshow(
+            grid,
+            aspect="auto",
+            interpolation="nearest",
+            cmap="viridis",
+            extent=(steps[0], max(steps[-1], steps[0] + 1), len(layers) - 0.5, -0.5),
+        )
+        ax.set_yticks(
+            range(len(layers)), [k.removeprefix("trust_ratio/") for k in layers], fontsize="x-small"
+        )
         ax.set(title=f"Per-layer trust ratio: {run.label}", xlabel=STEP)
         fig.colorbar(image, ax=ax, label="log10 trust ratio")
     return fig
@@ -254,17 +337,37 @@ def trust_ratio_panel(runs: list[Run]) -> Figure | None:
 
 PANELS: list[tuple[str, str, Callable[[list[Run]], Figure | None]]] = [
     ("loss", "Training loss against optimizer steps and against examples seen.", loss_panel),
-    ("lr", "Learning-rate schedule (warmup, then decay) at each logged step.",
-     lambda runs: _single(runs, "lr", "Learning rate", "learning rate")),
-    ("grad_norm", "Global gradient norm before clipping.",
-     lambda runs: _single(runs, "grad_norm", "Gradient norm", "‖g‖ (global, before clipping)", log=True)),
-    ("throughput", "Training throughput between logged steps.",
-     lambda runs: _single(runs, "samples_per_s", "Throughput", "samples/s")),
-    ("eval_accuracy", "Held-out accuracy against examples seen.",
-     lambda runs: _single(runs, "eval/accuracy", "Held-out accuracy", "accuracy", x="samples", marker="o")),
-    ("noise_scale", "Gradient noise scale B_noise (McCandlish et al. 2018) as training goes, each run's global batch "
-     "dashed: where the batch is below B_noise a larger one would still cut steps almost in proportion; above it, "
-     "it costs examples for few steps saved.", noise_scale_panel),
+    (
+        "lr",
+        "Learning-rate schedule (warmup, then decay) at each logged step.",
+        lambda runs: _single(runs, "lr", "Learning rate", "learning rate"),
+    ),
+    (
+        "grad_norm",
+        "Global gradient norm before clipping.",
+        lambda runs: _single(
+            runs, "grad_norm", "Gradient norm", "‖g‖ (global, before clipping)", log=True
+        ),
+    ),
+    (
+        "throughput",
+        "Training throughput between logged steps.",
+        lambda runs: _single(runs, "samples_per_s", "Throughput", "samples/s"),
+    ),
+    (
+        "eval_accuracy",
+        "Held-out accuracy against examples seen.",
+        lambda runs: _single(
+            runs, "eval/accuracy", "Held-out accuracy", "accuracy", x="samples", marker="o"
+        ),
+    ),
+    (
+        "noise_scale",
+        "Gradient noise scale B_noise (McCandlish et al. 2018) as training goes, each run's global batch "
+        "dashed: where the batch is below B_noise a larger one would still cut steps almost in proportion; above it, "
+        "it costs examples for few steps saved.",
+        noise_scale_panel,
+    ),
     ("trust_ratio", "Per-layer trust ratios (LARS/LAMB) over training.", trust_ratio_panel),
 ]
 
@@ -274,10 +377,15 @@ def _row(run: Run) -> list[str]:
     plan = [s.get(k, d.get(k)) for k in ("world_size", "micro_batch", "accum_steps")]
     accuracy = s.get("eval", {}).get("accuracy", run.last("eval/accuracy"))
     cells = [
-        run.name, run.global_batch, " × ".join(map(str, plan)) if None not in plan else None,
-        _fmt(s.get("peak_lr", d.get("peak_lr")), ".4g"), s.get("steps", run.records[-1]["step"]),
-        _fmt(s.get("samples", run.records[-1]["samples"]), ","), _fmt(s.get("final_loss", run.last("loss")), ".4f"),
-        _fmt(accuracy, ".4f"), _fmt(s.get("samples_per_s", run.last("samples_per_s")), ",.0f"),
+        run.name,
+        run.global_batch,
+        " × ".join(map(str, plan)) if None not in plan else None,
+        _fmt(s.get("peak_lr", d.get("peak_lr")), ".4g"),
+        s.get("steps", run.records[-1]["step"]),
+        _fmt(s.get("samples", run.records[-1]["samples"]), ","),
+        _fmt(s.get("final_loss", run.last("loss")), ".4f"),
+        _fmt(accuracy, ".4f"),
+        _fmt(s.get("samples_per_s", run.last("samples_per_s")), ",.0f"),
         (s.get("params_sha256") or "")[:12] or None,
     ]
     return ["—" if c is None else html.escape(str(c)) for c in cells]
@@ -288,19 +396,34 @@ def _fmt(value: Any, spec: str) -> str | None:
 
 
 def _html(runs: list[Run], figures: list[tuple[str, Path]]) -> str:
-    head = ["run", "global batch", "world × micro × accum", "peak LR", "steps", "samples", "final loss",
-            "eval accuracy", "samples/s", "params sha256"]
+    head = [
+        "run",
+        "global batch",
+        "world × micro × accum",
+        "peak LR",
+        "steps",
+        "samples",
+        "final loss",
+        "eval accuracy",
+        "samples/s",
+        "params sha256",
+    ]
     rows = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in _row(run)) + "</tr>\n" for run in runs)
     images = "".join(
         f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,'
         f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{html.escape(caption)}</figcaption></figure>\n'
-        for caption, path in figures)
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
-             "img{max-width:100%}figure{margin:2em 0}figcaption{color:#555}")
-    return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>largebatch report</title>'
-            f"<style>{style}</style></head><body>\n<h1>largebatch report</h1>\n"
-            f"<table><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>\n{rows}</table>\n{images}</body></html>\n")
+        for caption, path in figures
+    )
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
+        "img{max-width:100%}figure{margin:2em 0}figcaption{color:#555}"
+    )
+    return (
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>largebatch report</title>'
+        f"<style>{style}</style></head><body>\n<h1>largebatch report</h1>\n"
+        f"<table><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>\n{rows}</table>\n{images}</body></html>\n"
+    )
 
 
 def budget_figure(sweeps: dict[str, dict[str, Any]]) -> Figure:
@@ -312,14 +435,28 @@ def budget_figure(sweeps: dict[str, dict[str, Any]]) -> Figure:
         points = [p for p in result["points"] if p["final"] is not None]
         metrics |= {p["metric"] for p in points}
         for (lr, optimizer), group in itertools.groupby(
-                sorted(points, key=lambda p: (str(p["lr"]), str(p["optimizer"]), p["global_batch"])),
-                key=lambda p: (p["lr"], p["optimizer"])):
+            sorted(points, key=lambda p: (str(p["lr"]), str(p["optimizer"]), p["global_batch"])),
+            key=lambda p: (p["lr"], p["optimizer"]),
+        ):
             group = list(group)
-            label = " ".join([name, *([f"lr {lr:g}"] if lr is not None else []), *([optimizer] if optimizer else [])])
-            ax.plot([p["global_batch"] for p in group], [p["final"] for p in group], "o-", label=label)
+            label = " ".join(
+                [
+                    name,
+                    *([f"lr {lr:g}"] if lr is not None else []),
+                    *([optimizer] if optimizer else []),
+                ]
+            )
+            ax.plot(
+                [p["global_batch"] for p in group], [p["final"] for p in group], "o-", label=label
+            )
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    _axes(ax, "Held-out metric at the end of the budget vs global batch", "global batch", " / ".join(sorted(metrics)))
+    _axes(
+        ax,
+        "Held-out metric at the end of the budget vs global batch",
+        "global batch",
+        " / ".join(sorted(metrics)),
+    )
     ax.legend(fontsize="small")
     return fig
 
@@ -328,8 +465,13 @@ def write_sweeps(sweep_dirs: list[Path], out: Path) -> list[Path]:
     """For `largebatch sweep` directories: each one with a target, its steps-vs-examples plot (`<name>.png`); those
     without, one plot of the final held-out metric vs global batch together (`sweeps.png`)."""
     out.mkdir(parents=True, exist_ok=True)
-    results = {d.resolve().name: _read(d / "sweep.json", json.loads, json.JSONDecodeError) for d in sweep_dirs}
-    figures = {name: sweep_figure(result, name) for name, result in results.items() if result["target"]}
+    results = {
+        d.resolve().name: _read(d / "sweep.json", json.loads, json.JSONDecodeError)
+        for d in sweep_dirs
+    }
+    figures = {
+        name: sweep_figure(result, name) for name, result in results.items() if result["target"]
+    }
     budgets = {name: result for name, result in results.items() if not result["target"]}
     if budgets:
         figures["sweeps"] = budget_figure(budgets)
@@ -341,10 +483,19 @@ def write_sweeps(sweep_dirs: list[Path], out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """`largebatch report RUN_DIR|SWEEP_DIR... [--out DIR]`; user errors propagate as UserError (the CLI exits 2)."""
-    parser = ArgumentParser(prog="largebatch report", description="Plots and an HTML page comparing run directories.")
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="run directories (run.dir), or sweep directories (largebatch sweep --out)")
-    parser.add_argument("--out", type=Path, default=Path("report"), help="output directory (default: report/)")
+    parser = ArgumentParser(
+        prog="largebatch report", description="Plots and an HTML page comparing run directories."
+    )
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="run directories (run.dir), or sweep directories (largebatch sweep --out)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("report"), help="output directory (default: report/)"
+    )
     args = parser.parse_args(argv)
     sweeps = [d for d in args.run_dirs if (d / "sweep.json").is_file()]
     for path in write_sweeps(sweeps, args.out) if sweeps else []:

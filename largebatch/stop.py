@@ -52,18 +52,26 @@ class StopFlags:
         try:
             yield
         except OSError as exc:
-            self.fault = self.fault or f"cannot write {what}: {exc.strerror or exc}; free space or fix the permissions of run.dir"
+            self.fault = (
+                self.fault
+                or f"cannot write {what}: {exc.strerror or exc}; free space or fix the permissions of run.dir"
+            )
 
     def as_tensor(self, device: torch.device) -> torch.Tensor:
         """[SIGTERM seen, SIGINT seen, fault] as floats, to be summed over ranks with the step's loss."""
-        return torch.tensor([self.signum == signal.SIGTERM, self.signum == signal.SIGINT, self.fault is not None],
-                            dtype=torch.float32, device=device)
+        return torch.tensor(
+            [self.signum == signal.SIGTERM, self.signum == signal.SIGINT, self.fault is not None],
+            dtype=torch.float32,
+            device=device,
+        )
 
     def agree(self, summed: torch.Tensor) -> int:
         """Raise if any rank saw a fault; else the signal to stop on (SIGTERM over SIGINT), or 0."""
         term, interrupt, fault = summed.tolist()
         if fault:
-            raise TrainingStopped(self.fault or "another rank could not write to run.dir (see its message)")
+            raise TrainingStopped(
+                self.fault or "another rank could not write to run.dir (see its message)"
+            )
         return signal.SIGTERM if term else signal.SIGINT if interrupt else 0
 
     def agree_now(self, device: torch.device) -> int:

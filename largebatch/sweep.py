@@ -30,8 +30,21 @@ import numpy as np
 from largebatch import config, job
 from largebatch.errors import ArgumentParser, UserError
 
-COLUMNS = ("global_batch", "lr", "optimizer", "peak_lr", "reached", "steps", "examples", "metric", "final",
-           "wall_s", "noise_scale", "status", "run_dir")
+COLUMNS = (
+    "global_batch",
+    "lr",
+    "optimizer",
+    "peak_lr",
+    "reached",
+    "steps",
+    "examples",
+    "metric",
+    "final",
+    "wall_s",
+    "noise_scale",
+    "status",
+    "run_dir",
+)
 EVALS_PER_RUN = 100
 """With a target, each point evaluates at least this often over its length (more often if train.eval_every says so),
 to resolve when it reaches the target."""
@@ -45,13 +58,19 @@ class Point:
 
     @property
     def name(self) -> str:
-        parts = [f"b{self.global_batch}", *([f"lr{self.lr:g}"] if self.lr is not None else []),
-                 *([self.optimizer.replace(":", "-")] if self.optimizer else [])]
+        parts = [
+            f"b{self.global_batch}",
+            *([f"lr{self.lr:g}"] if self.lr is not None else []),
+            *([self.optimizer.replace(":", "-")] if self.optimizer else []),
+        ]
         return "_".join(parts)
 
     def overrides(self) -> list[str]:
-        return [f"batch.global_size={self.global_batch}", *([f"optim.lr={self.lr!r}"] if self.lr is not None else []),
-                *([f"optim.name={self.optimizer}"] if self.optimizer else [])]
+        return [
+            f"batch.global_size={self.global_batch}",
+            *([f"optim.lr={self.lr!r}"] if self.lr is not None else []),
+            *([f"optim.name={self.optimizer}"] if self.optimizer else []),
+        ]
 
 
 @dataclass(frozen=True)
@@ -88,66 +107,123 @@ def fit(batches: list[float], steps: list[float]) -> Fit | None:
     b_crit = e_min / s_min
     rel = np.array([-1 / s_min, 1 / e_min])  # ∂ log B_crit / ∂ (S_min, E_min)
     b_crit_err = b_crit * math.sqrt(max(0.0, rel @ cov @ rel)) if dof > 0 else math.nan
-    return Fit(float(s_min), float(e_min), float(b_crit), float(math.sqrt(cov[0, 0])), float(math.sqrt(cov[1, 1])),
-               float(b_crit_err), float(1.2 * min(batches) + 0.2 * b_crit), len(x))
+    return Fit(
+        float(s_min),
+        float(e_min),
+        float(b_crit),
+        float(math.sqrt(cov[0, 0])),
+        float(math.sqrt(cov[1, 1])),
+        float(b_crit_err),
+        float(1.2 * min(batches) + 0.2 * b_crit),
+        len(x),
+    )
 
 
 def best_per_batch(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For each batch size, the point (LR, optimizer) that reached the target in the fewest steps."""
     reached = [r for r in rows if r["reached"]]
-    return [min(group, key=lambda r: r["steps"])
-            for _, group in itertools.groupby(sorted(reached, key=lambda r: r["global_batch"]),
-                                              key=lambda r: r["global_batch"])]
+    return [
+        min(group, key=lambda r: r["steps"])
+        for _, group in itertools.groupby(
+            sorted(reached, key=lambda r: r["global_batch"]), key=lambda r: r["global_batch"]
+        )
+    ]
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     best = best_per_batch(rows)
     result = fit([r["global_batch"] for r in best], [r["steps"] for r in best])
     noise = [r["noise_scale"] for r in best if r["noise_scale"] is not None]
-    return {"fit": asdict(result) if result else None, "best": [r["run_dir"] for r in best],
-            "noise_scale": statistics.median(noise) if noise else None}
+    return {
+        "fit": asdict(result) if result else None,
+        "best": [r["run_dir"] for r in best],
+        "noise_scale": statistics.median(noise) if noise else None,
+    }
 
 
-def row(point: Point, run_dir: Path, target: config.Target | None, wall_s: float, status: str) -> dict[str, Any]:
+def row(
+    point: Point, run_dir: Path, target: config.Target | None, wall_s: float, status: str
+) -> dict[str, Any]:
     """The table row of a finished point, from its summary.json and metrics.jsonl."""
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     reached = (summary.get("target") or {}).get("reached")
-    metric = target.key if target else next((k for k in ("eval/accuracy", "eval/loss") if k in records[-1]), None)
+    metric = (
+        target.key
+        if target
+        else next((k for k in ("eval/accuracy", "eval/loss") if k in records[-1]), None)
+    )
     upto = reached["step"] if reached else summary["steps"]
     noise = [r["gns"] for r in records if "gns" in r and r["step"] <= upto]
     return {
-        "global_batch": summary["global_batch"], "lr": point.lr, "optimizer": point.optimizer,
-        "peak_lr": summary["peak_lr"], "reached": reached is not None,
-        "steps": reached["step"] if reached else None, "examples": reached["samples"] if reached else None,
-        "metric": metric, "final": next((r[metric] for r in reversed(records) if metric in r), None),
-        "wall_s": round(wall_s, 2), "noise_scale": statistics.median(noise) if noise else None,
-        "status": status, "run_dir": str(run_dir),
+        "global_batch": summary["global_batch"],
+        "lr": point.lr,
+        "optimizer": point.optimizer,
+        "peak_lr": summary["peak_lr"],
+        "reached": reached is not None,
+        "steps": reached["step"] if reached else None,
+        "examples": reached["samples"] if reached else None,
+        "metric": metric,
+        "final": next((r[metric] for r in reversed(records) if metric in r), None),
+        "wall_s": round(wall_s, 2),
+        "noise_scale": statistics.median(noise) if noise else None,
+        "status": status,
+        "run_dir": str(run_dir),
     }
 
 
 def _launch(args: list[str], nproc: int) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "largebatch", *args]
     if nproc > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend",
-                   "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "largebatch", *args]
-    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            "127.0.0.1:0",
+            "-m",
+            "largebatch",
+            *args,
+        ]
+    return subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
 
 
-def sweep(config_path: str | None, overrides: list[str], global_sizes: list[int], out: Path,
-          lrs: list[float] | None = None, optimizers: list[str] | None = None, target: str | None = None,
-          nproc: int = 1) -> dict[str, Any]:
+def sweep(
+    config_path: str | None,
+    overrides: list[str],
+    global_sizes: list[int],
+    out: Path,
+    lrs: list[float] | None = None,
+    optimizers: list[str] | None = None,
+    target: str | None = None,
+    nproc: int = 1,
+) -> dict[str, Any]:
     """Run (or resume) every point, write sweep.csv and sweep.json after each, and return sweep.json's content.
     Every point's config is checked before the first one trains."""
     goal = config.Target.parse(target, "--target") if target else None
-    points = [Point(b, lr, opt) for b, lr, opt in itertools.product(global_sizes, lrs or [None], optimizers or [None])]
+    points = [
+        Point(b, lr, opt)
+        for b, lr, opt in itertools.product(global_sizes, lrs or [None], optimizers or [None])
+    ]
     examples, evals = None, {}
-    for point in points:  # the first reads the data and checks the model; the others plan for its size
-        cfg = config.load(config_path, [*overrides, *point.overrides(), f"run.dir={out / 'points' / point.name}"])
+    for (
+        point
+    ) in points:  # the first reads the data and checks the model; the others plan for its size
+        cfg = config.load(
+            config_path, [*overrides, *point.overrides(), f"run.dir={out / 'points' / point.name}"]
+        )
         prepared = job.prepare(cfg, nproc, train_examples=examples)
         examples = prepared.train_examples
         often = max(1, prepared.total_steps // EVALS_PER_RUN)
-        evals[point] = [f"train.eval_every={min(often, cfg.train.eval_every or often)}"] if goal else []
+        evals[point] = (
+            [f"train.eval_every={min(often, cfg.train.eval_every or often)}"] if goal else []
+        )
     rows = []
     for i, point in enumerate(points, 1):
         run_dir = out / "points" / point.name
@@ -156,9 +232,16 @@ def sweep(config_path: str | None, overrides: list[str], global_sizes: list[int]
             rows.append(json.loads(done.read_text()))
             print(f"sweep: {i}/{len(points)} {point.name}: done before, kept", flush=True)
             continue
-        args = ["train", *(["--config", config_path] if config_path else []), *overrides, *point.overrides(),
-                *evals[point], *([f"train.target={target}"] if target else []), f"run.dir={run_dir}",
-                "logging.progress=false"]
+        args = [
+            "train",
+            *(["--config", config_path] if config_path else []),
+            *overrides,
+            *point.overrides(),
+            *evals[point],
+            *([f"train.target={target}"] if target else []),
+            f"run.dir={run_dir}",
+            "logging.progress=false",
+        ]
         start = time.perf_counter()
         result = _launch(args, nproc)
         if result.returncode == 2:
@@ -166,8 +249,15 @@ def sweep(config_path: str | None, overrides: list[str], global_sizes: list[int]
         status = "ok" if result.returncode == 0 else f"failed (exit {result.returncode})"
         if result.returncode:
             print(result.stderr[-2000:], file=sys.stderr)
-            rows.append({**dict.fromkeys(COLUMNS), **asdict(point), "reached": False, "status": status,
-                         "run_dir": str(run_dir)})
+            rows.append(
+                {
+                    **dict.fromkeys(COLUMNS),
+                    **asdict(point),
+                    "reached": False,
+                    "status": status,
+                    "run_dir": str(run_dir),
+                }
+            )
         else:
             rows.append(row(point, run_dir, goal, time.perf_counter() - start, status))
             done.write_text(json.dumps(rows[-1]) + "\n")
@@ -190,27 +280,44 @@ def write(out: Path, rows: list[dict[str, Any]], goal: config.Target | None) -> 
 def _outcome(r: dict[str, Any], goal: config.Target | None) -> str:
     if r["status"] != "ok":
         return r["status"]
-    final = f"final {r['metric']} {r['final']:.4f}" if r["final"] is not None else "no held-out metric"
+    final = (
+        f"final {r['metric']} {r['final']:.4f}" if r["final"] is not None else "no held-out metric"
+    )
     if goal is None:
         return f"{final} in {r['wall_s']:.0f} s"
     if not r["reached"]:
         return f"{goal.key}={goal.value:g} not reached ({final}) in {r['wall_s']:.0f} s"
-    return f"{goal.key} reached at step {r['steps']} ({r['examples']} examples) in {r['wall_s']:.0f} s"
+    return (
+        f"{goal.key} reached at step {r['steps']} ({r['examples']} examples) in {r['wall_s']:.0f} s"
+    )
 
 
 def describe(result: dict[str, Any]) -> str:
     f = result["fit"]
     if result["target"] is None:
-        return "no target (each point ran its budget): compare the final held-out metric in sweep.csv"
+        return (
+            "no target (each point ran its budget): compare the final held-out metric in sweep.csv"
+        )
     if f is None:
-        return ("no fit: it needs the target reached at 2+ batch sizes, with steps falling slower than 1/B "
-                "(sweep larger batches, or train longer)")
-    err = (lambda v: f" ± {v:.3g}" if math.isfinite(v) else "")
+        return (
+            "no fit: it needs the target reached at 2+ batch sizes, with steps falling slower than 1/B "
+            "(sweep larger batches, or train longer)"
+        )
+
+    def err(v: float) -> str:
+        return f" ± {v:.3g}" if math.isfinite(v) else ""
+
     noise = result["noise_scale"]
-    return (f"fit over {f['points']} batch sizes: S_min {f['s_min']:.4g}{err(f['s_min_err'])} steps, E_min "
-            f"{f['e_min']:.4g}{err(f['e_min_err'])} examples, B_crit = E_min/S_min {f['b_crit']:.4g}"
-            f"{err(f['b_crit_err'])}; 20 % over linear scaling at batch {f['b_20']:.4g}"
-            + (f"; measured noise scale (median) {noise:.4g} = {noise / f['b_crit']:.2f}× B_crit" if noise else ""))
+    return (
+        f"fit over {f['points']} batch sizes: S_min {f['s_min']:.4g}{err(f['s_min_err'])} steps, E_min "
+        f"{f['e_min']:.4g}{err(f['e_min_err'])} examples, B_crit = E_min/S_min {f['b_crit']:.4g}"
+        f"{err(f['b_crit_err'])}; 20 % over linear scaling at batch {f['b_20']:.4g}"
+        + (
+            f"; measured noise scale (median) {noise:.4g} = {noise / f['b_crit']:.2f}× B_crit"
+            if noise
+            else ""
+        )
+    )
 
 
 def _numbers(text: str, kind: type, option: str) -> list:
@@ -219,7 +326,9 @@ def _numbers(text: str, kind: type, option: str) -> list:
     except ValueError:
         values = []
     if not values or any(v <= 0 for v in values):
-        raise UserError(f"{option}={text} must be a comma-separated list of positive numbers, e.g. 64,128,256")
+        raise UserError(
+            f"{option}={text} must be a comma-separated list of positive numbers, e.g. 64,128,256"
+        )
     return values
 
 
@@ -227,20 +336,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="largebatch sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config file every point starts from")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    parser.add_argument("--global-sizes", required=True, help="comma-separated global batches, e.g. 64,128,256")
-    parser.add_argument("--lrs", help="comma-separated optim.lr values (each at optim.reference_batch, scaled)")
+    parser.add_argument(
+        "--global-sizes", required=True, help="comma-separated global batches, e.g. 64,128,256"
+    )
+    parser.add_argument(
+        "--lrs", help="comma-separated optim.lr values (each at optim.reference_batch, scaled)"
+    )
     parser.add_argument("--optimizers", help="comma-separated optim.name values, e.g. sgd,lars")
-    parser.add_argument("--target", help="eval/<metric>=VALUE each run stops at, e.g. eval/accuracy=0.97 (default: "
-                                         "each runs its full length, the budget)")
-    parser.add_argument("--out", type=Path, default=Path("sweep"), help="sweep directory (default: sweep/)")
-    parser.add_argument("--nproc", type=int, default=1, help="processes per training (torchrun on this machine)")
+    parser.add_argument(
+        "--target",
+        help="eval/<metric>=VALUE each run stops at, e.g. eval/accuracy=0.97 (default: "
+        "each runs its full length, the budget)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("sweep"), help="sweep directory (default: sweep/)"
+    )
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="processes per training (torchrun on this machine)"
+    )
     args = parser.parse_args(argv)
     if args.nproc < 1:
         raise UserError(f"--nproc={args.nproc} must be at least 1")
-    result = sweep(args.config, args.overrides, _numbers(args.global_sizes, int, "--global-sizes"), args.out,
-                   _numbers(args.lrs, float, "--lrs") if args.lrs else None,
-                   [o.strip() for o in args.optimizers.split(",") if o.strip()] if args.optimizers else None,
-                   args.target, args.nproc)
+    result = sweep(
+        args.config,
+        args.overrides,
+        _numbers(args.global_sizes, int, "--global-sizes"),
+        args.out,
+        _numbers(args.lrs, float, "--lrs") if args.lrs else None,
+        [o.strip() for o in args.optimizers.split(",") if o.strip()] if args.optimizers else None,
+        args.target,
+        args.nproc,
+    )
     print(describe(result))
-    print(f"wrote {args.out / 'sweep.csv'} and {args.out / 'sweep.json'}; plot: largebatch report {args.out}")
+    print(
+        f"wrote {args.out / 'sweep.csv'} and {args.out / 'sweep.json'}; plot: largebatch report {args.out}"
+    )
     return 0

@@ -23,8 +23,8 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from largebatch import factory, models
-from largebatch.data import IGNORE_INDEX, Data, held_out
 from largebatch.config import FACTORY, MODE_KEYS, Config, mode
+from largebatch.data import IGNORE_INDEX, Data, held_out
 from largebatch.errors import UserError, check_choice
 
 Batch = tuple[Any, torch.Tensor]
@@ -61,7 +61,9 @@ def cross_entropy(output: Any, targets: torch.Tensor) -> tuple[torch.Tensor, tor
     """Summed cross-entropy over every loss term (one per example, or per token) and the count of terms that are
     not IGNORE_INDEX."""
     flat = targets.flatten()
-    total = F.cross_entropy(logits_of(output).flatten(0, -2), flat, ignore_index=IGNORE_INDEX, reduction="sum")
+    total = F.cross_entropy(
+        logits_of(output).flatten(0, -2), flat, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return total, (flat != IGNORE_INDEX).sum()
 
 
@@ -105,21 +107,36 @@ def take(dataset: Dataset, indices: Sequence[int]) -> Batch:
     return collate_of(dataset)(items)
 
 
-def build(cfg: Config, model: nn.Module | Callable[[], nn.Module] | None = None, train_data: Dataset | None = None,
-          eval_data: Dataset | None = None, loss: LossFn | None = None) -> Task:
+def build(
+    cfg: Config,
+    model: nn.Module | Callable[[], nn.Module] | None = None,
+    train_data: Dataset | None = None,
+    eval_data: Dataset | None = None,
+    loss: LossFn | None = None,
+) -> Task:
     """The task a config describes — its data (opened now), model builder and loss — or, for the Python API,
     the objects given in their place."""
     if eval_data is not None and train_data is None:
         raise UserError("eval_data needs train_data: pass both, or neither to use data.name")
     if train_data is not None:
-        data = user_data((train_data, eval_data) if eval_data is not None else train_data, cfg.data.name,
-                         cfg.data.eval_fraction, cfg.data.seed)
+        data = user_data(
+            (train_data, eval_data) if eval_data is not None else train_data,
+            cfg.data.name,
+            cfg.data.eval_fraction,
+            cfg.data.seed,
+        )
     else:
         data = build_data(cfg)
     if loss is None:
-        loss = factory.resolve("train.loss", cfg.train.loss, cfg.origin) if cfg.train.loss else cross_entropy
+        loss = (
+            factory.resolve("train.loss", cfg.train.loss, cfg.origin)
+            if cfg.train.loss
+            else cross_entropy
+        )
     if model is None:
-        build_model = functools.partial(models.build, cfg.model, data.input_shape, data.num_classes, cfg.origin)
+        build_model = functools.partial(
+            models.build, cfg.model, data.input_shape, data.num_classes, cfg.origin
+        )
     else:
         build_model = functools.partial(models.wrap, cfg.model, model, cfg.model.args)
     return Task(data, build_model, loss)
@@ -131,8 +148,12 @@ BUILTIN_DATA = ("synthetic", "digits", "text", "imagefolder", "tokens", "jsonl")
 def build_data(cfg: Config) -> Data:
     """Call the dataset builder `data.name` names with its keys (MODE_KEYS) as plain keyword arguments."""
     c = cfg.data
-    if mode("data.name", c.name) == FACTORY:  # its data.args are in the checkpoint identity with the other keys
-        made = factory.call("data.args", factory.resolve("data.name", c.name, cfg.origin), c.args, c.name)
+    if (
+        mode("data.name", c.name) == FACTORY
+    ):  # its data.args are in the checkpoint identity with the other keys
+        made = factory.call(
+            "data.args", factory.resolve("data.name", c.name, cfg.origin), c.args, c.name
+        )
         return user_data(made, c.name, c.eval_fraction, c.seed)
     check_choice("data.name", c.name, BUILTIN_DATA)
     builder = importlib.import_module(f"largebatch.data.{c.name}").build
@@ -147,15 +168,25 @@ def user_data(made: Any, name: str, eval_fraction: float, seed: int) -> Data:
     pair = isinstance(made, (tuple, list)) and len(made) == 2
     for split in made if pair else [made]:
         if not (hasattr(split, "__getitem__") and hasattr(split, "__len__")):
-            raise UserError(f"data.name={name!r} gave a {type(split).__name__}; it must be a map-style "
-                            f"Dataset (with __len__ and __getitem__) or a (train, eval) pair of them")
+            raise UserError(
+                f"data.name={name!r} gave a {type(split).__name__}; it must be a map-style "
+                f"Dataset (with __len__ and __getitem__) or a (train, eval) pair of them"
+            )
     train, held = made if pair else held_out(made, eval_fraction, seed)
     if len(train) == 0:
         raise UserError(f"data.name={name!r} returned an empty training set")
     fingerprint = getattr(train, "fingerprint", None)
-    text = fingerprint() if callable(fingerprint) else f"{name} {type(train).__name__} {len(train)} {len(held)}"
-    return Data(train, held, num_classes=getattr(train, "num_classes", None),
-                fingerprint=hashlib.sha256(text.encode()).hexdigest()[:16])
+    text = (
+        fingerprint()
+        if callable(fingerprint)
+        else f"{name} {type(train).__name__} {len(train)} {len(held)}"
+    )
+    return Data(
+        train,
+        held,
+        num_classes=getattr(train, "num_classes", None),
+        fingerprint=hashlib.sha256(text.encode()).hexdigest()[:16],
+    )
 
 
 def check(task: Task, model: nn.Module, name: str) -> None:
@@ -164,8 +195,10 @@ def check(task: Task, model: nn.Module, name: str) -> None:
     try:
         batch = take(task.train, [0])
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise UserError(f"a batch of the training data is a {type(batch).__name__}, not (inputs, targets); "
-                            f"make the dataset's items (inputs, targets) pairs, or give it a collate that returns one")
+            raise UserError(
+                f"a batch of the training data is a {type(batch).__name__}, not (inputs, targets); "
+                f"make the dataset's items (inputs, targets) pairs, or give it a collate that returns one"
+            )
         inputs, targets = batch
         with torch.no_grad():
             output = forward(model, inputs)
@@ -176,28 +209,42 @@ def check(task: Task, model: nn.Module, name: str) -> None:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"model.name={name} does not fit the data: one training example fails in the model or the "
-                        f"loss ({type(exc).__name__}: {first}); check the model's inputs and outputs") from None
+        raise UserError(
+            f"model.name={name} does not fit the data: one training example fails in the model or the "
+            f"loss ({type(exc).__name__}: {first}); check the model's inputs and outputs"
+        ) from None
     finally:
         model.train()
-    if not (isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], torch.Tensor)
-            and result[0].numel() == 1):
-        raise UserError("the loss must return (sum of loss terms as a scalar tensor, number of terms), "
-                        f"got {type(result).__name__}; see train.loss in the README")
+    if not (
+        isinstance(result, (tuple, list))
+        and len(result) == 2
+        and isinstance(result[0], torch.Tensor)
+        and result[0].numel() == 1
+    ):
+        raise UserError(
+            "the loss must return (sum of loss terms as a scalar tensor, number of terms), "
+            f"got {type(result).__name__}; see train.loss in the README"
+        )
 
 
 def _check_logits(output: Any, targets: torch.Tensor, num_classes: int | None) -> None:
     try:
         logits = logits_of(output)
     except (AttributeError, KeyError, TypeError):
-        raise UserError(f"the model returns a {type(output).__name__}, not logits; return a tensor of class scores "
-                        f"or set train.loss to a loss that reads it") from None
+        raise UserError(
+            f"the model returns a {type(output).__name__}, not logits; return a tensor of class scores "
+            f"or set train.loss to a loss that reads it"
+        ) from None
     if targets.is_floating_point() or logits.shape[:-1] != targets.shape:
-        raise UserError(f"model output of shape {list(logits.shape)} does not fit targets of shape "
-                        f"{list(targets.shape)} (cross-entropy wants [..., classes] for integer targets [...]); "
-                        f"fix the model's output size, or set train.loss")
+        raise UserError(
+            f"model output of shape {list(logits.shape)} does not fit targets of shape "
+            f"{list(targets.shape)} (cross-entropy wants [..., classes] for integer targets [...]); "
+            f"fix the model's output size, or set train.loss"
+        )
     top = int(targets[targets != IGNORE_INDEX].max()) if (targets != IGNORE_INDEX).any() else -1
     needed = max(top + 1, num_classes or 0)
     if logits.shape[-1] < needed:
-        raise UserError(f"the model outputs {logits.shape[-1]} classes but the data has {needed}; "
-                        f"give the model {needed} outputs (e.g. model.args.num_classes={needed}) or set train.loss")
+        raise UserError(
+            f"the model outputs {logits.shape[-1]} classes but the data has {needed}; "
+            f"give the model {needed} outputs (e.g. model.args.num_classes={needed}) or set train.loss"
+        )

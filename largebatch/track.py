@@ -22,23 +22,49 @@ class Progress:
         self.start = time.perf_counter()
         self._bar = None
         if sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import (
+                Progress as Bar,
+            )
 
-            self._bar = Bar(TextColumn("examples"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(),
-                            TextColumn("{task.description}"))
+            self._bar = Bar(
+                TextColumn("examples"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+            )
             self._task = self._bar.add_task("", total=total_samples, completed=start_samples)
             self._bar.start()
 
     def update(self, r: dict[str, Any]) -> None:
-        parts = [f"step {r['step']}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.4g}", f"grad {r['grad_norm']:.3g}",
-                 f"{r['samples_per_s']:.0f} samples/s", *(f"{k} {v:.4f}" for k, v in r.items() if k.startswith("eval/"))]
+        parts = [
+            f"step {r['step']}",
+            f"loss {r['loss']:.4f}",
+            f"lr {r['lr']:.4g}",
+            f"grad {r['grad_norm']:.3g}",
+            f"{r['samples_per_s']:.0f} samples/s",
+            *(f"{k} {v:.4f}" for k, v in r.items() if k.startswith("eval/")),
+        ]
         if self._bar is not None:
             self._bar.update(self._task, completed=r["samples"], description=" | ".join(parts))
             return
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(1, r["samples"] - self.start_samples) * (self.total_samples - r["samples"])
+        eta = (
+            elapsed
+            / max(1, r["samples"] - self.start_samples)
+            * (self.total_samples - r["samples"])
+        )
         done = f"{100 * r['samples'] / self.total_samples:.0f}%"
-        print(" | ".join([done, *parts, f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"]), flush=True)
+        print(
+            " | ".join([done, *parts, f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"]),
+            flush=True,
+        )
 
     def close(self) -> None:
         if self._bar is not None:
@@ -60,16 +86,22 @@ class Tracker:
         self._jsonl = self._open(self.run_dir / "metrics.jsonl", start_step)
         log = job.cfg.logging
         if log.progress:
-            self._progress = Progress(job.total_samples, self.last.get("samples", 0))  # the ETA's starting point
+            self._progress = Progress(
+                job.total_samples, self.last.get("samples", 0)
+            )  # the ETA's starting point
         if log.wandb != "disabled":
             config = {**job.cfg.to_dict(), "derived": job.derived()}
-            self._sink = WandbSink(log.wandb, log.project, self.run_dir, config, self._wandb_id(start_step))
+            self._sink = WandbSink(
+                log.wandb, log.project, self.run_dir, config, self._wandb_id(start_step)
+            )
 
     def _open(self, path: Path, start_step: int) -> TextIO:
         """On resume keep the records up to the checkpoint's step (later ones are being redone)."""
         kept = []
         if start_step and path.exists():
-            kept = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= start_step]
+            kept = [
+                r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= start_step
+            ]
         self.last = kept[-1] if kept else {}
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         return path.open("a")

@@ -18,7 +18,6 @@ from torch import nn
 
 from largebatch import autobatch, batch_schedule, checkpoint, config, optim
 from largebatch.batch import BatchPlan, GlobalBatchSampler, Position, advance
-from largebatch.task import Batch, Task, collate_of, correct, forward, take, to_device
 from largebatch.dist import DistInfo, all_reduce_sum, broadcast_from_main
 from largebatch.engine import Engine, engines
 from largebatch.errors import Preempted, TrainingStopped, warn
@@ -29,6 +28,7 @@ from largebatch.optim.scaling import peak_lr
 from largebatch.optim.schedules import Schedule
 from largebatch.precision import StepOutcome
 from largebatch.stop import StopFlags
+from largebatch.task import Batch, Task, collate_of, correct, forward, take, to_device
 from largebatch.track import Tracker
 
 
@@ -53,10 +53,21 @@ class TrainState:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            **self.engine.state_dict(), "noise": self.noise.state_dict() if self.noise else None,
-            "rng": torch.get_rng_state(), "nonfinite_steps": self.nonfinite_steps,
-            **{k: getattr(self, k) for k in ("global_batch", "step", "samples", "position", "applied_steps",
-                                             "applied_samples")},
+            **self.engine.state_dict(),
+            "noise": self.noise.state_dict() if self.noise else None,
+            "rng": torch.get_rng_state(),
+            "nonfinite_steps": self.nonfinite_steps,
+            **{
+                k: getattr(self, k)
+                for k in (
+                    "global_batch",
+                    "step",
+                    "samples",
+                    "position",
+                    "applied_steps",
+                    "applied_samples",
+                )
+            },
         }
 
     def load(self, path: Path) -> None:
@@ -66,7 +77,14 @@ class TrainState:
         if self.noise is not None and state["noise"] is not None:
             self.noise.load_state_dict(state["noise"])
         torch.set_rng_state(state["rng"])
-        for key in ("global_batch", "step", "samples", "applied_steps", "applied_samples", "nonfinite_steps"):
+        for key in (
+            "global_batch",
+            "step",
+            "samples",
+            "applied_steps",
+            "applied_samples",
+            "nonfinite_steps",
+        ):
             setattr(self, key, state[key])
         self.position = tuple(state["position"])
 
@@ -75,10 +93,18 @@ def build_state(job: Job, info: DistInfo) -> TrainState:
     """Model, optimizer and precision in their engine, then the checkpoint rank 0 chose to resume from, if any."""
     cfg = job.cfg
     torch.manual_seed(cfg.run.seed)
-    engine = engines()[cfg.engine.name](job.task.build_model(), lambda module: optim.build(module, cfg.optim, job.peak_lr),
-                                        cfg, job.plan, info)
-    state = TrainState(engine, NoiseScale() if cfg.train.noise_scale else None,
-                       batch_schedule.first_size(cfg.batch, job.plan))
+    engine = engines()[cfg.engine.name](
+        job.task.build_model(),
+        lambda module: optim.build(module, cfg.optim, job.peak_lr),
+        cfg,
+        job.plan,
+        info,
+    )
+    state = TrainState(
+        engine,
+        NoiseScale() if cfg.train.noise_scale else None,
+        batch_schedule.first_size(cfg.batch, job.plan),
+    )
     resume_from = broadcast_from_main(job.resume_from)
     if resume_from is not None:
         state.load(resume_from)
@@ -96,13 +122,26 @@ class Batches:
         """Batches of `plan` from `position` on, as many as the run has left after `samples` examples."""
         dataset = self.job.task.train
         steps = -(-(self.job.total_samples - samples) // plan.global_batch)
-        sampler = GlobalBatchSampler(len(dataset), plan, self.info.rank, self.job.cfg.run.seed, steps, position,
-                                     draws=getattr(dataset, "epoch_aware", False))
+        sampler = GlobalBatchSampler(
+            len(dataset),
+            plan,
+            self.info.rank,
+            self.job.cfg.run.seed,
+            steps,
+            position,
+            draws=getattr(dataset, "epoch_aware", False),
+        )
         workers = self.job.cfg.data.workers
-        self._it = iter(torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=collate_of(dataset), num_workers=workers,
-            pin_memory=self.info.device.type == "cuda", prefetch_factor=4 if workers else None,
-        ))
+        self._it = iter(
+            torch.utils.data.DataLoader(
+                dataset,
+                batch_sampler=sampler,
+                collate_fn=collate_of(dataset),
+                num_workers=workers,
+                pin_memory=self.info.device.type == "cuda",
+                prefetch_factor=4 if workers else None,
+            )
+        )
 
     def next(self) -> Batch:
         return to_device(next(self._it), self.info.device)
@@ -145,17 +184,24 @@ class Trainer:
         self.job, self.info, self.cfg = job, info, job.cfg
         torch.set_num_threads(job.threads)
         if torch.are_deterministic_algorithms_enabled() != self.cfg.run.deterministic:
-            torch.use_deterministic_algorithms(self.cfg.run.deterministic)  # its call imports torch._inductor: 2 s
+            torch.use_deterministic_algorithms(
+                self.cfg.run.deterministic
+            )  # its call imports torch._inductor: 2 s
         self.s = build_state(job, info)
         self.engine, self.optimizer = self.s.engine, self.s.engine.optimizer
         self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.beta2s = [group["betas"][1] for group in self.optimizer.param_groups if "betas" in group]
+        self.beta2s = [
+            group["betas"][1] for group in self.optimizer.param_groups if "betas" in group
+        ]
         self.schedule = Schedule(self.cfg.schedule, job.total_steps, job.warmup_steps)
         self.batch_schedule = batch_schedule.build(self.cfg.batch, job.plan)
         self.plan = batch_schedule.at(job.plan, self.s.global_batch)
         self.budget = autobatch.budget_bytes(job.memory_limit, info.device)
-        self.meter = autobatch.training_meter(self.budget, self.engine.module, self.optimizer, info.device) \
-            if job.auto_micro else None
+        self.meter = (
+            autobatch.training_meter(self.budget, self.engine.module, self.optimizer, info.device)
+            if job.auto_micro
+            else None
+        )
         self.inject_oom_at = int(os.environ.get("LARGEBATCH_INJECT_OOM_AT_STEP", 0))
         self.flags = StopFlags()
         self.batches = Batches(job, info)
@@ -181,20 +227,35 @@ class Trainer:
         job, info, s = self.job, self.info, self.s
         self._check_same_data()
         if job.auto_micro:
-            largest = self.plan.per_rank // 2 if s.noise is not None and info.world_size == 1 else None
-            plan = autobatch.fit(self.plan, self.engine.module, self.optimizer, self._probe, self.budget,
-                                 info.device, largest)
+            largest = (
+                self.plan.per_rank // 2 if s.noise is not None and info.world_size == 1 else None
+            )
+            plan = autobatch.fit(
+                self.plan,
+                self.engine.module,
+                self.optimizer,
+                self._probe,
+                self.budget,
+                info.device,
+                largest,
+            )
             self.job = job = dataclasses.replace(job, plan=plan)
             self.plan = plan
         self._set_batch(self.batch_schedule.size(s.global_batch, s.samples, self._noise_scale()))
         self._warn_batchnorm()
         self.tracker = Tracker(job, False, s.step)
         if info.is_main:
-            print(f"{job.plan.describe()}; peak lr {job.peak_lr:.6g}; {job.total_steps} steps "
-                  f"({job.steps_per_epoch} per epoch), warmup {job.warmup_steps}; {job.threads} threads", flush=True)
+            print(
+                f"{job.plan.describe()}; peak lr {job.peak_lr:.6g}; {job.total_steps} steps "
+                f"({job.steps_per_epoch} per epoch), warmup {job.warmup_steps}; {job.threads} threads",
+                flush=True,
+            )
             if self.cfg.batch.schedule != "constant":
-                print(f"batch.schedule={self.cfg.batch.schedule}: global batch {self.plan.global_batch} now, up to "
-                      f"{job.plan.global_batch}; {job.total_samples} examples in all", flush=True)
+                print(
+                    f"batch.schedule={self.cfg.batch.schedule}: global batch {self.plan.global_batch} now, up to "
+                    f"{job.plan.global_batch}; {job.total_samples} examples in all",
+                    flush=True,
+                )
             if job.resume_from is not None:
                 print(f"resuming from {job.resume_from} at step {s.step}", flush=True)
             with self.flags.guard(str(self.cfg.run_dir)):
@@ -222,32 +283,42 @@ class Trainer:
         self._set_batch(size)
         self.batches.restart(self.plan, self.s.position, self.s.samples)
         if self.info.is_main:
-            print(f"step {self.s.step}: global batch {before.global_batch} → {self.plan.global_batch} "
-                  f"({self.plan.describe()}); peak lr {lr_before:.6g} → {self.peak_lrs[0] * self._batch_lr_ratio():.6g}",
-                  flush=True)
+            print(
+                f"step {self.s.step}: global batch {before.global_batch} → {self.plan.global_batch} "
+                f"({self.plan.describe()}); peak lr {lr_before:.6g} → {self.peak_lrs[0] * self._batch_lr_ratio():.6g}",
+                flush=True,
+            )
 
     def _set_batch(self, size: int) -> None:
         """Train the next steps with a global batch of `size`: its plan, its LR (and β2) by the scaling rules."""
-        self.plan = self.plan if size == self.plan.global_batch else batch_schedule.at(self.job.plan, size)
+        self.plan = (
+            self.plan if size == self.plan.global_batch else batch_schedule.at(self.job.plan, size)
+        )
         self.s.global_batch = self.plan.global_batch
         if self.cfg.optim.scale_beta2:
             ratio = self.plan.global_batch / self.cfg.optim.reference_batch
-            for group, beta2 in zip((g for g in self.optimizer.param_groups if "betas" in g), self.beta2s):
+            for group, beta2 in zip(
+                (g for g in self.optimizer.param_groups if "betas" in g), self.beta2s
+            ):
                 group["betas"] = (group["betas"][0], beta2**ratio)
         self._set_lr()
 
     def _batch_lr_ratio(self) -> float:
         """The scaling rule's peak LR at the current global batch over the one at batch.global_size."""
         o = self.cfg.optim
-        return peak_lr(o.lr, self.plan.global_batch, o.reference_batch, o.scaling) / self.job.peak_lr
+        return (
+            peak_lr(o.lr, self.plan.global_batch, o.reference_batch, o.scaling) / self.job.peak_lr
+        )
 
     def _check_same_data(self) -> None:
         """Every rank must read the same data: a node with another copy would take other steps, or hang."""
         mine = (self.job.train_examples, self.job.task.data.fingerprint)
         differs = torch.tensor([float(broadcast_from_main(mine) != mine)], device=self.info.device)
         if all_reduce_sum(differs).item():
-            raise TrainingStopped("some ranks read other data than rank 0 (another training-set length or "
-                                  "fingerprint); give every node the same data at data.path")
+            raise TrainingStopped(
+                "some ranks read other data than rank 0 (another training-set length or "
+                "fingerprint); give every node the same data at data.path"
+            )
 
     def train_step(self) -> StepResult:
         """One optimizer step over one global batch: micro-steps, gradient sync, one agreement, clip, step, LR."""
@@ -262,8 +333,14 @@ class Trainer:
         small = self._small_batch(sums) if measuring else None
         if manual_sync:
             self.engine.reduce_gradients()
-        summed = all_reduce_sum(torch.cat([torch.stack([sums.loss, sums.count]).double(),
-                                           self.flags.as_tensor(info.device).double()]))
+        summed = all_reduce_sum(
+            torch.cat(
+                [
+                    torch.stack([sums.loss, sums.count]).double(),
+                    self.flags.as_tensor(info.device).double(),
+                ]
+            )
+        )
         stop_signal = self.flags.agree(summed[2:])
         loss = self._normalise(*summed[:2].tolist())
         lr = self.optimizer.param_groups[0]["lr"]
@@ -275,8 +352,10 @@ class Trainer:
         s.applied_samples += outcome.applied * self.plan.global_batch
         s.nonfinite_steps += outcome.nonfinite
         if outcome.nonfinite and self.cfg.train.nonfinite == "stop":
-            raise TrainingStopped(f"non-finite loss or gradient at step {s.step} (train.nonfinite=stop); "
-                                  f"lower optim.lr, set train.clip_grad_norm or use train.precision=fp32")
+            raise TrainingStopped(
+                f"non-finite loss or gradient at step {s.step} (train.nonfinite=stop); "
+                f"lower optim.lr, set train.clip_grad_norm or use train.precision=fp32"
+            )
         self._set_lr()
         return StepResult(loss, outcome.grad_norm, lr, outcome, small, stop_signal)
 
@@ -297,8 +376,12 @@ class Trainer:
                 self.inject_oom_at = 0
                 raise torch.OutOfMemoryError("injected by LARGEBATCH_INJECT_OOM_AT_STEP")
             with self.engine.micro_step(not manual_sync and last):
-                with self.meter.track(self.engine.module) if self.meter else contextlib.nullcontext(), \
-                        self.engine.autocast():
+                with (
+                    self.meter.track(self.engine.module)
+                    if self.meter
+                    else contextlib.nullcontext(),
+                    self.engine.autocast(),
+                ):
                     total, terms = self.job.task.loss(forward(self.engine.model, inputs), targets)
                 self.engine.backward(total / plan.per_rank)
             loss_sum += total.detach().float()
@@ -343,10 +426,14 @@ class Trainer:
             smaller = autobatch.smaller(self.plan)
             step = self.s.step + 1
             if smaller is None:
-                raise TrainingStopped(f"out of memory at step {step} even with micro-batch 1; "
-                                      f"raise batch.memory_limit or use model.grad_checkpointing")
-            warn(f"out of memory at step {step} with micro-batch {self.plan.micro_batch}; "
-                 f"redoing the step as {smaller.describe()}")
+                raise TrainingStopped(
+                    f"out of memory at step {step} even with micro-batch 1; "
+                    f"raise batch.memory_limit or use model.grad_checkpointing"
+                )
+            warn(
+                f"out of memory at step {step} with micro-batch {self.plan.micro_batch}; "
+                f"redoing the step as {smaller.describe()}"
+            )
             self.job = dataclasses.replace(self.job, plan=smaller)
             self.plan = smaller
             if self.info.is_main:  # config.yaml records the plan the run trains with from here on
@@ -365,7 +452,10 @@ class Trainer:
     def _set_lr(self) -> None:
         """The LR of the next step: the scaling rule at the current global batch × the LR schedule at the examples
         of applied steps (in steps of batch.global_size), so skipped steps do not eat warmup."""
-        factor = self.schedule.factor(self.s.applied_samples / self.job.plan.global_batch) * self._batch_lr_ratio()
+        factor = (
+            self.schedule.factor(self.s.applied_samples / self.job.plan.global_batch)
+            * self._batch_lr_ratio()
+        )
         for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
             group["lr"] = peak * factor
 
@@ -386,31 +476,59 @@ class Trainer:
     def _log(self, result: StepResult, eval_now: bool) -> None:
         s, plan, now = self.s, self.plan, time.perf_counter()
         record = {
-            "step": s.step, "samples": s.samples, "epoch": self._epoch(),
-            "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+            "step": s.step,
+            "samples": s.samples,
+            "epoch": self._epoch(),
+            "loss": result.loss,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
             "samples_per_s": (s.samples - self.last_logged_samples) / (now - self.last_log),
             "global_batch": plan.global_batch,
-            "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps,
+            "micro_batch": plan.micro_batch,
+            "accum_steps": plan.accum_steps,
             "memory_mib": process_peak_mib(self.info.device),
-            "nonfinite_steps": s.nonfinite_steps, "applied_steps": s.applied_steps,
+            "nonfinite_steps": s.nonfinite_steps,
+            "applied_steps": s.applied_steps,
             **optim.trust_ratios(self.engine.module, self.optimizer),
         }
         if self.engine.loss_scale is not None:
             record["loss_scale"] = self.engine.loss_scale
-        if result.small_batch is not None and math.isfinite(result.grad_norm) \
-                and math.isfinite(result.small_batch[0]) and result.small_batch[1] < plan.global_batch:
-            record.update(s.noise.update(*result.small_batch, result.grad_norm**2, plan.global_batch))
+        if (
+            result.small_batch is not None
+            and math.isfinite(result.grad_norm)
+            and math.isfinite(result.small_batch[0])
+            and result.small_batch[1] < plan.global_batch
+        ):
+            record.update(
+                s.noise.update(*result.small_batch, result.grad_norm**2, plan.global_batch)
+            )
         if eval_now:
             self.engine.sync_buffers()
-            metrics = evaluate(self.engine.module, self.job.task, self.info, 2 * plan.micro_batch, self.cfg.data.workers)
+            metrics = evaluate(
+                self.engine.module,
+                self.job.task,
+                self.info,
+                2 * plan.micro_batch,
+                self.cfg.data.workers,
+            )
             record.update({f"eval/{k}": v for k, v in metrics.items()})
             self.eval_s += time.perf_counter() - now
-            if self.target is not None and self.target.met(record):  # eval metrics are all-reduced: every rank agrees
-                self.reached = {"step": s.step, "samples": s.samples, "value": record[self.target.key]}
-            elif self.target is not None and self.target.key not in record and not self.warned_target:
+            if self.target is not None and self.target.met(
+                record
+            ):  # eval metrics are all-reduced: every rank agrees
+                self.reached = {
+                    "step": s.step,
+                    "samples": s.samples,
+                    "value": record[self.target.key],
+                }
+            elif (
+                self.target is not None and self.target.key not in record and not self.warned_target
+            ):
                 given = ", ".join(f"eval/{k}" for k in metrics) or "no metric"
-                warn(f"train.target={self.cfg.train.target}: the evaluation gives {given}, not {self.target.key}, so "
-                     f"the run will not stop early")
+                warn(
+                    f"train.target={self.cfg.train.target}: the evaluation gives {given}, not {self.target.key}, so "
+                    f"the run will not stop early"
+                )
                 self.warned_target = True
         with self.flags.guard(f"{self.cfg.run_dir}/metrics.jsonl"):
             self.tracker.log(record)
@@ -426,7 +544,11 @@ class Trainer:
         state and the manifest and renames it into place (with rank 0's buffers on every rank). A failed write on
         any rank stops all ranks at the next agreement, and leaves no checkpoint."""
         self.engine.sync_buffers()
-        state, info, where = self.s.state_dict(), self.info, f"a checkpoint under {checkpoint.directory(self.cfg.run_dir)}"
+        state, info, where = (
+            self.s.state_dict(),
+            self.info,
+            f"a checkpoint under {checkpoint.directory(self.cfg.run_dir)}",
+        )
         tmp = None
         if info.is_main:
             with self.flags.guard(where):
@@ -436,21 +558,37 @@ class Trainer:
             return
         with self.flags.guard(where):
             self.engine.save_shards(tmp)
-        written = all_reduce_sum(torch.tensor([float(self.flags.fault is None)], device=info.device)).item()
+        written = all_reduce_sum(
+            torch.tensor([float(self.flags.fault is None)], device=info.device)
+        ).item()
         if info.is_main and written == info.world_size:
             with self.flags.guard(where):
-                checkpoint.commit(tmp, self.cfg.run_dir, self.s.step, state, self.job.checkpoint_meta(),
-                                  self.cfg.train.checkpoint_keep)
+                checkpoint.commit(
+                    tmp,
+                    self.cfg.run_dir,
+                    self.s.step,
+                    state,
+                    self.job.checkpoint_meta(),
+                    self.cfg.train.checkpoint_keep,
+                )
 
     def _warn_batchnorm(self) -> None:
         """BatchNorm normalises per micro-batch, so a changed split changes the gradient: say so once."""
-        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.engine.module.modules()):
+        if not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.engine.module.modules()
+        ):
             return
         resumed = self.job.resumed_settings.get("micro_batch")
-        if self.plan.accum_steps > 1 or self.job.auto_micro or resumed not in (None, self.plan.micro_batch):
-            warn(f"BatchNorm normalises each micro-batch of {self.plan.micro_batch} examples, so this run's gradients "
-                 f"depend on the micro-batch split (accumulation, micro_size=auto or a resume at another micro-batch); "
-                 f"use model.norm=group or layer for results that do not")
+        if (
+            self.plan.accum_steps > 1
+            or self.job.auto_micro
+            or resumed not in (None, self.plan.micro_batch)
+        ):
+            warn(
+                f"BatchNorm normalises each micro-batch of {self.plan.micro_batch} examples, so this run's gradients "
+                f"depend on the micro-batch split (accumulation, micro_size=auto or a resume at another micro-batch); "
+                f"use model.norm=group or layer for results that do not"
+            )
 
     def _finish(self) -> dict[str, Any]:
         s, plan, job = self.s, self.plan, self.job
@@ -461,7 +599,11 @@ class Trainer:
             "steps": s.step,
             "samples": s.samples,
             "final_loss": self.tracker.last.get("loss"),
-            "eval": {k.removeprefix("eval/"): v for k, v in self.tracker.last.items() if k.startswith("eval/")},
+            "eval": {
+                k.removeprefix("eval/"): v
+                for k, v in self.tracker.last.items()
+                if k.startswith("eval/")
+            },
             "wall_s": wall_s,
             "samples_per_s": (s.samples - self.first_samples) / max(wall_s - self.eval_s, 1e-9),
             "world_size": plan.world_size,
@@ -474,7 +616,11 @@ class Trainer:
             "nonfinite_steps": s.nonfinite_steps,
         }
         if self.target is not None:
-            summary["target"] = {"key": self.target.key, "value": self.target.value, "reached": self.reached}
+            summary["target"] = {
+                "key": self.target.key,
+                "value": self.target.value,
+                "reached": self.reached,
+            }
         weights = self.engine.full_state_dict()
         summary["params_sha256"] = params_sha256(weights)
         if self.info.is_main:
@@ -486,11 +632,16 @@ class Trainer:
 
 
 def _mean_over_ranks(value: float, info: DistInfo) -> float:
-    return all_reduce_sum(torch.tensor(value, dtype=torch.float64, device=info.device)).item() / info.world_size
+    return (
+        all_reduce_sum(torch.tensor(value, dtype=torch.float64, device=info.device)).item()
+        / info.world_size
+    )
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, info: DistInfo, batch_size: int, workers: int = 0) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, task: Task, info: DistInfo, batch_size: int, workers: int = 0
+) -> dict[str, float]:
     """Mean loss over the held-out loss terms (and accuracy where the output is class logits), sharded over ranks.
 
     Every rank runs the same number of forward passes (a sharded model's forward is collective): one with fewer
@@ -500,12 +651,13 @@ def evaluate(model: nn.Module, task: Task, info: DistInfo, batch_size: int, work
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=info.device)
     mine = list(range(info.rank, len(task.eval), info.world_size))
-    chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    chunks = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     rounds = math.ceil(math.ceil(len(task.eval) / info.world_size) / batch_size)
     counted_chunks = len(chunks)
     chunks += [chunks[0] if chunks else [0]] * (rounds - counted_chunks)
-    loader = torch.utils.data.DataLoader(task.eval, batch_sampler=chunks, collate_fn=collate_of(task.eval),
-                                         num_workers=workers)
+    loader = torch.utils.data.DataLoader(
+        task.eval, batch_sampler=chunks, collate_fn=collate_of(task.eval), num_workers=workers
+    )
     for i, batch in enumerate(loader):
         inputs, targets = to_device(batch, info.device)
         output = forward(model, inputs)
@@ -513,10 +665,18 @@ def evaluate(model: nn.Module, task: Task, info: DistInfo, batch_size: int, work
             continue
         total, count = task.loss(output, targets)
         right, counted = correct(output, targets) or (0, 0)
-        totals += torch.stack([torch.as_tensor(v, device=info.device).double() for v in (total, count, right, counted)])
+        totals += torch.stack(
+            [
+                torch.as_tensor(v, device=info.device).double()
+                for v in (total, count, right, counted)
+            ]
+        )
     loss, count, right, counted = all_reduce_sum(totals).tolist()
     model.train()
-    return {"loss": loss / count if count else math.nan, **({"accuracy": right / counted} if counted else {})}
+    return {
+        "loss": loss / count if count else math.nan,
+        **({"accuracy": right / counted} if counted else {}),
+    }
 
 
 def params_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -524,5 +684,7 @@ def params_sha256(state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name, tensor in state.items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(
+            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        )
     return digest.hexdigest()

@@ -13,15 +13,26 @@ from typing import Any
 
 MODES = ("disabled", "offline", "online")
 
-_ENV = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "dir": "WANDB_DIR", "id": "WANDB_RUN_ID",
-        "group": "WANDB_RUN_GROUP", "job_type": "WANDB_JOB_TYPE", "name": "WANDB_NAME", "resume": "WANDB_RESUME"}
+_ENV = {
+    "mode": "WANDB_MODE",
+    "project": "WANDB_PROJECT",
+    "dir": "WANDB_DIR",
+    "id": "WANDB_RUN_ID",
+    "group": "WANDB_RUN_GROUP",
+    "job_type": "WANDB_JOB_TYPE",
+    "name": "WANDB_NAME",
+    "resume": "WANDB_RESUME",
+}
 """wandb.init argument → the variable that, when the user has set it, wins over what largebatch would pass."""
 
 
 class WandbSink:
-    """One wandb run per job: `step` is the default x-axis, `samples` the alternative (pick it in a panel's settings)."""
+    """One wandb run per job: `step` is the default x-axis, `samples` the alternative (pick it in a panel's
+    settings)."""
 
-    def __init__(self, mode: str, project: str | None, run_dir: Path, config: dict[str, Any], run_id: str) -> None:
+    def __init__(
+        self, mode: str, project: str | None, run_dir: Path, config: dict[str, Any], run_id: str
+    ) -> None:
         self._run: Any = None
         self._wandb: Any = None
         self._global_batch = config.get("derived", {}).get("global_batch")
@@ -33,15 +44,26 @@ class WandbSink:
             import wandb
 
             self._wandb = wandb
-            wanted = {"mode": mode, "project": project or "largebatch", "dir": str(run_dir), "id": run_id,
-                      "resume": "allow", "group": config.get("run", {}).get("name"), "job_type": "train",
-                      "name": Path(run_dir).name}
-            kwargs = {k: v for k, v in wanted.items() if v is not None and not os.environ.get(_ENV[k])}
+            wanted = {
+                "mode": mode,
+                "project": project or "largebatch",
+                "dir": str(run_dir),
+                "id": run_id,
+                "resume": "allow",
+                "group": config.get("run", {}).get("name"),
+                "job_type": "train",
+                "name": Path(run_dir).name,
+            }
+            kwargs = {
+                k: v for k, v in wanted.items() if v is not None and not os.environ.get(_ENV[k])
+            }
             Path(kwargs.get("dir", ".")).mkdir(parents=True, exist_ok=True)
             self._run = wandb.init(config=config, **kwargs)
             if self._run is None or getattr(self._run, "disabled", False):
                 self._run = None
-                raise RuntimeError("wandb.init gave a disabled run (WANDB_MODE=disabled or a login timeout?)")
+                raise RuntimeError(
+                    "wandb.init gave a disabled run (WANDB_MODE=disabled or a login timeout?)"
+                )
             self._run.define_metric("step")
             self._run.define_metric("samples")
             self._run.define_metric("*", step_metric="step")
@@ -57,7 +79,11 @@ class WandbSink:
         if self._run is None:
             return
         try:
-            row = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            row = {
+                k: v
+                for k, v in record.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             ratios = [v for k, v in row.items() if k.startswith("trust_ratio/")]
             if ratios:
                 row["trust_ratio/histogram"] = self._wandb.Histogram(ratios)

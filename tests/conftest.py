@@ -23,15 +23,29 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ["OMP_NUM_THREADS"] = "1"
 
 
-def cli(*args: str, nproc: int = 1, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, nproc: int = 1, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """`python -m largebatch ARGS`, or the same under torchrun with `nproc` processes on 127.0.0.1."""
     launcher = [sys.executable, "-m", "largebatch"]
     if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                    "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "largebatch"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            "127.0.0.1:0",
+            "-m",
+            "largebatch",
+        ]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([*launcher, *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [*launcher, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT
+    )
 
 
 def cli_in_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -56,7 +70,13 @@ def cli_in_process(*args: str, env: dict[str, str] | None = None) -> subprocess.
 
 def train(run_dir: Path, *overrides: str, nproc: int = 1, config: str | None = None) -> dict:
     """Train to completion and return summary.json; fails the test with the output if the run fails."""
-    args = ["train", *(["--config", config] if config else []), f"run.dir={run_dir}", "logging.progress=false", *overrides]
+    args = [
+        "train",
+        *(["--config", config] if config else []),
+        f"run.dir={run_dir}",
+        "logging.progress=false",
+        *overrides,
+    ]
     result = cli(*args, nproc=nproc)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text())
@@ -81,9 +101,25 @@ def train_in_one_job(base: Path, runs: dict[str, tuple[str, ...]], nproc: int = 
     script = base / "runs.py"
     script.write_text(ONE_JOB)
     table = json.dumps({str(base / name): args for name, args in runs.items()})
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                           "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", str(script), table],
-                          capture_output=True, text=True, cwd=ROOT / "examples", timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            "127.0.0.1:0",
+            str(script),
+            table,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT / "examples",
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
 
 
@@ -103,20 +139,43 @@ def run_dirs(tmp_path: Path):
     return lambda name: tmp_path / name
 
 
-def kill_one_worker_mid_run(run: Path, overrides: tuple[str, ...], after_steps: int, checkpoint: str,
-                            timeout: float = 120) -> str:
+def kill_one_worker_mid_run(
+    run: Path, overrides: tuple[str, ...], after_steps: int, checkpoint: str, timeout: float = 120
+) -> str:
     """Train under torchrun (2 processes, --max-restarts 1) and SIGKILL one worker once `after_steps` steps are logged
     and `checkpoint` exists; returns the agent's output after it finished (the test checks its exit code)."""
     import psutil
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "largebatch", "train",
-               f"run.dir={run}", "logging.progress=false", *overrides]
-    agent = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "127.0.0.1:0",
+        "-m",
+        "largebatch",
+        "train",
+        f"run.dir={run}",
+        "logging.progress=false",
+        *overrides,
+    ]
+    agent = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     killed = None
     deadline = time.monotonic() + timeout
     while killed is None and time.monotonic() < deadline and agent.poll() is None:
-        done = (run / "metrics.jsonl").read_text().count("\n") if (run / "metrics.jsonl").exists() else 0
+        done = (
+            (run / "metrics.jsonl").read_text().count("\n")
+            if (run / "metrics.jsonl").exists()
+            else 0
+        )
         if done >= after_steps and (run / "checkpoints" / checkpoint).exists():
             workers = psutil.Process(agent.pid).children()
             killed = workers[-1].pid
@@ -129,7 +188,9 @@ def kill_one_worker_mid_run(run: Path, overrides: tuple[str, ...], after_steps: 
     return output
 
 
-def write_tokens(path: Path, count: int, vocab: int = 256, dtype: str = "uint16", seed: int = 0) -> Path:
+def write_tokens(
+    path: Path, count: int, vocab: int = 256, dtype: str = "uint16", seed: int = 0
+) -> Path:
     """A flat token file as nanoGPT writes it: a repeating pattern with noise, so a model can learn something."""
     rng = np.random.default_rng(seed)
     tokens = (np.arange(count) * 7 + rng.integers(0, 3, count)) % vocab
@@ -152,6 +213,16 @@ def write_tiny_gpt2(folder: Path, vocab: int = 256, positions: int = 64) -> Path
     """A local Hugging Face GPT-2 config (1 layer, width 32, no dropout): hf:<folder> builds it, nothing downloaded."""
     from transformers import GPT2Config
 
-    GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=vocab, n_positions=positions, resid_pdrop=0.0,
-               embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0).save_pretrained(folder)
+    GPT2Config(
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        vocab_size=vocab,
+        n_positions=positions,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    ).save_pretrained(folder)
     return folder

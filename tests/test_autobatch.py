@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import cli, metrics
+
 from largebatch.autobatch import smaller
 from largebatch.batch import plan
 
-COMMON = ("data.size=1024", "data.shape=[16]", "model.width=64", "batch.global_size=64", "optim.lr=0.1",
-          "optim.scaling=none", "train.steps=12", "train.log_every=1", "logging.progress=false")
+COMMON = (
+    "data.size=1024",
+    "data.shape=[16]",
+    "model.width=64",
+    "batch.global_size=64",
+    "optim.lr=0.1",
+    "optim.scaling=none",
+    "train.steps=12",
+    "train.log_every=1",
+    "logging.progress=false",
+)
 
 
 def _train(run, *overrides, env=None):
@@ -31,7 +40,9 @@ def fixed_run(tmp_path_factory):
     return run
 
 
-def test_auto_under_a_memory_budget_picks_a_smaller_micro_batch_and_trains_identically(fixed_run, run_dirs):
+def test_auto_under_a_memory_budget_picks_a_smaller_micro_batch_and_trains_identically(
+    fixed_run, run_dirs
+):
     run = run_dirs("auto")
     _train(run, "batch.micro_size=auto", "batch.memory_limit=80KiB")
     micro = {r["micro_batch"] for r in metrics(run)}
@@ -39,10 +50,14 @@ def test_auto_under_a_memory_budget_picks_a_smaller_micro_batch_and_trains_ident
     _assert_same_losses(run, fixed_run)
 
 
-def test_an_out_of_memory_mid_run_halves_the_micro_batch_on_all_ranks_and_redoes_the_step(fixed_run, run_dirs):
+def test_an_out_of_memory_mid_run_halves_the_micro_batch_on_all_ranks_and_redoes_the_step(
+    fixed_run, run_dirs
+):
     run = run_dirs("shrink")
     result = _train(run, "batch.micro_size=auto", env={"LARGEBATCH_INJECT_OOM_AT_STEP": "5"})
-    assert [(r["micro_batch"], r["accum_steps"]) for r in metrics(run)] == [(32, 1)] * 4 + [(16, 2)] * 8
+    assert [(r["micro_batch"], r["accum_steps"]) for r in metrics(run)] == [(32, 1)] * 4 + [
+        (16, 2)
+    ] * 8
     assert result.stderr.count("out of memory at step 5 with micro-batch 32") == 1
     _assert_same_losses(run, fixed_run)
 
@@ -54,27 +69,45 @@ def test_the_next_smaller_micro_batch_divides_the_per_rank_share():
     assert smaller(plan(1, 4, 1)) is None
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (("batch.micro_size=auto", "batch.accum_steps=2"), "derives batch.accum_steps"),
-    (("batch.micro_size=big",), "batch.micro_size='big' is not one of auto"),
-    (("batch.micro_size=auto", "batch.memory_limit=2G"), "must be a size with a unit"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("batch.micro_size=auto", "batch.accum_steps=2"), "derives batch.accum_steps"),
+        (("batch.micro_size=big",), "batch.micro_size='big' is not one of auto"),
+        (("batch.micro_size=auto", "batch.memory_limit=2G"), "must be a size with a unit"),
+    ],
+)
 def test_bad_auto_settings_are_one_line_errors(overrides, message):
     result = cli("train", *overrides)
-    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (
+        result.returncode == 2
+        and message in result.stderr
+        and len(result.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_an_out_of_memory_redo_with_accumulation_counts_the_step_loss_once(fixed_run, run_dirs):
     run = run_dirs("shrink_accum")
-    _train(run, "batch.micro_size=auto", "batch.memory_limit=80KiB", env={"LARGEBATCH_INJECT_OOM_AT_STEP": "5"})
+    _train(
+        run,
+        "batch.micro_size=auto",
+        "batch.memory_limit=80KiB",
+        env={"LARGEBATCH_INJECT_OOM_AT_STEP": "5"},
+    )
     assert metrics(run)[4]["accum_steps"] > 2
     _assert_same_losses(run, fixed_run)
 
 
 def test_noise_scale_with_auto_on_one_process_keeps_a_smaller_batch_to_compare(run_dirs):
     run = run_dirs("auto_gns")
-    result = cli("train", f"run.dir={run}", *COMMON, "batch.micro_size=auto", "train.noise_scale=true",
-                 "train.log_every=2")
+    result = cli(
+        "train",
+        f"run.dir={run}",
+        *COMMON,
+        "batch.micro_size=auto",
+        "train.noise_scale=true",
+        "train.log_every=2",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     records = metrics(run)
     assert {r["micro_batch"] for r in records} == {32}

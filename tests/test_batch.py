@@ -30,14 +30,17 @@ def test_all_three_must_agree():
         plan(2, 64, 8, 3)
 
 
-@pytest.mark.parametrize("args, message", [
-    ((3, 1000, None, None), "not divisible by world_size=3"),
-    ((2, 1000, 64, None), "world_size × micro_size = 2 × 64; use a multiple of 128"),
-    ((2, 1000, None, 3), "world_size × accum_steps"),
-    ((2, None, None, None), "needs batch.global_size or batch.micro_size"),
-    ((2, 0, None, None), "must be a positive integer"),
-    ((2, 64, -1, None), "must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((3, 1000, None, None), "not divisible by world_size=3"),
+        ((2, 1000, 64, None), "world_size × micro_size = 2 × 64; use a multiple of 128"),
+        ((2, 1000, None, 3), "world_size × accum_steps"),
+        ((2, None, None, None), "needs batch.global_size or batch.micro_size"),
+        ((2, 0, None, None), "must be a positive integer"),
+        ((2, 64, -1, None), "must be a positive integer"),
+    ],
+)
 def test_impossible_plans_say_what_to_change(args, message):
     with pytest.raises(UserError, match=message.replace("×", ".").replace("(", r"\(")):
         plan(*args)
@@ -84,7 +87,9 @@ def test_each_epoch_is_a_new_permutation_and_the_seed_matters():
     p = plan(1, 50)
     batches = [list(b) for _, b in GlobalBatchSampler(100, p, 0, 0, 4).global_batches()]
     assert batches[0] != batches[2]
-    assert [list(b) for _, b in GlobalBatchSampler(100, p, 0, 1, 4).global_batches()][0] != batches[0]
+    assert [list(b) for _, b in GlobalBatchSampler(100, p, 0, 1, 4).global_batches()][0] != batches[
+        0
+    ]
 
 
 def test_starting_mid_run_yields_the_same_tail():
@@ -94,4 +99,4 @@ def test_starting_mid_run_yields_the_same_tail():
     for _ in range(13):
         position = advance(position, p.global_batch, 300)
     tail = list(GlobalBatchSampler(300, p, 1, 3, 7, position))
-    assert tail == full[13 * p.accum_steps:]
+    assert tail == full[13 * p.accum_steps :]

@@ -8,13 +8,17 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, cli_in_process, metrics, train_in_one_job
+
 from largebatch.batch import GlobalBatchSampler, advance, locate, plan
 from largebatch.batch_schedule import FollowNoise, Ramp
 
-LINREG = (f"--config={ROOT / 'tests' / 'tasks' / 'linreg.yaml'}", "data.name=linreg:recorded_data",
-          "optim.reference_batch=128", "optim.scaling=linear")
+LINREG = (
+    f"--config={ROOT / 'tests' / 'tasks' / 'linreg.yaml'}",
+    "data.name=linreg:recorded_data",
+    "optim.reference_batch=128",
+    "optim.scaling=linear",
+)
 N = 1000
 """Training examples: the runs below cross several epochs, with sizes that do not divide it."""
 
@@ -23,7 +27,11 @@ def test_a_ramp_is_linear_in_examples_in_whole_quanta_and_ends_at_the_global_bat
     ramp = Ramp(start=32, final=128, ramp_samples=1500, quantum=32)
     sizes = [ramp.size(0, samples, None) for samples in range(0, 2000, 10)]
     assert sizes[0] == 32 and all(s % 32 == 0 for s in sizes) and sizes == sorted(sizes)
-    assert ramp.size(0, 499, None) == 32 and ramp.size(0, 500, None) == 64 and ramp.size(0, 1499, None) == 96
+    assert (
+        ramp.size(0, 499, None) == 32
+        and ramp.size(0, 500, None) == 64
+        and ramp.size(0, 1499, None) == 96
+    )
     assert ramp.size(0, 1500, None) == 128
 
 
@@ -32,7 +40,9 @@ def test_gns_follows_the_noise_scale_down_to_a_quantum_never_shrinks_nor_jumps_a
     assert follow.size(32, 0, None) == 32  # not measured yet
     assert follow.size(32, 0, 81.0) == 64
     assert follow.size(64, 0, 40.0) == 64
-    assert follow.size(32, 0, 1e6) == 64 and follow.size(64, 0, 1e6) == 128  # at most doubling per change
+    assert (
+        follow.size(32, 0, 1e6) == 64 and follow.size(64, 0, 1e6) == 128
+    )  # at most doubling per change
     assert follow.size(64, 0, float("nan")) == 64
 
 
@@ -40,7 +50,7 @@ def test_a_changing_batch_and_a_changing_world_use_every_example_once_per_epoch(
     """Sizes from a ramp, the world size 2 → 1 → 4 on the way (a resume elsewhere): every step's batch is whole, no
     example repeats within an epoch, and an epoch leaves out only a tail shorter than the batch that followed it."""
     ramp, position, samples, seen, epochs = Ramp(32, 256, 2000, 32), (0, 0), 0, [], {}
-    for step, world in enumerate([2] * 20 + [1] * 15 + [4] * 20):
+    for world in [2] * 20 + [1] * 15 + [4] * 20:
         size = ramp.size(0, samples, None)
         indices = []
         for rank in range(world):
@@ -64,13 +74,30 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """In one 2-process job: a ramp with checkpoints, a gns run, and the ramp resumed from its step-20 checkpoint
     (mid-ramp: the batch is 80 there, on its way from 32 to 128 in quanta of world 2 × micro 8)."""
     base = tmp_path_factory.mktemp("schedules")
-    ramp = (*LINREG, f"data.args={{sigma: 1.0, size: {N}, record: '{base / 'ramp_record'}'}}", "optim.lr=0.05",
-            "batch.global_size=128", "batch.micro_size=8", "batch.schedule=ramp", "batch.start_size=32",
-            "batch.ramp_samples=1500", "train.noise_scale=false", "train.steps=30", "train.checkpoint_every=5",
-            "train.checkpoint_keep=10")
-    gns = (*LINREG, f"data.args={{sigma: 2.0, size: {N}, record: '{base / 'gns_record'}'}}", "optim.lr=1.0e-9",
-           "batch.global_size=128", "batch.micro_size=16", "batch.schedule=gns", "batch.start_size=32",
-           "train.steps=20")
+    ramp = (
+        *LINREG,
+        f"data.args={{sigma: 1.0, size: {N}, record: '{base / 'ramp_record'}'}}",
+        "optim.lr=0.05",
+        "batch.global_size=128",
+        "batch.micro_size=8",
+        "batch.schedule=ramp",
+        "batch.start_size=32",
+        "batch.ramp_samples=1500",
+        "train.noise_scale=false",
+        "train.steps=30",
+        "train.checkpoint_every=5",
+        "train.checkpoint_keep=10",
+    )
+    gns = (
+        *LINREG,
+        f"data.args={{sigma: 2.0, size: {N}, record: '{base / 'gns_record'}'}}",
+        "optim.lr=1.0e-9",
+        "batch.global_size=128",
+        "batch.micro_size=16",
+        "batch.schedule=gns",
+        "batch.start_size=32",
+        "train.steps=20",
+    )
     resumed = (*ramp, f"run.resume={base / 'ramp' / 'checkpoints' / 'step_00000020'}")
     train_in_one_job(base, {"ramp": ramp, "gns": gns, "resumed": resumed})
     return base
@@ -83,14 +110,18 @@ def _steps(run: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", ["ramp", "gns"])
-def test_the_batch_changes_only_at_step_boundaries_through_accumulation_with_exact_counts(runs: Path, name: str):
+def test_the_batch_changes_only_at_step_boundaries_through_accumulation_with_exact_counts(
+    runs: Path, name: str
+):
     records = _steps(runs / name)
     sizes = [r["global_batch"] for r in records]
     assert sizes[0] == 32 and sizes == sorted(sizes) and len(set(sizes)) > 1
     for r, before in zip(records, [0] + [r["samples"] for r in records]):
         assert r["samples"] - before == r["global_batch"] == 2 * r["micro_batch"] * r["accum_steps"]
     summary = json.loads((runs / name / "summary.json").read_text())
-    assert summary["samples"] == sum(sizes) >= (30 if name == "ramp" else 20) * 128 > sum(sizes[:-1])
+    assert (
+        summary["samples"] == sum(sizes) >= (30 if name == "ramp" else 20) * 128 > sum(sizes[:-1])
+    )
     assert summary["steps"] == len(records)
 
 
@@ -109,7 +140,7 @@ def test_every_example_trained_on_once_per_epoch(runs: Path, name: str):
     served = [_served(runs, name, rank, shares) for rank in (0, 1)]
     epoch, used, done = [], set(), 0
     for share in shares:
-        batch = [int(i) for lines in served for i in lines[done:done + share]]
+        batch = [int(i) for lines in served for i in lines[done : done + share]]
         done += share
         if used & set(batch):  # a new epoch began: the last one left out less than a batch
             assert N - len(used) < len(batch)
@@ -128,7 +159,7 @@ def _served(runs: Path, name: str, rank: int, shares: list[int]) -> list[str]:
         return lines[-ours:]
     theirs = sum(shares[20:])
     check = (len(lines) - ours - theirs) // 2
-    served = lines[check:check + ours]
+    served = lines[check : check + ours]
     assert lines[-theirs:] == served[-theirs:]
     return served
 
@@ -139,18 +170,54 @@ def test_a_resume_mid_ramp_ends_with_the_uninterrupted_parameters(runs: Path):
     assert resumed["params_sha256"] == full["params_sha256"]
     sizes = [r["global_batch"] for r in _steps(runs / "ramp")]
     assert 32 < sizes[19] < sizes[-1] == 128  # the checkpoint is mid-ramp
-    assert [r["loss"] for r in metrics(runs / "resumed")] == [r["loss"] for r in metrics(runs / "ramp")][20:]
+    assert [r["loss"] for r in metrics(runs / "resumed")] == [
+        r["loss"] for r in metrics(runs / "ramp")
+    ][20:]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (("batch.schedule=ramp", "batch.start_size=64"), "batch.ramp_samples"),
-    (("batch.schedule=ramp", "batch.ramp_samples=100"), "batch.start_size"),
-    (("batch.schedule=ramp", "batch.start_size=48", "batch.micro_size=32", "batch.ramp_samples=100"), "multiple"),
-    (("batch.schedule=gns", "batch.start_size=64"), "train.noise_scale=true"),
-    (("batch.schedule=gns", "batch.start_size=64", "train.noise_scale=true"), "at least 2 × batch.micro_size"),
-    (("batch.schedule=ramp", "batch.start_size=64", "batch.ramp_samples=100", "engine.name=deepspeed"), "DeepSpeed"),
-    (("batch.schedule=ramp", "batch.start_size=64", "batch.ramp_samples=100", "batch.micro_size=auto"), "micro_size"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("batch.schedule=ramp", "batch.start_size=64"), "batch.ramp_samples"),
+        (("batch.schedule=ramp", "batch.ramp_samples=100"), "batch.start_size"),
+        (
+            (
+                "batch.schedule=ramp",
+                "batch.start_size=48",
+                "batch.micro_size=32",
+                "batch.ramp_samples=100",
+            ),
+            "multiple",
+        ),
+        (("batch.schedule=gns", "batch.start_size=64"), "train.noise_scale=true"),
+        (
+            ("batch.schedule=gns", "batch.start_size=64", "train.noise_scale=true"),
+            "at least 2 × batch.micro_size",
+        ),
+        (
+            (
+                "batch.schedule=ramp",
+                "batch.start_size=64",
+                "batch.ramp_samples=100",
+                "engine.name=deepspeed",
+            ),
+            "DeepSpeed",
+        ),
+        (
+            (
+                "batch.schedule=ramp",
+                "batch.start_size=64",
+                "batch.ramp_samples=100",
+                "batch.micro_size=auto",
+            ),
+            "micro_size",
+        ),
+    ],
+)
 def test_an_impossible_schedule_is_one_line_and_exit_2(overrides: tuple[str, ...], message: str):
-    result = cli_in_process("plan", "--config", str(ROOT / "configs" / "quickstart.yaml"), *overrides)
-    assert result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
+    result = cli_in_process(
+        "plan", "--config", str(ROOT / "configs" / "quickstart.yaml"), *overrides
+    )
+    assert (
+        result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
+    )

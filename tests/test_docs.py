@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from conftest import ROOT
+
 from largebatch.config import Config
 
 

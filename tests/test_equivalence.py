@@ -1,4 +1,5 @@
-"""The global-batch contract end to end: the split of a global batch over processes and micro-steps does not change training."""
+"""The global-batch contract end to end: the split of a global batch over processes and micro-steps does not change
+training."""
 
 from __future__ import annotations
 
@@ -7,13 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import metrics, train_in_one_job
 
 COMMON = (
-    "data.name=synthetic", "data.size=512", "data.shape=[16]", "data.label_noise=0.1",
-    "model.name=mlp", "model.width=32", "model.depth=2", "train.precision=fp32",
-    "optim.lr=0.05", "optim.scaling=none", "train.steps=30", "train.log_every=1", "run.seed=3",
+    "data.name=synthetic",
+    "data.size=512",
+    "data.shape=[16]",
+    "data.label_noise=0.1",
+    "model.name=mlp",
+    "model.width=32",
+    "model.depth=2",
+    "train.precision=fp32",
+    "optim.lr=0.05",
+    "optim.scaling=none",
+    "train.steps=30",
+    "train.log_every=1",
+    "run.seed=3",
 )
 
 
@@ -38,7 +48,10 @@ CLIP = ("train.clip_grad_norm=0.05", "batch.global_size=8")
 def trained(tmp_path_factory) -> Path:
     """Every split of every comparison: the 2-process runs in one torchrun job, the 1-process runs in another."""
     base = tmp_path_factory.mktemp("equivalence")
-    two, one = {"clip-w2_m2_a2": (*COMMON, *CLIP, "batch.micro_size=2")}, {"clip-w1_m8": (*COMMON, *CLIP, "batch.micro_size=8")}
+    two, one = (
+        {"clip-w2_m2_a2": (*COMMON, *CLIP, "batch.micro_size=2")},
+        {"clip-w1_m8": (*COMMON, *CLIP, "batch.micro_size=8")},
+    )
     for optimizer in OPTIMIZERS:
         opt = (*COMMON, f"optim.name={optimizer}", "optim.weight_decay=0.01", "batch.global_size=8")
         two[f"{optimizer}-w2_m4"] = (*opt, "batch.micro_size=4")
@@ -56,7 +69,9 @@ def _split(run: Path) -> tuple[int, int, int]:
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_two_ranks_equal_one_rank_with_accumulation_and_one_big_micro_batch(trained, optimizer):
-    two_ranks, accumulated, one_batch = (trained / f"{optimizer}-{split}" for split in ("w2_m4", "w1_m4_a2", "w1_m8"))
+    two_ranks, accumulated, one_batch = (
+        trained / f"{optimizer}-{split}" for split in ("w2_m4", "w1_m4_a2", "w1_m8")
+    )
     assert _split(two_ranks) == (2, 4, 1)
     assert _split(accumulated) == (1, 4, 2)
     assert _split(one_batch) == (1, 8, 1)

@@ -10,35 +10,89 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    ROOT,
+    cli_in_process,
+    metrics,
+    relative,
+    train,
+    train_in_one_job,
+    write_tiny_gpt2,
+    write_tokens,
+)
 
-from conftest import ROOT, cli_in_process, metrics, relative, train, train_in_one_job, write_tiny_gpt2, write_tokens
-
-LM = (f"--config={ROOT / 'configs/lamb-lm.yaml'}", "model.width=32", "data.context=32", "batch.global_size=32",
-      "train.steps=20", "schedule.warmup_steps=3", "train.clip_grad_norm=0.3", "train.log_every=1",
-      "train.eval_every=0", "logging.progress=false", "optim.weight_decay=0.01")
-"""A byte-level GPT (two blocks, tied embeddings): a per-token loss, so the count normalisation is not 1; clipping on."""
-OPTIMIZERS = {"sgd": ("optim.name=sgd", "optim.lr=0.5", "optim.betas=[0.9, 0.999]", "optim.eps=1e-8"),
-              "adamw": ("optim.name=adamw", "optim.lr=0.002"),
-              "lars": ("optim.name=lars", "optim.lr=5.0", "optim.betas=[0.9, 0.999]", "optim.eps=1e-8"),
-              "lamb": ("optim.name=lamb", "optim.lr=0.004")}
+LM = (
+    f"--config={ROOT / 'configs/lamb-lm.yaml'}",
+    "model.width=32",
+    "data.context=32",
+    "batch.global_size=32",
+    "train.steps=20",
+    "schedule.warmup_steps=3",
+    "train.clip_grad_norm=0.3",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "logging.progress=false",
+    "optim.weight_decay=0.01",
+)
+"""A byte-level GPT (two blocks, tied embeddings): a per-token loss, so the count normalisation is not 1; clipping
+on."""
+OPTIMIZERS = {
+    "sgd": ("optim.name=sgd", "optim.lr=0.5", "optim.betas=[0.9, 0.999]", "optim.eps=1e-8"),
+    "adamw": ("optim.name=adamw", "optim.lr=0.002"),
+    "lars": ("optim.name=lars", "optim.lr=5.0", "optim.betas=[0.9, 0.999]", "optim.eps=1e-8"),
+    "lamb": ("optim.name=lamb", "optim.lr=0.004"),
+}
 FSDP = ("engine.name=fsdp",)
 
 
 def runs(tiny_gpt2: Path, tokens: Path) -> dict[str, tuple[str, ...]]:
-    hf = ("data.name=tokens", f"data.path={tokens}", "data.context=32", f"model.name=hf:{tiny_gpt2}", "optim.name=lamb",
-          "optim.lr=3e-3", "batch.global_size=16", "batch.micro_size=4", "train.steps=8", "train.log_every=1",
-          "logging.progress=false")
-    resnet = (f"--config={ROOT / 'configs/quickstart.yaml'}", "optim.name=lars", "train.epochs=null", "train.steps=6",
-              "schedule.warmup_epochs=null", "schedule.warmup_steps=2", "batch.micro_size=64", "train.log_every=1",
-              "train.eval_every=3", "logging.progress=false")
-    table: dict[str, tuple[str, ...]] = {"ddp-hf": hf, "fsdp-hf": (*hf, *FSDP), "ddp-resnet": resnet,
-                                         "fsdp-resnet": (*resnet, *FSDP)}
+    hf = (
+        "data.name=tokens",
+        f"data.path={tokens}",
+        "data.context=32",
+        f"model.name=hf:{tiny_gpt2}",
+        "optim.name=lamb",
+        "optim.lr=3e-3",
+        "batch.global_size=16",
+        "batch.micro_size=4",
+        "train.steps=8",
+        "train.log_every=1",
+        "logging.progress=false",
+    )
+    resnet = (
+        f"--config={ROOT / 'configs/quickstart.yaml'}",
+        "optim.name=lars",
+        "train.epochs=null",
+        "train.steps=6",
+        "schedule.warmup_epochs=null",
+        "schedule.warmup_steps=2",
+        "batch.micro_size=64",
+        "train.log_every=1",
+        "train.eval_every=3",
+        "logging.progress=false",
+    )
+    table: dict[str, tuple[str, ...]] = {
+        "ddp-hf": hf,
+        "fsdp-hf": (*hf, *FSDP),
+        "ddp-resnet": resnet,
+        "fsdp-resnet": (*resnet, *FSDP),
+    }
     for name, optimizer in OPTIMIZERS.items():
         for accum in (1, 2):
             plan = (*LM, *optimizer, f"batch.micro_size={16 // accum}")
             table[f"ddp-{name}-a{accum}"] = plan
-            table[f"fsdp-{name}-a{accum}"] = (*plan, *FSDP, *(("train.checkpoint_every=10",) if name == "lamb" else ()))
-    table["fsdp-bf16"] = (*LM, *OPTIMIZERS["adamw"], "batch.micro_size=8", *FSDP, "train.precision=bf16")
+            table[f"fsdp-{name}-a{accum}"] = (
+                *plan,
+                *FSDP,
+                *(("train.checkpoint_every=10",) if name == "lamb" else ()),
+            )
+    table["fsdp-bf16"] = (
+        *LM,
+        *OPTIMIZERS["adamw"],
+        "batch.micro_size=8",
+        *FSDP,
+        "train.precision=bf16",
+    )
     return table
 
 
@@ -46,7 +100,9 @@ def runs(tiny_gpt2: Path, tokens: Path) -> dict[str, tuple[str, ...]]:
 def trained(tmp_path_factory) -> Path:
     """Every comparison's training, in one 2-process job; returns the directory of their run directories."""
     base = tmp_path_factory.mktemp("fsdp")
-    train_in_one_job(base, runs(write_tiny_gpt2(base / "tiny-gpt2"), write_tokens(base / "train.bin", 20_000)))
+    train_in_one_job(
+        base, runs(write_tiny_gpt2(base / "tiny-gpt2"), write_tokens(base / "train.bin", 20_000))
+    )
     return base
 
 
@@ -54,7 +110,10 @@ def trained(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("accum", [1, 2])
 def test_fsdp_takes_the_ddp_engines_steps(trained: Path, name: str, accum: int) -> None:
     """fp32, clipping on, per-token loss, 20 steps: per-step loss and pre-clip grad_norm within 1e-4 (relative)."""
-    ours, reference = metrics(trained / f"fsdp-{name}-a{accum}"), metrics(trained / f"ddp-{name}-a{accum}")
+    ours, reference = (
+        metrics(trained / f"fsdp-{name}-a{accum}"),
+        metrics(trained / f"ddp-{name}-a{accum}"),
+    )
     assert len(ours) == 20
     assert relative(ours, reference, "loss") < 1e-4
     assert relative(ours, reference, "grad_norm") < 1e-4
@@ -67,20 +126,30 @@ def test_fsdp_takes_the_ddp_engines_steps(trained: Path, name: str, accum: int) 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_sharded_trust_ratios_are_the_whole_layers(trained: Path, name: str, accum: int) -> None:
     """Every logged trust ratio of every layer under FSDP equals DDP's (unsharded) one within 1e-5."""
-    ours, reference = metrics(trained / f"fsdp-{name}-a{accum}"), metrics(trained / f"ddp-{name}-a{accum}")
+    ours, reference = (
+        metrics(trained / f"fsdp-{name}-a{accum}"),
+        metrics(trained / f"ddp-{name}-a{accum}"),
+    )
     keys = [k for k in reference[0] if k.startswith("trust_ratio/")]
     assert len(keys) >= 8
     for a, b in zip(ours, reference):
         assert [k for k in a if k.startswith("trust_ratio/")] == keys
-        assert torch.allclose(torch.tensor([a[k] for k in keys]), torch.tensor([b[k] for k in keys]), rtol=1e-5)
+        assert torch.allclose(
+            torch.tensor([a[k] for k in keys]), torch.tensor([b[k] for k in keys]), rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("model", ["hf", "resnet"])
 def test_user_and_vision_models_shard_by_their_blocks(trained: Path, model: str) -> None:
     """An hf: GPT-2 (its _no_split_modules: GPT2Block) with LAMB; the quickstart ResNet (BatchNorm buffers, eval) with
     LARS: the same losses, eval metrics and units as expected."""
-    assert relative(metrics(trained / f"fsdp-{model}"), metrics(trained / f"ddp-{model}"), "loss") < 1e-4
-    ours, reference = (json.loads((trained / f"{e}-{model}/summary.json").read_text()) for e in ("fsdp", "ddp"))
+    assert (
+        relative(metrics(trained / f"fsdp-{model}"), metrics(trained / f"ddp-{model}"), "loss")
+        < 1e-4
+    )
+    ours, reference = (
+        json.loads((trained / f"{e}-{model}/summary.json").read_text()) for e in ("fsdp", "ddp")
+    )
     assert ours["eval"]["loss"] == pytest.approx(reference["eval"]["loss"], rel=1e-4)
     units = json.loads((trained / f"fsdp-{model}/fsdp.json").read_text())["units"]
     assert units == (["transformer.h.0", "(root)"] if model == "hf" else ["3", "4", "(root)"])
@@ -90,7 +159,9 @@ def test_bf16_trains(trained: Path) -> None:
     """bf16 through FSDP's MixedPrecisionPolicy: trains, within 2% of the fp32 DDP run's losses."""
     losses = [m["loss"] for m in metrics(trained / "fsdp-bf16")]
     assert losses[-1] < losses[0]
-    assert relative(metrics(trained / "fsdp-bf16"), metrics(trained / "ddp-adamw-a2"), "loss") < 0.02
+    assert (
+        relative(metrics(trained / "fsdp-bf16"), metrics(trained / "ddp-adamw-a2"), "loss") < 0.02
+    )
 
 
 def test_model_pt_is_the_whole_model(trained: Path) -> None:
@@ -100,31 +171,62 @@ def test_model_pt_is_the_whole_model(trained: Path) -> None:
 
 
 @pytest.mark.parametrize("nproc", [2, 1])
-def test_resume_continues_exactly_also_on_another_world_size(trained: Path, tmp_path: Path, nproc: int) -> None:
+def test_resume_continues_exactly_also_on_another_world_size(
+    trained: Path, tmp_path: Path, nproc: int
+) -> None:
     """LAMB, accumulation 2, from the checkpoint at step 10 of 20: on 2 processes bit-identical to the uninterrupted
     run; on 1 (torch.distributed.checkpoint reshards) the same losses within 1e-5."""
     full = trained / "fsdp-lamb-a2"
     checkpoint = full / "checkpoints/step_00000010"
     assert {"fsdp/.metadata", "fsdp/__0_0.distcp", "fsdp/__1_0.distcp"} <= set(
-        json.loads((checkpoint / "manifest.json").read_text())["files"])
-    summary = train(tmp_path, *LM[1:], *OPTIMIZERS["lamb"], *FSDP, "batch.micro_size=8", f"run.resume={checkpoint}",
-                    config=LM[0].split("=", 1)[1], nproc=nproc)
+        json.loads((checkpoint / "manifest.json").read_text())["files"]
+    )
+    summary = train(
+        tmp_path,
+        *LM[1:],
+        *OPTIMIZERS["lamb"],
+        *FSDP,
+        "batch.micro_size=8",
+        f"run.resume={checkpoint}",
+        config=LM[0].split("=", 1)[1],
+        nproc=nproc,
+    )
     resumed = metrics(tmp_path)
     assert [m["step"] for m in resumed] == list(range(11, 21))
     assert relative(resumed, metrics(full)[10:], "loss") < 1e-5
     if nproc == 2:
-        assert summary["params_sha256"] == json.loads((full / "summary.json").read_text())["params_sha256"]
+        assert (
+            summary["params_sha256"]
+            == json.loads((full / "summary.json").read_text())["params_sha256"]
+        )
 
 
-@pytest.mark.parametrize("overrides, says", [
-    (("batch.micro_size=auto",), "batch.micro_size=auto is not supported with engine.name=fsdp"),
-    (("train.noise_scale=true",), "train.noise_scale needs each rank's gradient before the reduction"),
-    (("train.precision=fp16",), "train.precision=fp16 is not supported with engine.name=fsdp"),
-    (("engine.shard_blocks=[Nope]",), "engine.shard_blocks names Nope, which the model does not have; its module "
-                                      "classes with children: Block, Sequential"),
-    (("engine.name=ddp", "engine.shard_blocks=[Block]"), "engine.shard_blocks is ignored with engine.name=ddp"),
-])
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (
+            ("batch.micro_size=auto",),
+            "batch.micro_size=auto is not supported with engine.name=fsdp",
+        ),
+        (
+            ("train.noise_scale=true",),
+            "train.noise_scale needs each rank's gradient before the reduction",
+        ),
+        (("train.precision=fp16",), "train.precision=fp16 is not supported with engine.name=fsdp"),
+        (
+            ("engine.shard_blocks=[Nope]",),
+            "engine.shard_blocks names Nope, which the model does not have; its module "
+            "classes with children: Block, Sequential",
+        ),
+        (
+            ("engine.name=ddp", "engine.shard_blocks=[Block]"),
+            "engine.shard_blocks is ignored with engine.name=ddp",
+        ),
+    ],
+)
 def test_impossible_fsdp_settings_are_one_line_before_any_process_group(overrides, says) -> None:
-    result = cli_in_process("plan", LM[0], *LM[1:], *FSDP, "batch.micro_size=8", *overrides, "--world-size", "2")
+    result = cli_in_process(
+        "plan", LM[0], *LM[1:], *FSDP, "batch.micro_size=8", *overrides, "--world-size", "2"
+    )
     assert result.returncode == 2
     assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

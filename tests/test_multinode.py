@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, metrics, train
 
 MULTINODE = ROOT / "launch" / "multinode.sh"
@@ -25,7 +24,16 @@ optim: {lr: 0.05, scaling: none}
 train: {steps: 20, log_every: 1}
 logging: {progress: false}
 """
-LAUNCH_ENV = ("NNODES", "NODE_RANK", "NPROC", "MASTER_ADDR", "MASTER_PORT", "RDZV", "RDZV_ID", "MAX_RESTARTS")
+LAUNCH_ENV = (
+    "NNODES",
+    "NODE_RANK",
+    "NPROC",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RDZV",
+    "RDZV_ID",
+    "MAX_RESTARTS",
+)
 
 
 def _free_port() -> int:
@@ -41,11 +49,15 @@ def _free_port() -> int:
         return port
 
 
-def _multinode(args: list[str], stdout=subprocess.PIPE, stderr=subprocess.PIPE, **env: str) -> subprocess.Popen:
+def _multinode(
+    args: list[str], stdout=subprocess.PIPE, stderr=subprocess.PIPE, **env: str
+) -> subprocess.Popen:
     """launch/multinode.sh ARGS with exactly the launch variables given (none leak in from the caller)."""
     full_env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
     full_env.update(PYTHON=sys.executable, PYTHONUNBUFFERED="1", **env)
-    return subprocess.Popen([str(MULTINODE), *args], env=full_env, cwd=ROOT, text=True, stdout=stdout, stderr=stderr)
+    return subprocess.Popen(
+        [str(MULTINODE), *args], env=full_env, cwd=ROOT, text=True, stdout=stdout, stderr=stderr
+    )
 
 
 def _two_agents(config: Path, run_dir: Path, rdzv: str, timeout: float = 120) -> dict:
@@ -54,10 +66,21 @@ def _two_agents(config: Path, run_dir: Path, rdzv: str, timeout: float = 120) ->
     port = str(_free_port())
     run_dir.mkdir(parents=True)
     logs = [(run_dir / f"node{rank}.log").open("w+") for rank in range(2)]
-    agents = [_multinode([str(config), f"run.dir={run_dir}"], stdout=log, stderr=subprocess.STDOUT, NNODES="2",
-                         NPROC="1", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RDZV=rdzv,
-                         RDZV_ID=f"test-{port}")
-              for rank, log in enumerate(logs)]
+    agents = [
+        _multinode(
+            [str(config), f"run.dir={run_dir}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            NNODES="2",
+            NPROC="1",
+            NODE_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            RDZV=rdzv,
+            RDZV_ID=f"test-{port}",
+        )
+        for rank, log in enumerate(logs)
+    ]
     deadline = time.monotonic() + timeout
     try:
         while any(a.poll() is None for a in agents) and all(a.poll() in (None, 0) for a in agents):
@@ -72,7 +95,9 @@ def _two_agents(config: Path, run_dir: Path, rdzv: str, timeout: float = 120) ->
         for log in logs:
             log.close()
     for rank, (agent, output) in enumerate(zip(agents, outputs)):
-        assert agent.returncode == 0, f"node {rank} exit {agent.returncode} (port {port}):\n" + output[-3000:]
+        assert agent.returncode == 0, (
+            f"node {rank} exit {agent.returncode} (port {port}):\n" + output[-3000:]
+        )
     return json.loads((run_dir / "summary.json").read_text())
 
 
@@ -109,7 +134,11 @@ def test_multinode_without_required_env_is_one_line_exit_2(config, missing):
     agent = _multinode([str(config)], **env)
     out, err = agent.communicate(timeout=60)
     assert agent.returncode == 2
-    assert err.splitlines() == [err.strip()] and missing in err and err.startswith("launch/multinode.sh: error:")
+    assert (
+        err.splitlines() == [err.strip()]
+        and missing in err
+        and err.startswith("launch/multinode.sh: error:")
+    )
     assert out == ""
 
 
@@ -122,9 +151,18 @@ def test_static_rendezvous_without_node_rank_is_one_line_exit_2(config):
 
 def test_multinode_config_mistake_is_one_line_exit_2_before_any_process(config):
     """The plan is checked for the whole world size (2 nodes × 3 processes = 6), which 16 does not divide."""
-    agent = _multinode([str(config), "batch.global_size=16"], NNODES="2", NPROC="3", MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(_free_port()))
+    agent = _multinode(
+        [str(config), "batch.global_size=16"],
+        NNODES="2",
+        NPROC="3",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+    )
     out, err = agent.communicate(timeout=60)
     assert agent.returncode == 2
-    assert err.splitlines() == [err.strip()] and err.startswith("largebatch: error:") and "world_size=6" in err
+    assert (
+        err.splitlines() == [err.strip()]
+        and err.startswith("largebatch: error:")
+        and "world_size=6" in err
+    )
     assert out == ""

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, cli, metrics, train, train_in_one_job
+
 from largebatch.noise import NoiseScale, estimate
 
 
@@ -41,8 +41,15 @@ def test_smoothing_is_an_exponential_moving_average_of_both_estimates():
     assert second["gns/trace"] == pytest.approx(0.5 * first["gns/trace"] + 0.5 * trace)
 
 
-COMMON = ("data.size=4096", "model.width=64", "batch.global_size=128", "train.steps=60", "train.log_every=2",
-          "optim.lr=0.05", "optim.scaling=none")
+COMMON = (
+    "data.size=4096",
+    "model.width=64",
+    "batch.global_size=128",
+    "train.steps=60",
+    "train.log_every=2",
+    "optim.lr=0.05",
+    "optim.scaling=none",
+)
 
 
 def test_two_ranks_and_one_rank_with_accumulation_measure_a_consistent_noise_scale(run_dirs):
@@ -53,7 +60,9 @@ def test_two_ranks_and_one_rank_with_accumulation_measure_a_consistent_noise_sca
     train(one, *COMMON, "train.noise_scale=true", "batch.micro_size=32")
     train(plain, *COMMON, "batch.micro_size=32")
     assert all("gns/trace" in r for r in metrics(two) + metrics(one))  # every log step measured
-    gns_two = [r["gns"] for r in metrics(two) if "gns" in r]  # absent while the smoothed |G|² is still ≤ 0
+    gns_two = [
+        r["gns"] for r in metrics(two) if "gns" in r
+    ]  # absent while the smoothed |G|² is still ≤ 0
     gns_one = [r["gns"] for r in metrics(one) if "gns" in r]
     assert len(gns_two) >= 25 and len(gns_one) >= 25 and all(g > 0 for g in gns_two + gns_one)
     assert 0.5 < statistics.median(gns_two[-15:]) / statistics.median(gns_one[-15:]) < 2.0
@@ -84,15 +93,27 @@ def linreg_runs(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("linreg")
     config = f"--config={ROOT / 'tests/tasks/linreg.yaml'}"
     for nproc, micro in ((2, 128), (1, 64)):
-        train_in_one_job(base, {f"{name}-{nproc}": (config, f"data.args={{sigma: {sigma}}}",
-                                                    f"model.args={{delta: {delta}}}", f"batch.micro_size={micro}")
-                                for name, (sigma, delta) in GROUND_TRUTH.items()}, nproc=nproc)
+        train_in_one_job(
+            base,
+            {
+                f"{name}-{nproc}": (
+                    config,
+                    f"data.args={{sigma: {sigma}}}",
+                    f"model.args={{delta: {delta}}}",
+                    f"batch.micro_size={micro}",
+                )
+                for name, (sigma, delta) in GROUND_TRUTH.items()
+            },
+            nproc=nproc,
+        )
     return base
 
 
 @pytest.mark.parametrize("nproc", [2, 1])
 @pytest.mark.parametrize("name", list(GROUND_TRUTH))
-def test_the_measured_noise_scale_is_the_true_one_within_10_percent(linreg_runs: Path, name: str, nproc: int) -> None:
+def test_the_measured_noise_scale_is_the_true_one_within_10_percent(
+    linreg_runs: Path, name: str, nproc: int
+) -> None:
     """Ground truth the trainer does not compute: linear regression at a fixed w, whose simple noise scale is
     d·(1 + σ²/|w − w*|²) + 1. The in-training estimate (|G|² and tr Σ averaged over the run's steps, past the first
     20) is within 10 % of it, measured across ranks and across micro-batches alike."""
@@ -100,5 +121,7 @@ def test_the_measured_noise_scale_is_the_true_one_within_10_percent(linreg_runs:
 
     records = [r for r in metrics(linreg_runs / f"{name}-{nproc}") if "gns/trace" in r][20:]
     assert len(records) >= 300
-    measured = statistics.mean(r["gns/trace"] for r in records) / statistics.mean(r["gns/grad_sq"] for r in records)
+    measured = statistics.mean(r["gns/trace"] for r in records) / statistics.mean(
+        r["gns/grad_sq"] for r in records
+    )
     assert measured == pytest.approx(simple_noise_scale(*GROUND_TRUTH[name]), rel=0.10)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, cli_in_process
+
 from largebatch import checkpoint, config, dist, job, trainer
 
 CONFIG = str(ROOT / "tests/tasks/linreg.yaml")
@@ -26,16 +26,32 @@ def task_args(sigma: float, delta: float) -> list[str]:
 def write_checkpoint(run_dir: Path, sigma: float, delta: float) -> Path:
     """The checkpoint the trainer writes for the linear-regression run (one process, DDP engine), without training:
     its LR of 1e-9 keeps w where it starts anyway."""
-    cfg = config.load(CONFIG, [*task_args(sigma, delta), f"run.dir={run_dir}", "run.resume=never",
-                               "train.noise_scale=false"])
+    cfg = config.load(
+        CONFIG,
+        [
+            *task_args(sigma, delta),
+            f"run.dir={run_dir}",
+            "run.resume=never",
+            "train.noise_scale=false",
+        ],
+    )
     prepared = job.prepare(cfg, 1)
     state = trainer.build_state(prepared, dist.from_env())
     return checkpoint.save(run_dir, 3, state.state_dict(), prepared.checkpoint_meta(), keep=1)
 
 
-def noise_scale(checkpoint_dir: Path, sigma: float, delta: float, *options: str) -> subprocess.CompletedProcess:
-    return cli_in_process("noise-scale", "--config", CONFIG, *task_args(sigma, delta), "--checkpoint",
-                          str(checkpoint_dir), *options)
+def noise_scale(
+    checkpoint_dir: Path, sigma: float, delta: float, *options: str
+) -> subprocess.CompletedProcess:
+    return cli_in_process(
+        "noise-scale",
+        "--config",
+        CONFIG,
+        *task_args(sigma, delta),
+        "--checkpoint",
+        str(checkpoint_dir),
+        *options,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +109,9 @@ def test_a_run_directory_means_its_latest_checkpoint_else_its_model_pt(tmp_path:
 def test_a_missing_checkpoint_is_one_line_and_exit_2(tmp_path: Path) -> None:
     result = noise_scale(tmp_path / "nowhere", 0.0, 1.0)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("largebatch: error: --checkpoint ")
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(
+        "largebatch: error: --checkpoint "
+    )
     assert "does not exist" in result.stderr
 
 

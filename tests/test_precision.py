@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import cli, metrics, train
+
 from largebatch import models
 from largebatch.config import ModelConfig
 
@@ -30,14 +30,24 @@ def test_mixed_precision_tracks_the_fp32_loss_curve(run_dirs, fp32_curve, precis
     assert summary["nonfinite_steps"] == 0
 
 
-def test_fp16_overflow_belongs_to_the_loss_scale_is_not_nonfinite_and_does_not_advance_the_schedule(run_dirs):
+def test_fp16_overflow_belongs_to_the_loss_scale_is_not_nonfinite_and_does_not_advance_the_schedule(
+    run_dirs,
+):
     """A loss scale of 1e12 overflows the first gradients: the GradScaler skips those updates and lowers the scale.
     That is routine, so nothing counts as non-finite (train.nonfinite=stop keeps going), and the LR warmup
     waits for the applied steps."""
     run = run_dirs("fp16_overflow")
-    summary = train(run, "data.size=512", "model.width=32", "train.steps=40", "train.log_every=1",
-                    "train.precision=fp16", "train.fp16_init_scale=1e12", "schedule.warmup_steps=10",
-                    "train.nonfinite=stop")
+    summary = train(
+        run,
+        "data.size=512",
+        "model.width=32",
+        "train.steps=40",
+        "train.log_every=1",
+        "train.precision=fp16",
+        "train.fp16_init_scale=1e12",
+        "schedule.warmup_steps=10",
+        "train.nonfinite=stop",
+    )
     records = metrics(run)
     assert summary["nonfinite_steps"] == 0
     assert 0 < summary["applied_steps"] < 40
@@ -49,17 +59,24 @@ def test_fp16_overflow_belongs_to_the_loss_scale_is_not_nonfinite_and_does_not_a
     assert records[-1]["loss"] < records[0]["loss"]
 
 
-@pytest.mark.parametrize("name, shape, inputs", [
-    ("resnet", (3, 8, 8), lambda: torch.randn(6, 3, 8, 8)),
-    ("gpt", (16,), lambda: torch.randint(0, 256, (6, 16))),
-])
+@pytest.mark.parametrize(
+    "name, shape, inputs",
+    [
+        ("resnet", (3, 8, 8), lambda: torch.randn(6, 3, 8, 8)),
+        ("gpt", (16,), lambda: torch.randint(0, 256, (6, 16))),
+    ],
+)
 @pytest.mark.parametrize("every", [True, 2])
 def test_checkpointed_and_plain_models_give_equal_gradients(name, shape, inputs, every):
     cfg = ModelConfig(name=name, norm="group", width=16, depth=2, heads=2)
     torch.manual_seed(0)
     plain = models.build(cfg, shape, 256 if name == "gpt" else 10)
     torch.manual_seed(0)
-    checkpointed = models.build(ModelConfig(**{**vars(cfg), "grad_checkpointing": every}), shape, 256 if name == "gpt" else 10)
+    checkpointed = models.build(
+        ModelConfig(**{**vars(cfg), "grad_checkpointing": every}),
+        shape,
+        256 if name == "gpt" else 10,
+    )
     assert any(type(m).__name__ == "Checkpointed" for m in checkpointed.modules())
     x = inputs()
     for model in (plain, checkpointed):
@@ -73,9 +90,22 @@ def test_checkpointed_and_plain_models_give_equal_gradients(name, shape, inputs,
 
 
 def test_checkpointing_under_ddp_with_accumulation_and_bf16_matches_without(run_dirs):
-    common = ("data.name=text", "model.name=gpt", "model.width=32", "model.depth=2", "model.heads=2",
-              "data.context=16", "batch.global_size=16", "batch.micro_size=4", "optim.name=adamw", "optim.lr=1e-3",
-              "optim.scaling=none", "train.steps=6", "train.log_every=1", "train.precision=bf16")
+    common = (
+        "data.name=text",
+        "model.name=gpt",
+        "model.width=32",
+        "model.depth=2",
+        "model.heads=2",
+        "data.context=16",
+        "batch.global_size=16",
+        "batch.micro_size=4",
+        "optim.name=adamw",
+        "optim.lr=1e-3",
+        "optim.scaling=none",
+        "train.steps=6",
+        "train.log_every=1",
+        "train.precision=bf16",
+    )
     a, b = run_dirs("plain"), run_dirs("ckpt")
     train(a, *common, nproc=2)
     train(b, *common, "model.grad_checkpointing=true", nproc=2)
@@ -86,8 +116,10 @@ def test_checkpointing_under_ddp_with_accumulation_and_bf16_matches_without(run_
 def test_syncbatchnorm_on_cpu_is_a_one_line_error():
     result = cli("train", "data.name=digits", "model.name=resnet", "model.norm=syncbatch")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == ("largebatch: error: model.norm=syncbatch needs CUDA (SyncBatchNorm runs on NCCL); "
-                                     "use batch or group on CPU")
+    assert result.stderr.strip() == (
+        "largebatch: error: model.norm=syncbatch needs CUDA (SyncBatchNorm runs on NCCL); "
+        "use batch or group on CPU"
+    )
 
 
 def test_grad_checkpointing_on_a_model_without_blocks_is_a_one_line_error():

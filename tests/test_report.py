@@ -8,14 +8,21 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import metrics, train
 from matplotlib import image
 
-from conftest import metrics, train
 from largebatch import report
 from largebatch.errors import UserError
 
-TINY = ["data.size=512", "data.eval_size=256", "data.shape=[16]", "model.width=32", "train.steps=20",
-        "train.log_every=2", "train.eval_every=10"]
+TINY = [
+    "data.size=512",
+    "data.eval_size=256",
+    "data.shape=[16]",
+    "model.width=32",
+    "train.steps=20",
+    "train.log_every=2",
+    "train.eval_every=10",
+]
 STANDARD_PANELS = {"loss", "lr", "grad_norm", "throughput", "eval_accuracy"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -53,7 +60,9 @@ def test_html_is_self_contained_and_tabulates_every_run(runs: list[Path], tmp_pa
     assert page.count('src="data:image/png;base64,') == len(written) - 1
     assert "http://" not in page and "https://" not in page
     sources = re.findall(r"\bsrc=(\S+)", page)
-    assert len(sources) == len(written) - 1 and all(s.startswith('"data:image/png;base64,') for s in sources)
+    assert len(sources) == len(written) - 1 and all(
+        s.startswith('"data:image/png;base64,') for s in sources
+    )
     assert "href=" not in page and "<script" not in page
     for run in runs:
         summary = json.loads((run / "summary.json").read_text())
@@ -63,12 +72,20 @@ def test_html_is_self_contained_and_tabulates_every_run(runs: list[Path], tmp_pa
         assert f"{summary['final_loss']:.4f}" in row and f"{summary['eval']['accuracy']:.4f}" in row
 
 
-def test_noise_scale_and_trust_ratio_panels_appear_when_metrics_have_them(runs: list[Path], tmp_path: Path):
+def test_noise_scale_and_trust_ratio_panels_appear_when_metrics_have_them(
+    runs: list[Path], tmp_path: Path
+):
     copies = copy_runs(runs, tmp_path)
     for run in copies:
         records = metrics(run)
         for r in records:
-            r.update({"gns": 50.0 + r["step"], "trust_ratio/fc1.weight": 0.002 * r["step"], "trust_ratio/fc1.bias": 0.5})
+            r.update(
+                {
+                    "gns": 50.0 + r["step"],
+                    "trust_ratio/fc1.weight": 0.002 * r["step"],
+                    "trust_ratio/fc1.bias": 0.5,
+                }
+            )
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     written = report.write_report(copies, tmp_path / "out")
     assert {p.stem for p in written[:-1]} == STANDARD_PANELS | {"noise_scale", "trust_ratio"}
@@ -84,7 +101,9 @@ def test_a_run_still_in_progress_is_reported_from_metrics_alone(runs: list[Path]
     assert f"<tr><td>{run.name}</td>" in page
 
 
-def test_cli_writes_to_report_in_the_current_directory(runs: list[Path], tmp_path: Path, monkeypatch, capsys):
+def test_cli_writes_to_report_in_the_current_directory(
+    runs: list[Path], tmp_path: Path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     assert report.main([str(r) for r in runs]) == 0
     assert (tmp_path / "report" / "report.html").is_file()
@@ -120,12 +139,21 @@ def _bad_summary(run: Path) -> None:
     (run / "summary.json").write_text("{not json")
 
 
-@pytest.mark.parametrize("damage, says", [
-    (_missing, "does not exist"), (_no_metrics, "has no metrics.jsonl"), (_empty, "is empty"),
-    (_truncated, "line 10 is not valid JSON"), (_blank_line, "line 1 is not valid JSON"),
-    (_no_step, "has no step, samples"), (_bad_summary, "summary.json is unreadable"),
-])
-def test_a_broken_run_directory_is_a_one_line_user_error(runs: list[Path], tmp_path: Path, damage, says: str):
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        (_missing, "does not exist"),
+        (_no_metrics, "has no metrics.jsonl"),
+        (_empty, "is empty"),
+        (_truncated, "line 10 is not valid JSON"),
+        (_blank_line, "line 1 is not valid JSON"),
+        (_no_step, "has no step, samples"),
+        (_bad_summary, "summary.json is unreadable"),
+    ],
+)
+def test_a_broken_run_directory_is_a_one_line_user_error(
+    runs: list[Path], tmp_path: Path, damage, says: str
+):
     (run, other) = copy_runs(runs, tmp_path)
     damage(run)
     with pytest.raises(UserError) as error:

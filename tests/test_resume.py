@@ -6,13 +6,23 @@ import shutil
 
 import pytest
 import torch
+from conftest import cli, metrics, train
 from torch import nn
 
-from conftest import cli, metrics, train
 from largebatch.optim.state import load_named_state_dict, named_state_dict
 
-SGD = ("data.size=1024", "data.shape=[16]", "model.width=32", "batch.global_size=32", "optim.lr=0.1",
-       "optim.momentum=0.9", "optim.scaling=none", "train.steps=20", "train.log_every=1", "train.checkpoint_every=10")
+SGD = (
+    "data.size=1024",
+    "data.shape=[16]",
+    "model.width=32",
+    "batch.global_size=32",
+    "optim.lr=0.1",
+    "optim.momentum=0.9",
+    "optim.scaling=none",
+    "train.steps=20",
+    "train.log_every=1",
+    "train.checkpoint_every=10",
+)
 
 
 def _stopped_at_10(full, dst):
@@ -30,14 +40,29 @@ def sgd_run(tmp_path_factory):
     return run
 
 
-def test_changed_optimizer_settings_on_resume_are_applied_and_reported_in_one_line(sgd_run, tmp_path):
+def test_changed_optimizer_settings_on_resume_are_applied_and_reported_in_one_line(
+    sgd_run, tmp_path
+):
     run = _stopped_at_10(sgd_run, tmp_path / "changed")
-    result = cli("train", f"run.dir={run}", "logging.progress=false", *SGD,
-                 "optim.lr=0.5", "optim.weight_decay=0.1", "optim.momentum=0.5")
+    result = cli(
+        "train",
+        f"run.dir={run}",
+        "logging.progress=false",
+        *SGD,
+        "optim.lr=0.5",
+        "optim.weight_decay=0.1",
+        "optim.momentum=0.5",
+    )
     assert result.returncode == 0, result.stderr
-    warnings = [line for line in result.stderr.splitlines() if line.startswith("largebatch: warning:")]
+    warnings = [
+        line for line in result.stderr.splitlines() if line.startswith("largebatch: warning:")
+    ]
     assert len(warnings) == 1
-    for change in ("optim.lr 0.1 → 0.5", "optim.weight_decay 0.0 → 0.1", "optim.momentum 0.9 → 0.5"):
+    for change in (
+        "optim.lr 0.1 → 0.5",
+        "optim.weight_decay 0.0 → 0.1",
+        "optim.momentum 0.9 → 0.5",
+    ):
         assert change in warnings[0]
     assert [r["lr"] for r in metrics(run) if r["step"] > 10] == [0.5] * 10
 
@@ -49,18 +74,32 @@ def test_the_optimizer_state_loads_by_name_and_keeps_this_runs_hyperparameters()
     model(torch.randn(3, 4)).sum().backward()
     before.step()
     saved = named_state_dict(model, before)
-    regrouped = [{"params": [model[1].weight, model[0].weight], "weight_decay": 0.1},
-                 {"params": [model[0].bias, model[1].bias], "weight_decay": 0.0}]
+    regrouped = [
+        {"params": [model[1].weight, model[0].weight], "weight_decay": 0.1},
+        {"params": [model[0].bias, model[1].bias], "weight_decay": 0.0},
+    ]
     after = torch.optim.SGD(regrouped, lr=0.5, momentum=0.5)
     load_named_state_dict(model, after, saved)
-    assert [(g["lr"], g["momentum"], g["weight_decay"]) for g in after.param_groups] == [(0.5, 0.5, 0.1), (0.5, 0.5, 0.0)]
+    assert [(g["lr"], g["momentum"], g["weight_decay"]) for g in after.param_groups] == [
+        (0.5, 0.5, 0.1),
+        (0.5, 0.5, 0.0),
+    ]
     for p in model.parameters():
-        torch.testing.assert_close(after.state[p]["momentum_buffer"], before.state[p]["momentum_buffer"], rtol=0, atol=0)
+        torch.testing.assert_close(
+            after.state[p]["momentum_buffer"], before.state[p]["momentum_buffer"], rtol=0, atol=0
+        )
 
 
-@pytest.mark.parametrize("change, reported", [("train.precision=fp16", "train.precision fp32 → fp16"),
-                                               ("optim.exclude_1d=false", "optim.exclude_1d True → False")])
-def test_a_resume_with_another_precision_or_parameter_grouping_continues(sgd_run, tmp_path, change, reported):
+@pytest.mark.parametrize(
+    "change, reported",
+    [
+        ("train.precision=fp16", "train.precision fp32 → fp16"),
+        ("optim.exclude_1d=false", "optim.exclude_1d True → False"),
+    ],
+)
+def test_a_resume_with_another_precision_or_parameter_grouping_continues(
+    sgd_run, tmp_path, change, reported
+):
     run = _stopped_at_10(sgd_run, tmp_path / "regrouped")
     result = cli("train", f"run.dir={run}", "logging.progress=false", *SGD, change)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
@@ -69,8 +108,17 @@ def test_a_resume_with_another_precision_or_parameter_grouping_continues(sgd_run
 
 
 def test_the_noise_scale_averages_continue_across_a_resume(run_dirs):
-    config = ("data.size=1024", "data.shape=[16]", "model.width=32", "batch.global_size=64", "batch.micro_size=16",
-              "train.steps=20", "train.log_every=2", "train.checkpoint_every=10", "train.noise_scale=true")
+    config = (
+        "data.size=1024",
+        "data.shape=[16]",
+        "model.width=32",
+        "batch.global_size=64",
+        "batch.micro_size=16",
+        "train.steps=20",
+        "train.log_every=2",
+        "train.checkpoint_every=10",
+        "train.noise_scale=true",
+    )
     full = run_dirs("gns")
     train(full, *config)
     resumed = _stopped_at_10(full, run_dirs("gns_resumed"))

@@ -11,7 +11,9 @@ from largebatch.optim.scaling import peak_lr
 from largebatch.optim.schedules import Schedule
 
 
-@pytest.mark.parametrize("rule, expected", [("linear", 3.2), ("sqrt", 0.1 * math.sqrt(32)), ("none", 0.1)])
+@pytest.mark.parametrize(
+    "rule, expected", [("linear", 3.2), ("sqrt", 0.1 * math.sqrt(32)), ("none", 0.1)]
+)
 def test_scaling_rules_from_the_reference_batch(rule, expected):
     assert peak_lr(0.1, 8192, 256, rule) == pytest.approx(expected)
 
@@ -38,5 +40,11 @@ def test_poly_power_two_as_in_lars():
 
 
 def test_step_multiplies_by_gamma_at_each_milestone():
-    s = Schedule(ScheduleConfig(name="step", milestones=[0.5, 0.75], gamma=0.1), total_steps=100, warmup_steps=5)
-    assert [s.factor(i) for i in (10, 49, 50, 74, 75, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    s = Schedule(
+        ScheduleConfig(name="step", milestones=[0.5, 0.75], gamma=0.1),
+        total_steps=100,
+        warmup_steps=5,
+    )
+    assert [s.factor(i) for i in (10, 49, 50, 74, 75, 99)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01]
+    )

@@ -30,10 +30,16 @@ STEPS = 5
 OPTIMIZERS: dict[str, Callable[[list[dict], str], torch.optim.Optimizer]] = {
     "lamb": lambda groups, impl: LAMB(groups, lr=0.02, impl=impl),
     "lambc": lambda groups, impl: LAMB(groups, lr=0.02, trust_clip=0.1, impl=impl),
-    "lamb_no_bias_correction": lambda groups, impl: LAMB(groups, lr=0.02, bias_correction=False, impl=impl),
+    "lamb_no_bias_correction": lambda groups, impl: LAMB(
+        groups, lr=0.02, bias_correction=False, impl=impl
+    ),
     "lars": lambda groups, impl: LARS(groups, lr=0.1, trust_coefficient=0.02, impl=impl),
-    "larc": lambda groups, impl: LARS(groups, lr=0.1, trust_coefficient=0.02, trust_clip=True, impl=impl),
-    "lars_nesterov": lambda groups, impl: LARS(groups, lr=0.1, trust_coefficient=0.02, nesterov=True, impl=impl),
+    "larc": lambda groups, impl: LARS(
+        groups, lr=0.1, trust_coefficient=0.02, trust_clip=True, impl=impl
+    ),
+    "lars_nesterov": lambda groups, impl: LARS(
+        groups, lr=0.1, trust_coefficient=0.02, nesterov=True, impl=impl
+    ),
 }
 IMPLS = ("foreach", "fused")
 CASES = [f"{name}/{impl}" for name in OPTIMIZERS for impl in IMPLS]
@@ -43,9 +49,25 @@ CASES = [f"{name}/{impl}" for name in OPTIMIZERS for impl in IMPLS]
 def results(tmp_path_factory) -> dict:
     """What rank 0 of the 2-process job saved."""
     out = tmp_path_factory.mktemp("sharded") / "results.pt"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend",
-                           "c10d", "--rdzv-endpoint", "127.0.0.1:0", __file__, str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            "127.0.0.1:0",
+            __file__,
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return torch.load(out)
 
@@ -71,7 +93,9 @@ def test_the_clipped_variants_clip_some_ratios(results: dict, case: str, clip: f
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_one_all_reduce_per_step_and_none_without_sharded_parameters(results: dict, case: str) -> None:
+def test_one_all_reduce_per_step_and_none_without_sharded_parameters(
+    results: dict, case: str
+) -> None:
     assert results[case]["all_reduces"] == [1] * STEPS
     assert results[case]["reference_all_reduces"] == [0] * STEPS
 
@@ -81,7 +105,9 @@ def test_trust_ratio_state_is_a_plain_scalar_equal_on_every_rank(results: dict, 
     run = results[case]
     assert run["ratio_types"] == {("Tensor", 0, torch.float32)}
     assert run["ratios_equal_on_every_rank"]
-    assert run["buffer_types"] == {"DTensor"}, "moments and momentum buffers stay sharded like their parameters"
+    assert run["buffer_types"] == {"DTensor"}, (
+        "moments and momentum buffers stay sharded like their parameters"
+    )
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -94,7 +120,9 @@ def test_foreach_and_fused_agree_on_sharded_parameters(results: dict, name: str)
 
 
 @pytest.mark.parametrize("name", ["lamb", "lars"])
-def test_ratios_of_local_shards_differ_from_those_of_whole_parameters(results: dict, name: str) -> None:
+def test_ratios_of_local_shards_differ_from_those_of_whole_parameters(
+    results: dict, name: str
+) -> None:
     """The failure the reduction prevents: the unsharded optimizer on each rank's shards as if they were parameters."""
     naive, whole = results[f"naive/{name}"]
     assert ((naive - whole).abs() / whole).max() > 0.05
@@ -107,7 +135,10 @@ def test_fsdp2_local_shards_are_fusable_including_empty_ones(results: dict) -> N
 
 def test_replicated_rows_count_once_and_plain_rows_are_not_reduced(results: dict) -> None:
     """reduce_sums on rank r with rows (sharded, replicated, plain) all filled with r + 1."""
-    assert results["reduced"] == [[[3.0, 3.0], [1.0, 1.0], [1.0, 1.0]], [[3.0, 3.0], [1.0, 1.0], [2.0, 2.0]]]
+    assert results["reduced"] == [
+        [[3.0, 3.0], [1.0, 1.0], [1.0, 1.0]],
+        [[3.0, 3.0], [1.0, 1.0], [2.0, 2.0]],
+    ]
 
 
 def test_a_2d_mesh_is_refused_with_the_fix(results: dict) -> None:
@@ -115,11 +146,22 @@ def test_a_2d_mesh_is_refused_with_the_fix(results: dict) -> None:
     assert "2-D device mesh" in error and "shard with fully_shard over one mesh dimension" in error
 
 
-@pytest.mark.parametrize("options", [{}, {"trust_clip": True}, {"nesterov": True}, {"momentum": 0.0}, {"adapt": False}])
+@pytest.mark.parametrize(
+    "options", [{}, {"trust_clip": True}, {"nesterov": True}, {"momentum": 0.0}, {"adapt": False}]
+)
 def test_lars_split_kernel_equals_the_combined_one_bit_for_bit(options: dict) -> None:
     kernels = fused.load()
-    hyper = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2, "trust_coefficient": 0.02, "eps": 1e-8,
-             "nesterov": False, "trust_clip": False, "adapt": True, **options}
+    hyper = {
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 1e-2,
+        "trust_coefficient": 0.02,
+        "eps": 1e-8,
+        "nesterov": False,
+        "trust_clip": False,
+        "adapt": True,
+        **options,
+    }
     results = []
     for split in (False, True):
         params, grads = whole_tensors()
@@ -134,10 +176,18 @@ def test_lars_split_kernel_equals_the_combined_one_bit_for_bit(options: dict) ->
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
-@pytest.mark.parametrize("options", [{}, {"bias_correction": False}, {"trust_clip": 0.5}, {"adapt": False}])
+@pytest.mark.parametrize(
+    "options", [{}, {"bias_correction": False}, {"trust_clip": 0.5}, {"adapt": False}]
+)
 def test_lamb_split_kernel_equals_the_combined_one_bit_for_bit(options: dict) -> None:
     kernels = fused.load()
-    adam = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "weight_decay": 1e-2, "bias_correction": True}
+    adam = {
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "eps": 1e-6,
+        "weight_decay": 1e-2,
+        "bias_correction": True,
+    }
     adam.update((k, v) for k, v in options.items() if k in adam)
     ratio = {"trust_clip": None, "adapt": True}
     ratio.update((k, v) for k, v in options.items() if k in ratio)
@@ -148,11 +198,29 @@ def test_lamb_split_kernel_equals_the_combined_one_bit_for_bit(options: dict) ->
         steps, ratios = [torch.tensor(3.0) for _ in params], [torch.ones(()) for _ in params]
         if split:
             sums = kernels.lamb_sums(params, grads, exp_avgs, exp_avg_sqs, steps, *adam.values())
-            kernels.lamb_apply(params, exp_avgs, exp_avg_sqs, steps, ratios, sums, 0.01, *adam.values(),
-                               *ratio.values())
+            kernels.lamb_apply(
+                params,
+                exp_avgs,
+                exp_avg_sqs,
+                steps,
+                ratios,
+                sums,
+                0.01,
+                *adam.values(),
+                *ratio.values(),
+            )
         else:
-            kernels.lamb_step(params, grads, exp_avgs, exp_avg_sqs, steps, ratios, 0.01, *adam.values(),
-                              *ratio.values())
+            kernels.lamb_step(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                steps,
+                ratios,
+                0.01,
+                *adam.values(),
+                *ratio.values(),
+            )
         results.append(params + exp_avgs + exp_avg_sqs + steps + ratios)
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
@@ -169,14 +237,23 @@ def whole_tensors() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 def make_model() -> nn.Sequential:
     """Layers of odd sizes: (231, 300) spans several kernel chunks per shard, (1, 9) leaves rank 1 an empty shard."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(300, 231), nn.Tanh(), nn.Linear(231, 9), nn.Tanh(), nn.Linear(9, 1), nn.Tanh(),
-                         nn.Linear(1, 5))
+    return nn.Sequential(
+        nn.Linear(300, 231),
+        nn.Tanh(),
+        nn.Linear(231, 9),
+        nn.Tanh(),
+        nn.Linear(9, 1),
+        nn.Tanh(),
+        nn.Linear(1, 5),
+    )
 
 
 def param_groups(model: nn.Module) -> list[dict]:
     params = list(model.parameters())
-    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": 0.01},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "adapt": False}]
+    return [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": 0.01},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "adapt": False},
+    ]
 
 
 def shard(model: nn.Module, mesh) -> nn.Module:
@@ -201,7 +278,12 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def train(name: str, impl: str, mesh) -> dict:
     """STEPS steps of the sharded model and of the unsharded one; their parameters, ratios and collectives."""
-    run: dict = {"all_reduces": [], "reference_all_reduces": [], "ratios": [], "reference_ratios": []}
+    run: dict = {
+        "all_reduces": [],
+        "reference_all_reduces": [],
+        "ratios": [],
+        "reference_ratios": [],
+    }
     models = {"": make_model(), "reference_": make_model()}
     shard(models[""], mesh)
     optimizers = {key: OPTIMIZERS[name](param_groups(model), impl) for key, model in models.items()}
@@ -212,15 +294,21 @@ def train(name: str, impl: str, mesh) -> dict:
                 optimizers[key].step()
             run[f"{key}all_reduces"].append(all_reduce.call_count)
             state = optimizers[key].state
-            run[f"{key}ratios"].append(torch.stack([state[p]["trust_ratio"] for p in model.parameters()]))
+            run[f"{key}ratios"].append(
+                torch.stack([state[p]["trust_ratio"] for p in model.parameters()])
+            )
     for key, model in models.items():
         run[f"{key}params"] = [full(p).detach() for p in model.parameters()]
         run[f"{key}ratios"] = torch.stack(run[f"{key}ratios"])
     run["adapted"] = [p.ndim > 1 for p in models[""].parameters()]
     states = [optimizers[""].state[p] for p in models[""].parameters()]
-    run["ratio_types"] = {(type(s["trust_ratio"]).__name__, s["trust_ratio"].dim(), s["trust_ratio"].dtype)
-                          for s in states}
-    run["buffer_types"] = {type(v).__name__ for s in states for k, v in s.items() if k not in ("step", "trust_ratio")}
+    run["ratio_types"] = {
+        (type(s["trust_ratio"]).__name__, s["trust_ratio"].dim(), s["trust_ratio"].dtype)
+        for s in states
+    }
+    run["buffer_types"] = {
+        type(v).__name__ for s in states for k, v in s.items() if k not in ("step", "trust_ratio")
+    }
     gathered = [None, None]
     dist.all_gather_object(gathered, run["ratios"])
     run["ratios_equal_on_every_rank"] = torch.equal(*gathered)
@@ -239,8 +327,10 @@ def naive_ratios(name: str, mesh) -> tuple[torch.Tensor, torch.Tensor]:
     correct = OPTIMIZERS[name](param_groups(model), "fused")
     naive.step()
     correct.step()
-    return (torch.stack([naive.state[s]["trust_ratio"] for s in shards]),
-            torch.stack([correct.state[p]["trust_ratio"] for p in weights]))
+    return (
+        torch.stack([naive.state[s]["trust_ratio"] for s in shards]),
+        torch.stack([correct.state[p]["trust_ratio"] for p in weights]),
+    )
 
 
 def worker(out: Path) -> None:
@@ -255,14 +345,21 @@ def worker(out: Path) -> None:
     backward(model)
     local = [(p.to_local(), p.grad.to_local()) for p in model.parameters()]
     results["fusable"] = [None, None]
-    dist.all_gather_object(results["fusable"], fused.load().fusable([[w for w, _ in local], [g for _, g in local]]))
+    dist.all_gather_object(
+        results["fusable"], fused.load().fusable([[w for w, _ in local], [g for _, g in local]])
+    )
     results["local_numels"] = [None, None]
     dist.all_gather_object(results["local_numels"], [w.numel() for w, _ in local])
 
-    rows = [distribute_tensor(torch.ones(4), mesh, [Shard(0)]), distribute_tensor(torch.ones(4), mesh, [Replicate()]),
-            torch.ones(4)]
+    rows = [
+        distribute_tensor(torch.ones(4), mesh, [Shard(0)]),
+        distribute_tensor(torch.ones(4), mesh, [Replicate()]),
+        torch.ones(4),
+    ]
     results["reduced"] = [None, None]
-    dist.all_gather_object(results["reduced"], sharding.reduce_sums(rows, torch.full((3, 2), rank + 1.0)).tolist())
+    dist.all_gather_object(
+        results["reduced"], sharding.reduce_sums(rows, torch.full((3, 2), rank + 1.0)).tolist()
+    )
 
     mesh_2d = init_device_mesh("cpu", (1, 2))
     param = nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh_2d, [Replicate(), Shard(0)]))

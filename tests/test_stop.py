@@ -3,29 +3,53 @@ ends every rank within seconds; stale temporary checkpoint directories are clean
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
 import time
 
-import psutil
 import torch
-
 from conftest import ROOT, metrics, train
+
 from largebatch import checkpoint
 
-SLOW = ("data.size=4096", "data.shape=[64]", "model.width=256", "batch.global_size=64", "optim.lr=0.05",
-        "optim.scaling=none", "train.steps=150", "train.log_every=1", "run.threads=1", "logging.progress=false")
+SLOW = (
+    "data.size=4096",
+    "data.shape=[64]",
+    "model.width=256",
+    "batch.global_size=64",
+    "optim.lr=0.05",
+    "optim.scaling=none",
+    "train.steps=150",
+    "train.log_every=1",
+    "run.threads=1",
+    "logging.progress=false",
+)
 
 
 def _start(run, *overrides: str, nproc: int = 1) -> subprocess.Popen:
     launcher = [sys.executable, "-m", "largebatch"]
     if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                    "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "largebatch"]
-    return subprocess.Popen([*launcher, "train", f"run.dir={run}", *overrides], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            "127.0.0.1:0",
+            "-m",
+            "largebatch",
+        ]
+    return subprocess.Popen(
+        [*launcher, "train", f"run.dir={run}", *overrides],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _signal_after(process: subprocess.Popen, run, steps: int, signum: int) -> tuple[str, str]:
@@ -39,7 +63,9 @@ def _signal_after(process: subprocess.Popen, run, steps: int, signum: int) -> tu
     return process.communicate(timeout=120)
 
 
-def test_sigterm_to_torchrun_stops_every_rank_at_a_step_with_a_checkpoint_and_the_rerun_continues_exactly(run_dirs):
+def test_sigterm_to_torchrun_stops_every_rank_at_a_step_with_a_checkpoint_and_the_rerun_continues_exactly(
+    run_dirs,
+):
     reference = train(run_dirs("uninterrupted"), *SLOW, nproc=2)
     run = run_dirs("preempted")
     agent = _start(run, *SLOW, nproc=2)
@@ -59,7 +85,9 @@ def test_sigint_on_one_process_saves_a_checkpoint_and_exits_130_with_one_line(ru
     process = _start(run, *SLOW)
     _, err = _signal_after(process, run, 10, signal.SIGINT)
     assert process.returncode == 130
-    assert err.strip().splitlines() == [err.strip()] and err.startswith("largebatch: stopped: SIGINT after step")
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(
+        "largebatch: stopped: SIGINT after step"
+    )
     step = int(err.split("after step ")[1].split(";")[0])
     assert (run / f"checkpoints/step_{step:08d}").is_dir()
 
@@ -74,8 +102,12 @@ def test_an_unwritable_checkpoint_directory_ends_every_rank_within_seconds_with_
     assert time.monotonic() - started < 30
     assert process.returncode != 0
     lines = [line for line in (out + err).splitlines() if line.startswith("largebatch:")]
-    assert len(lines) == 1 and lines[0].startswith("largebatch: stopped: cannot write a checkpoint under"), out + err
-    assert [r["step"] for r in metrics(run)][-1] == 5  # the failed save at step 5 stops everyone before step 6 ends
+    assert len(lines) == 1 and lines[0].startswith(
+        "largebatch: stopped: cannot write a checkpoint under"
+    ), out + err
+    assert [r["step"] for r in metrics(run)][
+        -1
+    ] == 5  # the failed save at step 5 stops everyone before step 6 ends
 
 
 def test_a_temporary_directory_left_by_a_killed_writer_is_removed_on_the_next_save(tmp_path):

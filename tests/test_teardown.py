@@ -31,10 +31,33 @@ os.write(1, f"exit {code} gloo threads left: {left}\\n".encode())  # one write: 
 def test_a_finished_training_run_leaves_no_gloo_threads(tmp_path: Path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend",
-                             "c10d", "--rdzv-endpoint", "127.0.0.1:0", str(script), "train", f"run.dir={tmp_path}",
-                             "data.size=256", "data.shape=[8]", "model.width=16", "batch.global_size=16",
-                             "train.steps=3", "logging.progress=false"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            "127.0.0.1:0",
+            str(script),
+            "train",
+            f"run.dir={tmp_path}",
+            "data.size=256",
+            "data.shape=[8]",
+            "model.width=16",
+            "batch.global_size=16",
+            "train.steps=3",
+            "logging.progress=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("exit 0 gloo threads left: 0") == 2, result.stdout + result.stderr[-2000:]
+    assert result.stdout.count("exit 0 gloo threads left: 0") == 2, (
+        result.stdout + result.stderr[-2000:]
+    )

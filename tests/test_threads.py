@@ -6,8 +6,8 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import ROOT
+
 from largebatch import dist
 
 CORES = len(os.sched_getaffinity(0))
@@ -42,8 +42,14 @@ def test_otherwise_the_cores_are_shared_by_the_processes_of_this_node(clean_env)
 def _launcher_threads(env: dict[str, str]) -> str:
     script = 'source launch/common.sh; export_threads 2; echo "$OMP_NUM_THREADS"'
     base = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    return subprocess.run(["bash", "-c", script], cwd=ROOT, env={**base, **env}, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["bash", "-c", script],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 def test_every_launch_script_exports_the_same_rule():

@@ -7,18 +7,31 @@ import json
 import pytest
 import torch
 import yaml
-
 from conftest import cli, metrics, train
+
 from largebatch.config import ScheduleConfig
 from largebatch.optim.schedules import Schedule
 
-SMALL = ("data.size=1024", "data.eval_size=256", "model.width=32", "train.steps=20", "train.log_every=5")
+SMALL = (
+    "data.size=1024",
+    "data.eval_size=256",
+    "model.width=32",
+    "train.steps=20",
+    "train.log_every=5",
+)
 
 
 def test_run_directory_holds_resolved_config_metrics_and_summary(run_dirs):
     run = run_dirs("contract")
-    summary = train(run, *SMALL, "batch.global_size=64", "batch.micro_size=16", "optim.lr=0.1",
-                    "optim.reference_batch=32", "train.eval_every=10")
+    summary = train(
+        run,
+        *SMALL,
+        "batch.global_size=64",
+        "batch.micro_size=16",
+        "optim.lr=0.1",
+        "optim.reference_batch=32",
+        "train.eval_every=10",
+    )
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     derived = resolved["derived"]
     assert (derived["global_batch"], derived["micro_batch"], derived["accum_steps"]) == (64, 16, 4)
@@ -30,20 +43,38 @@ def test_run_directory_holds_resolved_config_metrics_and_summary(run_dirs):
     for r in records:
         assert {"step", "samples", "loss", "lr", "grad_norm", "samples_per_s"} <= set(r)
         assert r["grad_norm"] > 0 and r["samples_per_s"] > 0
-    assert "eval/accuracy" in records[1] and "eval/accuracy" in records[3] and "eval/accuracy" not in records[0]
+    assert (
+        "eval/accuracy" in records[1]
+        and "eval/accuracy" in records[3]
+        and "eval/accuracy" not in records[0]
+    )
     assert summary["steps"] == 20 and summary["samples"] == 1280
     assert summary["final_loss"] == records[-1]["loss"]
     assert set(summary["eval"]) == {"loss", "accuracy"}
-    assert (summary["global_batch"], summary["micro_batch"], summary["accum_steps"], summary["world_size"]) == (64, 16, 4, 1)
+    assert (
+        summary["global_batch"],
+        summary["micro_batch"],
+        summary["accum_steps"],
+        summary["world_size"],
+    ) == (64, 16, 4, 1)
     assert summary["peak_lr"] == pytest.approx(0.2) and len(summary["params_sha256"]) == 64
 
 
 def test_logged_lr_follows_warmup_then_cosine(run_dirs):
     run = run_dirs("lr")
-    train(run, *SMALL, "train.log_every=1", "schedule.name=cosine", "schedule.warmup_steps=5",
-          "optim.scaling=none", "optim.lr=0.3")
+    train(
+        run,
+        *SMALL,
+        "train.log_every=1",
+        "schedule.name=cosine",
+        "schedule.warmup_steps=5",
+        "optim.scaling=none",
+        "optim.lr=0.3",
+    )
     schedule = Schedule(ScheduleConfig(name="cosine"), total_steps=20, warmup_steps=5)
-    assert [r["lr"] for r in metrics(run)] == pytest.approx([0.3 * schedule.factor(s) for s in range(20)])
+    assert [r["lr"] for r in metrics(run)] == pytest.approx(
+        [0.3 * schedule.factor(s) for s in range(20)]
+    )
 
 
 def test_same_seed_is_bit_identical_and_another_seed_is_not(run_dirs):
@@ -62,15 +93,30 @@ def test_results_do_not_depend_on_dataloader_workers(run_dirs):
 @pytest.mark.parametrize("norm", ["batch", "group", "layer", "none"])
 def test_resnet_trains_with_each_norm(run_dirs, norm):
     run = run_dirs(norm)
-    train(run, "data.name=digits", "model.name=resnet", f"model.norm={norm}", "model.width=8", "model.depth=1",
-          "train.steps=30", "train.log_every=1", "batch.global_size=128", "optim.lr=0.2", "optim.scaling=none")
+    train(
+        run,
+        "data.name=digits",
+        "model.name=resnet",
+        f"model.norm={norm}",
+        "model.width=8",
+        "model.depth=1",
+        "train.steps=30",
+        "train.log_every=1",
+        "batch.global_size=128",
+        "optim.lr=0.2",
+        "optim.scaling=none",
+    )
     losses = [r["loss"] for r in metrics(run)]
     assert sum(losses[-5:]) < sum(losses[:5])
 
 
 def test_quickstart_reaches_its_stated_accuracy_on_two_processes(run_dirs):
     summary = train(run_dirs("quickstart"), config="configs/quickstart.yaml", nproc=2)
-    assert summary["world_size"] == 2 and summary["global_batch"] == 512 and summary["peak_lr"] == pytest.approx(0.4)
+    assert (
+        summary["world_size"] == 2
+        and summary["global_batch"] == 512
+        and summary["peak_lr"] == pytest.approx(0.4)
+    )
     assert summary["eval"]["accuracy"] >= 0.98
 
 
@@ -83,12 +129,22 @@ def test_plan_command_prints_the_derived_plan():
 
 def test_eval_and_the_saved_model_use_the_same_batchnorm_statistics_on_every_rank(run_dirs):
     """Each rank's BatchNorm running statistics drift apart in training; eval and model.pt both use rank 0's."""
-    from largebatch import config, task as tasks, trainer
+    from largebatch import config, trainer
+    from largebatch import task as tasks
     from largebatch.dist import DistInfo
 
     run = run_dirs("bn")
-    overrides = ("data.name=digits", "model.name=resnet", "model.norm=batch", "model.width=8", "model.depth=1",
-                 "train.steps=12", "batch.global_size=64", "batch.micro_size=16", "optim.lr=0.2")
+    overrides = (
+        "data.name=digits",
+        "model.name=resnet",
+        "model.norm=batch",
+        "model.width=8",
+        "model.depth=1",
+        "train.steps=12",
+        "batch.global_size=64",
+        "batch.micro_size=16",
+        "optim.lr=0.2",
+    )
     result = cli("train", f"run.dir={run}", "logging.progress=false", *overrides, nproc=2)
     assert result.returncode == 0, result.stderr[-2000:]
     warnings = [line for line in result.stderr.splitlines() if "BatchNorm" in line]

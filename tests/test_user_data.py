@@ -14,7 +14,18 @@ import torch
 pytest.importorskip("torchvision")
 pytest.importorskip("transformers")
 
-from conftest import ROOT, cli, cli_in_process, kill_one_worker_mid_run, metrics, train, write_jsonl, write_tiny_gpt2, write_tokens
+from conftest import (
+    ROOT,
+    cli,
+    cli_in_process,
+    kill_one_worker_mid_run,
+    metrics,
+    train,
+    write_jsonl,
+    write_tiny_gpt2,
+    write_tokens,
+)
+
 from largebatch.bench.data import write_image_folder
 
 
@@ -25,7 +36,9 @@ def losses(run_dir) -> list[float]:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """Four classes of 48 generated training images (JPEG and PNG) and 8 validation images each."""
-    return write_image_folder(tmp_path_factory.mktemp("images"), classes=4, per_class=48, val_per_class=8)
+    return write_image_folder(
+        tmp_path_factory.mktemp("images"), classes=4, per_class=48, val_per_class=8
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +46,21 @@ def tiny_gpt2(tmp_path_factory):
     return write_tiny_gpt2(tmp_path_factory.mktemp("hf") / "tiny-gpt2")
 
 
-RESNET18 = ("data.name=imagefolder", "data.image_size=32", "model.name=torchvision:resnet18", "optim.lr=0.05",
-            "optim.scaling=none", "batch.global_size=8", "train.log_every=1", "run.threads=1")
+RESNET18 = (
+    "data.name=imagefolder",
+    "data.image_size=32",
+    "model.name=torchvision:resnet18",
+    "optim.lr=0.05",
+    "optim.scaling=none",
+    "batch.global_size=8",
+    "train.log_every=1",
+    "run.threads=1",
+)
 
 
-def test_torchvision_resnet18_on_an_image_folder_two_processes_equal_one_with_accumulation(images, run_dirs):
+def test_torchvision_resnet18_on_an_image_folder_two_processes_equal_one_with_accumulation(
+    images, run_dirs
+):
     """Random crops and flips on, BatchNorm in the model: the same micro-batches in the same order (2 × micro 4 vs
     1 × micro 4 × accum 2) give the same per-step losses, also with DataLoader workers on one side."""
     common = (*RESNET18, f"data.path={images}", "train.steps=6", "batch.micro_size=4")
@@ -48,12 +71,24 @@ def test_torchvision_resnet18_on_an_image_folder_two_processes_equal_one_with_ac
     assert set(one["eval"]) == {"loss", "accuracy"}
 
 
-def test_hf_causal_lm_on_a_token_file_two_processes_equal_one_with_accumulation(tmp_path, tiny_gpt2, run_dirs):
+def test_hf_causal_lm_on_a_token_file_two_processes_equal_one_with_accumulation(
+    tmp_path, tiny_gpt2, run_dirs
+):
     tokens = write_tokens(tmp_path / "train.bin", 20_000)
-    common = ("data.name=tokens", f"data.path={tokens}", "data.context=32", f"model.name=hf:{tiny_gpt2}",
-              "optim.name=adamw", "optim.lr=3e-3", "batch.global_size=16", "batch.micro_size=8", "train.steps=8",
-              "train.log_every=1", "run.threads=1")
-    two = train(run_dirs("two"), *common, nproc=2)
+    common = (
+        "data.name=tokens",
+        f"data.path={tokens}",
+        "data.context=32",
+        f"model.name=hf:{tiny_gpt2}",
+        "optim.name=adamw",
+        "optim.lr=3e-3",
+        "batch.global_size=16",
+        "batch.micro_size=8",
+        "train.steps=8",
+        "train.log_every=1",
+        "run.threads=1",
+    )
+    assert train(run_dirs("two"), *common, nproc=2)["world_size"] == 2
     one = train(run_dirs("one"), *common)
     assert one["accum_steps"] == 2
     assert losses(run_dirs("two")) == pytest.approx(losses(run_dirs("one")), abs=1e-5)
@@ -66,13 +101,28 @@ def padded(tmp_path_factory):
 
 
 def padded_run(run_dir, padded, tiny_gpt2, *extra, nproc=1, config=None):
-    train(run_dir, "data.name=jsonl", f"data.path={padded}", "data.context=48", f"model.name=hf:{tiny_gpt2}",
-          "optim.name=adamw", "optim.lr=3e-3", "batch.global_size=8", "train.steps=6", "train.log_every=1",
-          "run.threads=1", *extra, nproc=nproc, config=config)
+    train(
+        run_dir,
+        "data.name=jsonl",
+        f"data.path={padded}",
+        "data.context=48",
+        f"model.name=hf:{tiny_gpt2}",
+        "optim.name=adamw",
+        "optim.lr=3e-3",
+        "batch.global_size=8",
+        "train.steps=6",
+        "train.log_every=1",
+        "run.threads=1",
+        *extra,
+        nproc=nproc,
+        config=config,
+    )
     return losses(run_dir)
 
 
-def test_padded_variable_length_text_gives_the_same_steps_whatever_the_split(padded, tiny_gpt2, run_dirs):
+def test_padded_variable_length_text_gives_the_same_steps_whatever_the_split(
+    padded, tiny_gpt2, run_dirs
+):
     """The loss is Σ token losses ÷ the all-reduced count of real tokens in the global batch: 2 × micro 4,
     1 × micro 4 × accum 2 and 1 × micro 8 take the same steps, although their batches are padded differently."""
     two = padded_run(run_dirs("two"), padded, tiny_gpt2, "batch.micro_size=4", nproc=2)
@@ -85,13 +135,15 @@ def test_padded_variable_length_text_gives_the_same_steps_whatever_the_split(pad
 def test_a_mean_per_micro_batch_would_break_that_equivalence(padded, tiny_gpt2, run_dirs, tmp_path):
     """The bug this design prevents: a loss that averages per micro-batch (as Lightning does) is not the mean over
     the global batch once batches are padded, so accumulation changes the steps."""
-    (tmp_path / "mean_loss.py").write_text(textwrap.dedent("""
+    (tmp_path / "mean_loss.py").write_text(
+        textwrap.dedent("""
         import torch.nn.functional as F
 
         def per_micro_batch_mean(output, targets):
             loss = F.cross_entropy(output.logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
             return loss, 1
-    """))
+    """)
+    )
     (tmp_path / "mean.yaml").write_text("train:\n  loss: mean_loss:per_micro_batch_mean\n")
     config = str(tmp_path / "mean.yaml")
     accum = padded_run(run_dirs("accum"), padded, tiny_gpt2, "batch.micro_size=4", config=config)
@@ -140,7 +192,7 @@ def loss(output, targets):
     return F.cross_entropy(output, targets, reduction="sum"), targets.numel()
 '''
 
-API_SCRIPT = '''
+API_SCRIPT = """
 import sys
 
 import largebatch
@@ -150,16 +202,16 @@ train, held = usertask.build_data(n=512)
 summary = largebatch.train(sys.argv[1], [f"run.dir={sys.argv[2]}", "logging.progress=false"],
                            model=usertask.build_model, train_data=train, eval_data=held, loss=usertask.loss)
 print("params", summary["params_sha256"])
-'''
+"""
 
-USER_CONFIG = '''
+USER_CONFIG = """
 data: {name: "usertask:build_data", args: {n: 512}}
 model: {name: "usertask:build_model", args: {hidden: 12}}
 train: {loss: "usertask:loss", steps: 12, log_every: 1}
 batch: {global_size: 64}
 optim: {lr: 0.2}
 run: {threads: 1}
-'''
+"""
 
 
 @pytest.fixture
@@ -169,8 +221,11 @@ def user_task(tmp_path):
     folder.mkdir()
     (folder / "usertask.py").write_text(USER_MODULE)
     (folder / "cli.yaml").write_text(USER_CONFIG)
-    (folder / "api.yaml").write_text("\n".join(line for line in USER_CONFIG.splitlines() if not line.startswith("data"))
-                                     .replace('name: "usertask:build_model", ', "").replace('loss: "usertask:loss", ', ""))
+    (folder / "api.yaml").write_text(
+        "\n".join(line for line in USER_CONFIG.splitlines() if not line.startswith("data"))
+        .replace('name: "usertask:build_model", ', "")
+        .replace('loss: "usertask:loss", ', "")
+    )
     (folder / "train_api.py").write_text(API_SCRIPT)
     return folder
 
@@ -180,14 +235,39 @@ def test_a_user_module_trains_the_same_through_the_cli_and_the_python_api(user_t
     bit; under torchrun the API runs the same job on 2 processes."""
     cli_summary = train(run_dirs("cli"), config=str(user_task / "cli.yaml"))
     assert cli_summary["eval"]["accuracy"] > 0.5
-    api = subprocess.run([sys.executable, str(user_task / "train_api.py"), str(user_task / "api.yaml"),
-                          str(run_dirs("api"))], capture_output=True, text=True, cwd=ROOT)
+    api = subprocess.run(
+        [
+            sys.executable,
+            str(user_task / "train_api.py"),
+            str(user_task / "api.yaml"),
+            str(run_dirs("api")),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert api.returncode == 0, api.stderr[-3000:]
     assert f"params {cli_summary['params_sha256']}" in api.stdout
     assert losses(run_dirs("api")) == losses(run_dirs("cli"))
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend",
-                          "c10d", "--rdzv-endpoint", "127.0.0.1:0", str(user_task / "train_api.py"),
-                          str(user_task / "api.yaml"), str(run_dirs("api2"))], capture_output=True, text=True, cwd=ROOT)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            "127.0.0.1:0",
+            str(user_task / "train_api.py"),
+            str(user_task / "api.yaml"),
+            str(run_dirs("api2")),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((run_dirs("api2") / "summary.json").read_text())["world_size"] == 2
     assert losses(run_dirs("api2")) == pytest.approx(losses(run_dirs("cli")), abs=1e-5)
@@ -196,11 +276,22 @@ def test_a_user_module_trains_the_same_through_the_cli_and_the_python_api(user_t
 def test_kill_9_mid_epoch_on_an_image_folder_ends_with_the_same_weights(images, run_dirs):
     """torchrun --max-restarts 1 restarts the group after a worker's SIGKILL; the resumed run draws the same crops
     (seeded per example) and ends bit-identical to an uninterrupted one."""
-    config = (*RESNET18, f"data.path={images}", "batch.global_size=16", "train.steps=12", "train.checkpoint_every=4")
+    config = (
+        *RESNET18,
+        f"data.path={images}",
+        "batch.global_size=16",
+        "train.steps=12",
+        "train.checkpoint_every=4",
+    )
     reference = train(run_dirs("uninterrupted"), *config, nproc=2)
     run = run_dirs("killed")
-    kill_one_worker_mid_run(run, config, 6, "step_00000004")  # epoch 1 of 12 steps: resumes at step 4
-    assert json.loads((run / "summary.json").read_text())["params_sha256"] == reference["params_sha256"]
+    kill_one_worker_mid_run(
+        run, config, 6, "step_00000004"
+    )  # epoch 1 of 12 steps: resumes at step 4
+    assert (
+        json.loads((run / "summary.json").read_text())["params_sha256"]
+        == reference["params_sha256"]
+    )
 
 
 def test_each_example_draws_its_crop_from_seed_epoch_and_index(images):
@@ -214,15 +305,25 @@ def test_each_example_draws_its_crop_from_seed_epoch_and_index(images):
     torch.manual_seed(123)
     assert torch.equal(train_set[(0, 1, 5)][0], first)
     assert not torch.equal(train_set[(0, 2, 5)][0], first)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=3, num_workers=2,
-                                         sampler=[(0, 1, 7), (0, 1, 6), (0, 1, 5)])
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=3, num_workers=2, sampler=[(0, 1, 7), (0, 1, 6), (0, 1, 5)]
+    )
     assert torch.equal(next(iter(loader))[0][2], first)
 
 
 def test_a_checkpoint_of_other_data_is_refused(tmp_path, run_dirs):
     tokens = write_tokens(tmp_path / "corpus.bin", 8000)
-    common = ("data.name=tokens", f"data.path={tokens}", "data.context=16", "model.name=gpt", "model.width=32",
-              "model.depth=1", "model.heads=2", "batch.global_size=16", "train.checkpoint_every=2")
+    common = (
+        "data.name=tokens",
+        f"data.path={tokens}",
+        "data.context=16",
+        "model.name=gpt",
+        "model.width=32",
+        "model.depth=1",
+        "model.heads=2",
+        "batch.global_size=16",
+        "train.checkpoint_every=2",
+    )
     train(run_dirs("run"), *common, "train.steps=2")
     write_tokens(tokens, 8000, seed=1)  # same size, other content
     result = cli("train", f"run.dir={run_dirs('run')}", *common, "train.steps=4")
@@ -244,29 +345,62 @@ def odd_token_file(tmp_path):
     return tmp_path / "odd.bin"
 
 
-IMAGES = ("data.name=imagefolder", "data.image_size=32", "model.name=torchvision:resnet18", "batch.global_size=16")
+IMAGES = (
+    "data.name=imagefolder",
+    "data.image_size=32",
+    "model.name=torchvision:resnet18",
+    "batch.global_size=16",
+)
 ERRORS = {
-    "missing_path": (lambda t, i: ["data.name=imagefolder"], "data.name=imagefolder needs data.path"),
-    "no_such_path": (lambda t, i: ["data.name=imagefolder", f"data.path={t / 'nope'}"], "does not exist"),
-    "empty_folder": (lambda t, i: [*IMAGES, f"data.path={empty_folder(t)}"], "has no class sub-folders"),
-    "one_class": (lambda t, i: [*IMAGES, f"data.path={one_class(t)}"], "classification needs at least 2"),
-    "token_size": (lambda t, i: ["data.name=tokens", f"data.path={odd_token_file(t)}", "model.name=gpt"],
-                   "has 3 bytes, not a multiple of 2 (data.dtype=uint16)"),
-    "no_torchvision_model": (lambda t, i: [*IMAGES, f"data.path={i}", "model.name=torchvision:resnet18x"],
-                             "is not a torchvision model; did you mean torchvision:resnet18?"),
-    "missing_callable": (lambda t, i: [f"data.path={i}", *IMAGES, "model.name=largebatch.models.mlp:missing"],
-                         "largebatch.models.mlp has no 'missing' (it has build)"),
-    "no_module": (lambda t, i: [*IMAGES, f"data.path={i}", "model.name=nosuch_pkg.models:build"],
-                  "cannot import nosuch_pkg.models"),
-    "argument_not_taken": (lambda t, i: [*IMAGES, f"data.path={i}", "model.args={depth: 50}"],
-                           "does not fit torchvision:resnet18 (ResNet.__init__() got an unexpected keyword argument"),
-    "user_argument_not_taken": (lambda t, i: ["model.name=largebatch.models.mlp:build", "model.args={colour: 1}"],
-                                "model.args has colour, which largebatch.models.mlp:build does not take "
-                                "(it takes input_shape, num_classes, width, depth, norm)"),
-    "output_does_not_fit": (lambda t, i: [*IMAGES, f"data.path={i}", "model.args={num_classes: 2}"],
-                            "the model outputs 2 classes but the data has 4"),
-    "hf_unknown_field": (lambda t, i: ["data.name=text", "model.name=hf:gpt2", "model.args={n_layerz: 1}"],
-                         "model.args has n_layerz, which GPT2Config does not have"),
+    "missing_path": (
+        lambda t, i: ["data.name=imagefolder"],
+        "data.name=imagefolder needs data.path",
+    ),
+    "no_such_path": (
+        lambda t, i: ["data.name=imagefolder", f"data.path={t / 'nope'}"],
+        "does not exist",
+    ),
+    "empty_folder": (
+        lambda t, i: [*IMAGES, f"data.path={empty_folder(t)}"],
+        "has no class sub-folders",
+    ),
+    "one_class": (
+        lambda t, i: [*IMAGES, f"data.path={one_class(t)}"],
+        "classification needs at least 2",
+    ),
+    "token_size": (
+        lambda t, i: ["data.name=tokens", f"data.path={odd_token_file(t)}", "model.name=gpt"],
+        "has 3 bytes, not a multiple of 2 (data.dtype=uint16)",
+    ),
+    "no_torchvision_model": (
+        lambda t, i: [*IMAGES, f"data.path={i}", "model.name=torchvision:resnet18x"],
+        "is not a torchvision model; did you mean torchvision:resnet18?",
+    ),
+    "missing_callable": (
+        lambda t, i: [f"data.path={i}", *IMAGES, "model.name=largebatch.models.mlp:missing"],
+        "largebatch.models.mlp has no 'missing' (it has build)",
+    ),
+    "no_module": (
+        lambda t, i: [*IMAGES, f"data.path={i}", "model.name=nosuch_pkg.models:build"],
+        "cannot import nosuch_pkg.models",
+    ),
+    "argument_not_taken": (
+        lambda t, i: [*IMAGES, f"data.path={i}", "model.args={depth: 50}"],
+        "does not fit torchvision:resnet18 (ResNet.__init__() got an unexpected keyword argument",
+    ),
+    "user_argument_not_taken": (
+        lambda t, i: ["model.name=largebatch.models.mlp:build", "model.args={colour: 1}"],
+        "model.args has colour, which largebatch.models.mlp:build does not take "
+        "(it takes input_shape, num_classes, width, depth, norm)",
+    ),
+    "output_does_not_fit": (
+        lambda t, i: [*IMAGES, f"data.path={i}", "model.args={num_classes: 2}"],
+        "the model outputs 2 classes but the data has 4",
+    ),
+    "hf_unknown_field": (
+        lambda t, i: ["data.name=text", "model.name=hf:gpt2", "model.args={n_layerz: 1}"],
+        "model.args has n_layerz, which GPT2Config does not have",
+    ),
 }
 
 
@@ -275,57 +409,117 @@ def test_data_and_model_mistakes_are_one_line_errors(name, images, tmp_path):
     make_args, message = ERRORS[name]
     result = cli_in_process("train", f"run.dir={tmp_path / 'run'}", *make_args(tmp_path, images))
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, (
+        result.stderr
+    )
     assert message in result.stderr
 
 
-@pytest.mark.parametrize("recipe, examples", [("goyal-resnet50-imagenet", 1281167), ("lamb-gpt2", 8800000)])
+@pytest.mark.parametrize(
+    "recipe, examples", [("goyal-resnet50-imagenet", 1281167), ("lamb-gpt2", 8800000)]
+)
 @pytest.mark.parametrize("world", [8, 256])
 def test_recipes_plan_for_8_and_256_gpus(recipe, examples, world):
-    result = cli("plan", "--config", f"configs/{recipe}.yaml", "--world-size", str(world), "--examples", str(examples))
+    result = cli(
+        "plan",
+        "--config",
+        f"configs/{recipe}.yaml",
+        "--world-size",
+        str(world),
+        "--examples",
+        str(examples),
+    )
     assert result.returncode == 0, result.stderr
     plan = dict(line.split(maxsplit=1) for line in result.stdout.splitlines())
-    assert int(plan["global_batch"]) == int(plan["world_size"]) * int(plan["micro_batch"]) * int(plan["accum_steps"])
+    assert int(plan["global_batch"]) == int(plan["world_size"]) * int(plan["micro_batch"]) * int(
+        plan["accum_steps"]
+    )
     if recipe.startswith("goyal"):
-        assert (plan["micro_batch"], float(plan["peak_lr"]), plan["warmup_steps"]) == ("32", 3.2, "780")
+        assert (plan["micro_batch"], float(plan["peak_lr"]), plan["warmup_steps"]) == (
+            "32",
+            3.2,
+            "780",
+        )
 
 
 def test_goyal_recipe_runs_on_a_tiny_image_folder(images, run_dirs):
-    summary = train(run_dirs("goyal"), f"data.path={images}", "data.image_size=32", "data.workers=0",
-                    "batch.global_size=16", "batch.micro_size=8", "train.epochs=0.5", "schedule.warmup_epochs=0.1",
-                    "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=2",
-                    config="configs/goyal-resnet50-imagenet.yaml")
+    summary = train(
+        run_dirs("goyal"),
+        f"data.path={images}",
+        "data.image_size=32",
+        "data.workers=0",
+        "batch.global_size=16",
+        "batch.micro_size=8",
+        "train.epochs=0.5",
+        "schedule.warmup_epochs=0.1",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "train.log_every=2",
+        config="configs/goyal-resnet50-imagenet.yaml",
+    )
     assert summary["steps"] == 6 and summary["accum_steps"] == 2 and summary["final_loss"] > 0
 
 
 def test_lamb_gpt2_recipe_runs_on_a_tiny_token_file(tmp_path, run_dirs):
     tokens = write_tokens(tmp_path / "train.bin", 4000)
-    summary = train(run_dirs("gpt2"), f"data.path={tokens}", "data.context=32",
-                    "model.args={n_layer: 1, n_head: 2, n_embd: 32, resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}",
-                    "batch.global_size=8", "train.steps=3", "schedule.warmup_steps=1", "train.eval_every=0",
-                    "train.checkpoint_every=0", "train.log_every=1", config="configs/lamb-gpt2.yaml")
+    summary = train(
+        run_dirs("gpt2"),
+        f"data.path={tokens}",
+        "data.context=32",
+        "model.args={n_layer: 1, n_head: 2, n_embd: 32, resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}",
+        "batch.global_size=8",
+        "train.steps=3",
+        "schedule.warmup_steps=1",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "train.log_every=1",
+        config="configs/lamb-gpt2.yaml",
+    )
     assert summary["steps"] == 3 and summary["final_loss"] > 0
 
 
 def test_without_the_optional_extras_hf_and_torchvision_are_one_line_errors(tmp_path, images):
     for module in ("transformers", "torchvision"):
         (tmp_path / "blocked" / module).mkdir(parents=True)
-        (tmp_path / "blocked" / module / "__init__.py").write_text("raise ImportError('not installed')")
+        (tmp_path / "blocked" / module / "__init__.py").write_text(
+            "raise ImportError('not installed')"
+        )
     env = {"PYTHONPATH": str(tmp_path / "blocked")}
     hf = cli("train", "data.name=text", "model.name=hf:gpt2", env=env)
     assert hf.returncode == 2 and "Traceback" not in hf.stderr
-    assert "model.name=hf:<name-or-dir> needs transformers" in hf.stderr and "largebatch[hf]" in hf.stderr
-    vision = cli("train", "data.name=imagefolder", f"data.path={images}", "model.name=torchvision:resnet18", env=env)
+    assert (
+        "model.name=hf:<name-or-dir> needs transformers" in hf.stderr
+        and "largebatch[hf]" in hf.stderr
+    )
+    vision = cli(
+        "train",
+        "data.name=imagefolder",
+        f"data.path={images}",
+        "model.name=torchvision:resnet18",
+        env=env,
+    )
     assert vision.returncode == 2 and "Traceback" not in vision.stderr
-    assert "data.name=imagefolder needs torchvision" in vision.stderr and "largebatch[vision]" in vision.stderr
+    assert (
+        "data.name=imagefolder needs torchvision" in vision.stderr
+        and "largebatch[vision]" in vision.stderr
+    )
 
 
 def test_bench_data_and_find_batch_work_on_an_image_folder(images):
-    task = ("data.name=imagefolder", f"data.path={images}", "data.image_size=32", "model.name=torchvision:resnet18")
-    bench = cli("bench", "data", *task, "--micro", "4", "--batches", "2", "--repeats", "1", "--workers", "0")
+    task = (
+        "data.name=imagefolder",
+        f"data.path={images}",
+        "data.image_size=32",
+        "model.name=torchvision:resnet18",
+    )
+    bench = cli(
+        "bench", "data", *task, "--micro", "4", "--batches", "2", "--repeats", "1", "--workers", "0"
+    )
     assert bench.returncode == 0, bench.stderr[-2000:]
     assert "ratio ours / plain = " in bench.stdout and "input-bound" in bench.stdout
-    found = cli("find-batch", *task, "batch.global_size=16", "--memory-limit", "1GiB", "--repeats", "1")
+    found = cli(
+        "find-batch", *task, "batch.global_size=16", "--memory-limit", "1GiB", "--repeats", "1"
+    )
     assert found.returncode == 0, found.stderr[-2000:]
     assert "recommend: batch.micro_size=" in found.stdout
 
@@ -335,9 +529,18 @@ def test_the_api_holds_out_part_of_one_dataset_and_reports_mistakes_in_one_line(
     from largebatch.data import ArrayDataset
 
     x = torch.randn(320, 8, generator=torch.Generator().manual_seed(0))
-    common = [f"run.dir={tmp_path / 'run'}", "logging.progress=false", "train.steps=3", "batch.global_size=32"]
-    summary = largebatch.train(None, common, model=lambda: torch.nn.Linear(8, 2),
-                               train_data=ArrayDataset(x, (x[:, 0] > 0).long()))
+    common = [
+        f"run.dir={tmp_path / 'run'}",
+        "logging.progress=false",
+        "train.steps=3",
+        "batch.global_size=32",
+    ]
+    summary = largebatch.train(
+        None,
+        common,
+        model=lambda: torch.nn.Linear(8, 2),
+        train_data=ArrayDataset(x, (x[:, 0] > 0).long()),
+    )
     assert summary["steps"] == 3 and set(summary["eval"]) == {"loss", "accuracy"}
 
     class Stream(torch.utils.data.IterableDataset):
@@ -352,7 +555,8 @@ def test_the_api_holds_out_part_of_one_dataset_and_reports_mistakes_in_one_line(
 
 def test_ranks_that_read_different_data_all_stop_at_start(tmp_path, run_dirs):
     """A node with another copy of the data would take other steps, or hang: every rank checks rank 0's."""
-    (tmp_path / "ranked.py").write_text(textwrap.dedent("""
+    (tmp_path / "ranked.py").write_text(
+        textwrap.dedent("""
         import os
         import torch
         from largebatch.data import ArrayDataset
@@ -363,19 +567,46 @@ def test_ranks_that_read_different_data_all_stop_at_start(tmp_path, run_dirs):
 
         def build_model():
             return torch.nn.Linear(8, 2)
-    """))
-    (tmp_path / "ranked.yaml").write_text("data: {name: 'ranked:build_data'}\nmodel: {name: 'ranked:build_model'}\n"
-                                          "batch: {global_size: 32}\n")
-    result = cli("train", "--config", str(tmp_path / "ranked.yaml"), f"run.dir={run_dirs('run')}", "train.steps=2",
-                 nproc=2)
-    assert result.returncode == 1, result.stderr[-2000:]  # torchrun's own report of the failed workers follows
+    """)
+    )
+    (tmp_path / "ranked.yaml").write_text(
+        "data: {name: 'ranked:build_data'}\nmodel: {name: 'ranked:build_model'}\n"
+        "batch: {global_size: 32}\n"
+    )
+    result = cli(
+        "train",
+        "--config",
+        str(tmp_path / "ranked.yaml"),
+        f"run.dir={run_dirs('run')}",
+        "train.steps=2",
+        nproc=2,
+    )
+    assert result.returncode == 1, result.stderr[
+        -2000:
+    ]  # torchrun's own report of the failed workers follows
     assert result.stderr.count("largebatch: stopped: some ranks read other data than rank 0") == 1
 
 
 def test_plan_without_the_data_ignores_checkpoints_of_the_run(tmp_path, run_dirs):
     run = run_dirs("run")
-    train(run, "data.size=512", "model.width=16", "batch.global_size=32", "train.steps=2", "train.checkpoint_every=2")
-    result = cli("plan", f"run.dir={run}", "data.size=512", "model.width=16", "batch.global_size=32",
-                 "--examples", "1024", "--world-size", "4")
+    train(
+        run,
+        "data.size=512",
+        "model.width=16",
+        "batch.global_size=32",
+        "train.steps=2",
+        "train.checkpoint_every=2",
+    )
+    result = cli(
+        "plan",
+        f"run.dir={run}",
+        "data.size=512",
+        "model.width=16",
+        "batch.global_size=32",
+        "--examples",
+        "1024",
+        "--world-size",
+        "4",
+    )
     assert result.returncode == 0, result.stderr
     assert "steps_per_epoch  32" in result.stdout

@@ -7,8 +7,8 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -21,16 +21,39 @@ CONFIG = {
     "run": {"name": "tiny", "seed": 0},
     "batch": {"global_size": 64, "micro_size": None, "accum_steps": None},
     "logging": {"wandb": "offline", "project": None, "progress": False},
-    "derived": {"world_size": 2, "global_batch": 64, "micro_batch": 16, "accum_steps": 2, "peak_lr": 0.4},
+    "derived": {
+        "world_size": 2,
+        "global_batch": 64,
+        "micro_batch": 16,
+        "accum_steps": 2,
+        "peak_lr": 0.4,
+    },
 }
 RECORDS = [
-    {"step": s, "samples": 64 * s, "epoch": s / 8, "loss": 2.0 / s, "lr": 0.1 * s, "grad_norm": 1.5 / s,
-     "samples_per_s": 5000.0, "gns": 40.0 + s, "trust_ratio/fc1.weight": 0.01 * s, "trust_ratio/fc2.weight": 0.02 * s}
+    {
+        "step": s,
+        "samples": 64 * s,
+        "epoch": s / 8,
+        "loss": 2.0 / s,
+        "lr": 0.1 * s,
+        "grad_norm": 1.5 / s,
+        "samples_per_s": 5000.0,
+        "gns": 40.0 + s,
+        "trust_ratio/fc1.weight": 0.01 * s,
+        "trust_ratio/fc2.weight": 0.02 * s,
+    }
     for s in (2, 4, 6)
 ]
 RECORDS[-1].update({"eval/loss": 0.5, "eval/accuracy": 0.9})
-SUMMARY = {"steps": 6, "samples": 384, "final_loss": 0.33, "eval": {"loss": 0.5, "accuracy": 0.9},
-           "global_batch": 64, "peak_lr": 0.4, "params_sha256": "ab" * 32}
+SUMMARY = {
+    "steps": 6,
+    "samples": 384,
+    "final_loss": 0.33,
+    "eval": {"loss": 0.5, "accuracy": 0.9},
+    "global_batch": 64,
+    "peak_lr": 0.4,
+    "params_sha256": "ab" * 32,
+}
 
 
 def read_offline_run(wandb_dir: Path, wait_s: float = 30.0) -> dict:
@@ -42,12 +65,22 @@ def read_offline_run(wandb_dir: Path, wait_s: float = 30.0) -> dict:
     `run.finish()` returns, so each file is re-read until its `exit` record is there (up to `wait_s`).
     """
     files = sorted(Path(wandb_dir).rglob("offline-run-*/run-*.wandb"))
-    out: dict = {"run_count": len(files), "run_ids": set(), "config": {}, "history": [], "history_keys": set(),
-                 "summary": {}, "files": files}
+    out: dict = {
+        "run_count": len(files),
+        "run_ids": set(),
+        "config": {},
+        "history": [],
+        "history_keys": set(),
+        "summary": {},
+        "files": files,
+    }
     for path in files:
         deadline = time.monotonic() + wait_s
         records = list(_records(path.read_bytes()))
-        while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+        while (
+            not any(r.WhichOneof("record_type") == "exit" for r in records)
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
             records = list(_records(path.read_bytes()))
         for record in records:
@@ -78,10 +111,10 @@ def _records(data: bytes) -> Iterator[pb.Record]:
         if block - pos % block < header:
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + header])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + header])
         if kind == 0 or pos + header + length > len(data):
             break  # zero padding, or a record still being written
-        payload, pos = data[pos + header:pos + header + length], pos + header + length
+        payload, pos = data[pos + header : pos + header + length], pos + header + length
         pending = payload if kind in (1, 2) else pending + payload
         if kind in (1, 4):
             record = pb.Record()
@@ -101,8 +134,17 @@ def _merge(into: dict, items) -> None:
 @pytest.fixture
 def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """wandb confined to tmp_path, none of the user's WANDB_* settings, its global state torn down afterwards."""
-    for name in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RUN_GROUP", "WANDB_RESUME",
-                 "WANDB_NAME", "WANDB_JOB_TYPE", "WANDB_API_KEY"):
+    for name in (
+        "WANDB_MODE",
+        "WANDB_PROJECT",
+        "WANDB_DIR",
+        "WANDB_RUN_ID",
+        "WANDB_RUN_GROUP",
+        "WANDB_RESUME",
+        "WANDB_NAME",
+        "WANDB_JOB_TYPE",
+        "WANDB_API_KEY",
+    ):
         monkeypatch.delenv(name, raising=False)
     for name in ("CACHE", "CONFIG", "DATA"):
         monkeypatch.setenv(f"WANDB_{name}_DIR", str(tmp_path / f"wandb-{name.lower()}"))
@@ -123,9 +165,20 @@ def test_offline_sink_records_one_run_with_the_batch_plan_and_every_metric(wandb
     assert run["run_count"] == 1 and run["run_ids"] == {"run0123456789ab"}
     assert run["config"]["derived"] == CONFIG["derived"]
     assert run["config"]["batch"]["global_size"] == 64
-    assert {"step", "samples", "loss", "lr", "grad_norm", "samples_per_s", "gns", "global_batch",
-            "trust_ratio/fc1.weight", "trust_ratio/fc2.weight", "trust_ratio/histogram",
-            "eval/accuracy"} <= run["history_keys"]
+    assert {
+        "step",
+        "samples",
+        "loss",
+        "lr",
+        "grad_norm",
+        "samples_per_s",
+        "gns",
+        "global_batch",
+        "trust_ratio/fc1.weight",
+        "trust_ratio/fc2.weight",
+        "trust_ratio/histogram",
+        "eval/accuracy",
+    } <= run["history_keys"]
     assert [row["step"] for row in run["history"]] == [2, 4, 6]
     assert run["history"][0]["trust_ratio/histogram"]["_type"] == "histogram"
     assert run["summary"]["final_loss"] == 0.33 and run["summary"]["eval/accuracy"] == 0.9
@@ -155,17 +208,26 @@ def test_wandb_variables_the_user_set_win(wandb_env: Path, monkeypatch: pytest.M
     assert not (wandb_env / "run").exists()
 
 
-@pytest.mark.parametrize("mode, env", [("offline", {"WANDB_MODE": "garbage"}), ("sometimes", {}),
-                                       ("offline", {"WANDB_RUN_ID": "no/slashes"})])
-def test_a_bad_setting_warns_once_and_never_raises(wandb_env: Path, monkeypatch: pytest.MonkeyPatch, capsys,
-                                                   mode: str, env: dict):
+@pytest.mark.parametrize(
+    "mode, env",
+    [
+        ("offline", {"WANDB_MODE": "garbage"}),
+        ("sometimes", {}),
+        ("offline", {"WANDB_RUN_ID": "no/slashes"}),
+    ],
+)
+def test_a_bad_setting_warns_once_and_never_raises(
+    wandb_env: Path, monkeypatch: pytest.MonkeyPatch, capsys, mode: str, env: dict
+):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     sink = WandbSink(mode, None, wandb_env / "run", CONFIG, "abc")
     for record in RECORDS:
         sink.log(record)
     sink.finish(SUMMARY)
-    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("largebatch:")]
+    warnings = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("largebatch:")
+    ]
     assert len(warnings) == 1 and warnings[0].startswith("largebatch: warning: wandb disabled: ")
     assert not sink.active
     assert read_offline_run(wandb_env)["run_count"] == 0
@@ -178,40 +240,72 @@ def test_a_failing_log_call_disables_the_sink_and_training_goes_on(wandb_env: Pa
     for record in RECORDS[1:]:
         sink.log(record)
     sink.finish(SUMMARY)
-    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("largebatch:")]
+    warnings = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("largebatch:")
+    ]
     assert len(warnings) == 1 and "wandb disabled" in warnings[0]
     assert [row["step"] for row in read_offline_run(wandb_env / "run")["history"]] == [2]
 
 
 def test_disabled_never_imports_wandb(tmp_path: Path):
-    code = ("import sys; from pathlib import Path; from largebatch.wandb_sink import WandbSink; "
-            "s = WandbSink('disabled', None, Path('run'), {}, 'x'); s.log({'step': 1, 'loss': 1.0}); s.finish({}); "
-            "assert 'wandb' not in sys.modules and not Path('run').exists()")
+    code = (
+        "import sys; from pathlib import Path; from largebatch.wandb_sink import WandbSink; "
+        "s = WandbSink('disabled', None, Path('run'), {}, 'x'); s.log({'step': 1, 'loss': 1.0}); s.finish({}); "
+        "assert 'wandb' not in sys.modules and not Path('run').exists()"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
 
 
-def test_a_two_process_training_run_writes_exactly_one_wandb_run_with_the_plan_and_metrics(wandb_env: Path, run_dirs):
+def test_a_two_process_training_run_writes_exactly_one_wandb_run_with_the_plan_and_metrics(
+    wandb_env: Path, run_dirs
+):
     from conftest import train
 
     run = run_dirs("wandb2")
-    train(run, "data.size=512", "model.width=32", "batch.global_size=32", "train.steps=6", "train.log_every=2",
-          "logging.wandb=offline", "logging.project=lb-test", nproc=2)
+    train(
+        run,
+        "data.size=512",
+        "model.width=32",
+        "batch.global_size=32",
+        "train.steps=6",
+        "train.log_every=2",
+        "logging.wandb=offline",
+        "logging.project=lb-test",
+        nproc=2,
+    )
     offline = read_offline_run(wandb_env)
     assert offline["run_count"] == 1
     assert offline["run_ids"] == {(run / "wandb_run_id").read_text().strip()}
     derived = offline["config"]["derived"]
     assert (derived["world_size"], derived["global_batch"], derived["micro_batch"]) == (2, 32, 16)
-    assert {"loss", "lr", "grad_norm", "samples", "samples_per_s", "eval/accuracy"} <= offline["history_keys"]
+    assert {"loss", "lr", "grad_norm", "samples", "samples_per_s", "eval/accuracy"} <= offline[
+        "history_keys"
+    ]
     assert len(offline["history"]) == 3
 
 
-def test_a_wandb_init_failure_leaves_a_finished_run_with_complete_metrics(wandb_env: Path, run_dirs):
+def test_a_wandb_init_failure_leaves_a_finished_run_with_complete_metrics(
+    wandb_env: Path, run_dirs
+):
     from conftest import cli, metrics
 
     run = run_dirs("wandb_broken")
-    result = cli("train", f"run.dir={run}", "data.size=512", "model.width=32", "train.steps=6", "train.log_every=1",
-                 "logging.wandb=online", "logging.progress=false", env={"WANDB_MODE": "not-a-mode"})
+    result = cli(
+        "train",
+        f"run.dir={run}",
+        "data.size=512",
+        "model.width=32",
+        "train.steps=6",
+        "train.log_every=1",
+        "logging.wandb=online",
+        "logging.progress=false",
+        env={"WANDB_MODE": "not-a-mode"},
+    )
     assert result.returncode == 0, result.stderr
     wandb_lines = [line for line in result.stderr.splitlines() if "wandb" in line.lower()]
-    assert len(wandb_lines) == 1 and wandb_lines[0].startswith("largebatch: warning: wandb disabled:")
-    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6] and (run / "summary.json").exists()
+    assert len(wandb_lines) == 1 and wandb_lines[0].startswith(
+        "largebatch: warning: wandb disabled:"
+    )
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6] and (
+        run / "summary.json"
+    ).exists()

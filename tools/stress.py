@@ -22,9 +22,24 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OVERRIDES = ["data.size=512", "data.shape=[16]", "model.width=32", "batch.global_size=32", "train.steps=10",
-             "logging.progress=false"]
-LAUNCH_ENV = ("NNODES", "NODE_RANK", "NPROC", "MASTER_ADDR", "MASTER_PORT", "RDZV", "RDZV_ID", "MAX_RESTARTS")
+OVERRIDES = [
+    "data.size=512",
+    "data.shape=[16]",
+    "model.width=32",
+    "batch.global_size=32",
+    "train.steps=10",
+    "logging.progress=false",
+]
+LAUNCH_ENV = (
+    "NNODES",
+    "NODE_RANK",
+    "NPROC",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RDZV",
+    "RDZV_ID",
+    "MAX_RESTARTS",
+)
 
 
 def _free_port() -> int:
@@ -42,7 +57,9 @@ def _free_port() -> int:
 def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     """Start `cmd` in its own process group (so a timeout can stop its workers too), stdout+stderr to `log`."""
     with log.open("w") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -76,8 +93,22 @@ def _env() -> dict[str, str]:
 
 def _single(work: Path, timeout: float) -> tuple[int, list[Path]]:
     """One torchrun agent with 2 processes; its exit code and log."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "127.0.0.1:0", "-m", "largebatch", "train", *OVERRIDES, f"run.dir={work / 'run'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "127.0.0.1:0",
+        "-m",
+        "largebatch",
+        "train",
+        *OVERRIDES,
+        f"run.dir={work / 'run'}",
+    ]
     log = work / "torchrun.log"
     return _wait_all([_start(cmd, log, _env())], timeout), [log]
 
@@ -86,17 +117,33 @@ def _agents(work: Path, timeout: float) -> tuple[int, list[Path]]:
     """Two torchrun agents × 1 process (static rendezvous); the first non-zero exit code and both logs."""
     config = work / "config.yaml"
     config.write_text("logging: {progress: false}\n")
-    env = {**_env(), "NNODES": "2", "NPROC": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "RDZV": "static"}
+    env = {
+        **_env(),
+        "NNODES": "2",
+        "NPROC": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "RDZV": "static",
+    }
     logs = [work / f"node{rank}.log" for rank in range(2)]
-    cmd = [str(ROOT / "launch" / "multinode.sh"), str(config), *OVERRIDES, f"run.dir={work / 'run'}"]
+    cmd = [
+        str(ROOT / "launch" / "multinode.sh"),
+        str(config),
+        *OVERRIDES,
+        f"run.dir={work / 'run'}",
+    ]
     procs = [_start(cmd, log, {**env, "NODE_RANK": str(rank)}) for rank, log in enumerate(logs)]
     return _wait_all(procs, timeout), logs
 
 
 def _last_line(logs: list[Path]) -> str:
     """The telling line of failed logs: an abort message, else the last line naming an error, else the last line."""
-    lines = [line.strip() for log in logs for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    lines = [
+        line.strip()
+        for log in logs
+        for line in log.read_text(errors="replace").splitlines()
+        if line.strip()
+    ]
     for marker in ("terminate called", "Error"):
         flagged = [line for line in lines if marker in line]
         if flagged:
@@ -107,12 +154,20 @@ def _last_line(logs: list[Path]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50, help="2-process torchrun jobs")
-    parser.add_argument("--agents-runs", type=int, default=20, help="2-agent × 1-process jobs (launch/multinode.sh)")
+    parser.add_argument(
+        "--agents-runs", type=int, default=20, help="2-agent × 1-process jobs (launch/multinode.sh)"
+    )
     parser.add_argument("--hogs", type=int, default=2, help="busy processes beside the jobs")
-    parser.add_argument("--timeout", type=float, default=180, help="seconds per run before it counts as failed")
-    parser.add_argument("--keep", type=Path, help="folder for the logs of failed runs (default: a new temp folder)")
+    parser.add_argument(
+        "--timeout", type=float, default=180, help="seconds per run before it counts as failed"
+    )
+    parser.add_argument(
+        "--keep", type=Path, help="folder for the logs of failed runs (default: a new temp folder)"
+    )
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the hogs and the run
+    signal.signal(
+        signal.SIGTERM, lambda *_: sys.exit(143)
+    )  # so that `finally` stops the hogs and the run
 
     keep = args.keep or Path(tempfile.mkdtemp(prefix="largebatch-stress-"))
     keep.mkdir(parents=True, exist_ok=True)
@@ -137,7 +192,9 @@ def main() -> int:
         for hog in hogs:
             hog.kill()
             hog.wait()
-    print(f"failed: single {failures['single']}/{args.runs}, agents {failures['agents']}/{args.agents_runs}")
+    print(
+        f"failed: single {failures['single']}/{args.runs}, agents {failures['agents']}/{args.agents_runs}"
+    )
     return 1 if any(failures.values()) else 0
 
 

@@ -18,13 +18,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from largebatch import config, task as tasks
+from largebatch import config
+from largebatch import task as tasks
 from largebatch.batch import BatchPlan, GlobalBatchSampler
 from largebatch.errors import ArgumentParser, UserError
 
 
-def write_image_folder(root: Path, classes: int = 4, per_class: int = 16, size: tuple[int, int] = (40, 48),
-                       seed: int = 0, val_per_class: int = 0) -> Path:
+def write_image_folder(
+    root: Path,
+    classes: int = 4,
+    per_class: int = 16,
+    size: tuple[int, int] = (40, 48),
+    seed: int = 0,
+    val_per_class: int = 0,
+) -> Path:
     """A folder of class sub-folders of generated images (JPEG and PNG; each class a different mean colour),
     with train/ and val/ when `val_per_class` is set. Returns `root`."""
     from PIL import Image
@@ -36,7 +43,9 @@ def write_image_folder(root: Path, classes: int = 4, per_class: int = 16, size: 
             folder = root / split / f"class{c}"
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                pixels = (rng.random((*size, 3)) * 80 + c * 160 / max(classes - 1, 1)).astype(np.uint8)
+                pixels = (rng.random((*size, 3)) * 80 + c * 160 / max(classes - 1, 1)).astype(
+                    np.uint8
+                )
                 Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 4 == 3 else 'jpg'}")
     return root
 
@@ -69,18 +78,38 @@ def _train_rate(task: tasks.Task, micro: int, steps: int = 3) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="largebatch bench data", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="an imagefolder config (default: generated JPEGs, torchvision:resnet18)")
+    parser.add_argument(
+        "--config", help="an imagefolder config (default: generated JPEGs, torchvision:resnet18)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     parser.add_argument("--micro", type=int, default=32, help="micro-batch size (default 32)")
-    parser.add_argument("--workers", type=int, help="DataLoader workers for both loaders (default data.workers, or 2)")
-    parser.add_argument("--batches", type=int, default=20, help="timed micro-batches per measurement")
-    parser.add_argument("--repeats", type=int, default=5, help="alternating measurements of each loader")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="DataLoader workers for both loaders (default data.workers, or 2)",
+    )
+    parser.add_argument(
+        "--batches", type=int, default=20, help="timed micro-batches per measurement"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="alternating measurements of each loader"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         overrides = list(args.overrides)
         if args.config is None and not any(o.startswith("data.path=") for o in overrides):
-            write_image_folder(Path(tmp), classes=4, per_class=(args.batches + 2) * args.micro // 4 + 1, size=(256, 256))
-            overrides = ["data.name=imagefolder", f"data.path={tmp}", "model.name=torchvision:resnet18", *overrides]
+            write_image_folder(
+                Path(tmp),
+                classes=4,
+                per_class=(args.batches + 2) * args.micro // 4 + 1,
+                size=(256, 256),
+            )
+            overrides = [
+                "data.name=imagefolder",
+                f"data.path={tmp}",
+                "model.name=torchvision:resnet18",
+                *overrides,
+            ]
         cfg = config.load(args.config, overrides)
         if cfg.data.name != "imagefolder":
             raise UserError(f"bench data measures data.name=imagefolder, not {cfg.data.name}")
@@ -88,27 +117,45 @@ def main(argv: list[str] | None = None) -> int:
         ours_set = task.train
         workers = args.workers if args.workers is not None else (cfg.data.workers or 2)
         plan = BatchPlan(args.micro, args.micro, 1, 1)
-        sampler = GlobalBatchSampler(len(ours_set), plan, 0, cfg.run.seed, args.batches + 1, draws=True)
+        sampler = GlobalBatchSampler(
+            len(ours_set), plan, 0, cfg.run.seed, args.batches + 1, draws=True
+        )
         ours = DataLoader(ours_set, batch_sampler=sampler, num_workers=workers)
         from torchvision.datasets import ImageFolder
 
         from largebatch.data.imagefolder import transforms
 
-        root = Path(cfg.data.path) / "train" if (Path(cfg.data.path) / "train").is_dir() else Path(cfg.data.path)
-        plain = DataLoader(ImageFolder(str(root), transform=transforms(cfg.data.image_size, True)),
-                           batch_size=args.micro, shuffle=True, num_workers=workers, drop_last=True)
+        root = (
+            Path(cfg.data.path) / "train"
+            if (Path(cfg.data.path) / "train").is_dir()
+            else Path(cfg.data.path)
+        )
+        plain = DataLoader(
+            ImageFolder(str(root), transform=transforms(cfg.data.image_size, True)),
+            batch_size=args.micro,
+            shuffle=True,
+            num_workers=workers,
+            drop_last=True,
+        )
         mine, theirs = [], []
-        for repeat in range(args.repeats):  # alternating which goes first, so neither always meets a warmer machine
-            for loader, rates in ((plain, theirs), (ours, mine))[::1 if repeat % 2 else -1]:
+        for repeat in range(
+            args.repeats
+        ):  # alternating which goes first, so neither always meets a warmer machine
+            for loader, rates in ((plain, theirs), (ours, mine))[:: 1 if repeat % 2 else -1]:
                 rates.append(_rate(loader, args.batches))
         compute = _train_rate(task, args.micro)
     ours_rate, plain_rate = statistics.median(mine), statistics.median(theirs)
-    print(f"{len(ours_set)} images at {cfg.data.image_size}px, micro-batch {args.micro}, {workers} workers, "
-          f"{torch.get_num_threads()} threads; median of {args.repeats} × {args.batches} batches")
+    print(
+        f"{len(ours_set)} images at {cfg.data.image_size}px, micro-batch {args.micro}, {workers} workers, "
+        f"{torch.get_num_threads()} threads; median of {args.repeats} × {args.batches} batches"
+    )
     print(f"{'torchvision ImageFolder':28} {plain_rate:9.0f} samples/s")
     print(f"{'largebatch imagefolder':28} {ours_rate:9.0f} samples/s")
     print(f"ratio ours / plain = {ours_rate / plain_rate:.3f} (goal ≥ 0.95)")
-    bound = "input-bound: add data.workers or faster storage" if ours_rate < compute else \
-        "not input-bound: the loader outpaces training"
+    bound = (
+        "input-bound: add data.workers or faster storage"
+        if ours_rate < compute
+        else "not input-bound: the loader outpaces training"
+    )
     print(f"training {cfg.model.name}: {compute:.0f} samples/s on one process → {bound}")
     return 0

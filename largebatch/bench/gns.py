@@ -21,8 +21,10 @@ from largebatch import bench, config
 from largebatch.bench import loop
 from largebatch.errors import ArgumentParser
 
-VARIANTS = {"off": ("noise scale off", "train.noise_scale=false"),
-            "on": ("noise scale every step", "train.noise_scale=true")}
+VARIANTS = {
+    "off": ("noise scale off", "train.noise_scale=false"),
+    "on": ("noise scale every step", "train.noise_scale=true"),
+}
 """The trainer's variants, baseline first: name → (label, override)."""
 LOOPS = {"none": "no measurement", "after": "sync after backward", "hook": "comm hook"}
 """--hook: the hand-written loop's ways to measure the local squared norm, baseline first."""
@@ -39,7 +41,9 @@ def sq_norm_hook() -> Callable:
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    def hook(norms: list[torch.Tensor], bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    def hook(
+        norms: list[torch.Tensor], bucket: dist.GradBucket
+    ) -> torch.futures.Future[torch.Tensor]:
         norms.append(torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float32).square())
         return allreduce_hook(None, bucket)
 
@@ -58,8 +62,13 @@ def handwritten(job, info, how: str) -> tuple[float, dict[str, list[float]], flo
     from largebatch.trainer import _mean_over_ranks
 
     torch.manual_seed(job.cfg.run.seed)
-    engine = DDPEngine(job.task.build_model(), lambda module: optim.build(module, job.cfg.optim, job.peak_lr),
-                       job.cfg, job.plan, info)
+    engine = DDPEngine(
+        job.task.build_model(),
+        lambda module: optim.build(module, job.cfg.optim, job.peak_lr),
+        job.cfg,
+        job.plan,
+        info,
+    )
     norms: list[torch.Tensor] = []
     if how == "hook":
         engine.model.register_comm_hook(norms, sq_norm_hook())
@@ -74,7 +83,7 @@ def handwritten(job, info, how: str) -> tuple[float, dict[str, list[float]], flo
         loss_sum = torch.zeros((), device=info.device)
         for m in range(plan.accum_steps):
             last = m == plan.accum_steps - 1
-            idx = order[first + m * plan.micro_batch:first + (m + 1) * plan.micro_batch]
+            idx = order[first + m * plan.micro_batch : first + (m + 1) * plan.micro_batch]
             with engine.micro_step(last and how != "after"):
                 total, _ = job.task.loss(forward(engine.model, x_all[idx]), y_all[idx])
                 t0 = time.perf_counter()
@@ -121,12 +130,26 @@ def worker(hook: bool, steps: int, repeats: int, path: str | None, overrides: li
     pieces: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in names}
     first_sq: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = {name: job.prepare(load(path, overrides, ("train.noise_scale=false" if hook else VARIANTS[name][1],
-                                                         f"train.steps={steps}", f"run.dir={tmp}/{name}")),
-                                  info.world_size)
-                for name in names}
-        run = (lambda name: handwritten(jobs[name], info, name)) if hook else \
-            (lambda name: (loop.measure(jobs[name], info, False), {}, 0.0))
+        jobs = {
+            name: job.prepare(
+                load(
+                    path,
+                    overrides,
+                    (
+                        "train.noise_scale=false" if hook else VARIANTS[name][1],
+                        f"train.steps={steps}",
+                        f"run.dir={tmp}/{name}",
+                    ),
+                ),
+                info.world_size,
+            )
+            for name in names
+        }
+        run = (
+            (lambda name: handwritten(jobs[name], info, name))
+            if hook
+            else (lambda name: (loop.measure(jobs[name], info, False), {}, 0.0))
+        )
         run(names[-1])  # warm-up: allocator, thread pools, gloo buffers
         for _ in range(repeats):
             for name in names:
@@ -136,9 +159,19 @@ def worker(hook: bool, steps: int, repeats: int, path: str | None, overrides: li
                     pieces[name][piece] += values
     dist.teardown()
     if info.is_main:
-        print(json.dumps({"samples_per_s": samples_per_s, "plan": jobs[names[0]].plan.describe(),
-                          "ms": {name: {p: statistics.median(v) for p, v in ms.items()} for name, ms in pieces.items()},
-                          "first_sq": first_sq}))
+        print(
+            json.dumps(
+                {
+                    "samples_per_s": samples_per_s,
+                    "plan": jobs[names[0]].plan.describe(),
+                    "ms": {
+                        name: {p: statistics.median(v) for p, v in ms.items()}
+                        for name, ms in pieces.items()
+                    },
+                    "first_sq": first_sq,
+                }
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,39 +179,73 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config (default: bench loop's MLP job)")
     parser.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per measurement")
-    parser.add_argument("--repeats", type=int, default=9, help="alternating measurements of each variant")
-    parser.add_argument("--hook", action="store_true",
-                        help="a hand-written loop: no measurement, sync after backward, and a DDP communication hook")
+    parser.add_argument(
+        "--repeats", type=int, default=9, help="alternating measurements of each variant"
+    )
+    parser.add_argument(
+        "--hook",
+        action="store_true",
+        help="a hand-written loop: no measurement, sync after backward, and a DDP communication hook",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = parser.parse_args(argv)
     if args.hook and args.nproc < 2:
         parser.error(f"--hook needs DDP: --nproc={args.nproc}; use --nproc 2 or more")
-    res = bench.run_workers("largebatch.bench.gns", args.nproc, str(int(args.hook)), str(args.steps), str(args.repeats),
-                            args.config or "", *args.overrides)
+    res = bench.run_workers(
+        "largebatch.bench.gns",
+        args.nproc,
+        str(int(args.hook)),
+        str(args.steps),
+        str(args.repeats),
+        args.config or "",
+        *args.overrides,
+    )
     if res is None:
         return 1
     labels = dict(LOOPS) if args.hook else {name: label for name, (label, _) in VARIANTS.items()}
     median = {name: statistics.median(values) for name, values in res["samples_per_s"].items()}
-    print(f"{res['plan']}, {args.nproc} processes, every step measured and logged, {args.steps} steps × "
-          f"{args.repeats} repeats (median)")
+    print(
+        f"{res['plan']}, {args.nproc} processes, every step measured and logged, {args.steps} steps × "
+        f"{args.repeats} repeats (median)"
+    )
     if args.hook:
-        print(f"{'':24} {'samples/s':>10} " + " ".join(f"{p:>10}" for p in PIECES) + "   (ms per step)")
+        print(
+            f"{'':24} {'samples/s':>10} "
+            + " ".join(f"{p:>10}" for p in PIECES)
+            + "   (ms per step)"
+        )
     for name, label in labels.items():
         ms = res["ms"][name]
-        print(f"{label:24} {median[name]:10.0f}" + "".join(f" {ms[p]:10.2f}" for p in PIECES if p in ms))
-    print("runs (samples/s): " + "; ".join(f"{name} " + " ".join(f"{v:.0f}" for v in values)
-                                           for name, values in res["samples_per_s"].items()))
+        print(
+            f"{label:24} {median[name]:10.0f}"
+            + "".join(f" {ms[p]:10.2f}" for p in PIECES if p in ms)
+        )
+    print(
+        "runs (samples/s): "
+        + "; ".join(
+            f"{name} " + " ".join(f"{v:.0f}" for v in values)
+            for name, values in res["samples_per_s"].items()
+        )
+    )
     base, *others = labels
     for name in others:
         print(f"ratio {name} / {base} = {median[name] / median[base]:.3f} (goal ≥ 0.98)")
     if args.hook:
         sq = res["first_sq"]
-        print(f"first step's local squared gradient norm: after backward {sq['after']:.6g}, hook {sq['hook']:.6g}")
+        print(
+            f"first step's local squared gradient norm: after backward {sq['after']:.6g}, hook {sq['hook']:.6g}"
+        )
     return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        worker(sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] or None, sys.argv[6:])
+        worker(
+            sys.argv[2] == "1",
+            int(sys.argv[3]),
+            int(sys.argv[4]),
+            sys.argv[5] or None,
+            sys.argv[6:],
+        )
     else:
         sys.exit(main())

@@ -18,16 +18,27 @@ import time
 from largebatch import bench
 
 CONFIG = (
-    "data.name=synthetic", "data.size=32768", "data.shape=[256]", "model.name=mlp", "model.width=1024",
-    "model.depth=2", "batch.global_size=512", "batch.micro_size=128", "optim.name=sgd", "optim.lr=0.1",
-    "logging.progress=false", "train.log_every=10",
+    "data.name=synthetic",
+    "data.size=32768",
+    "data.shape=[256]",
+    "model.name=mlp",
+    "model.width=1024",
+    "model.depth=2",
+    "batch.global_size=512",
+    "batch.micro_size=128",
+    "optim.name=sgd",
+    "optim.lr=0.1",
+    "logging.progress=false",
+    "train.log_every=10",
 )
 DEEPSPEED = ("engine.name=deepspeed",)
 LOOPS = {
     "ddp": {"hand-written": ("hand-written DDP loop", None), "trainer": ("largebatch trainer", ())},
-    "deepspeed": {"DDP": ("trainer, engine ddp", ()),
-                  "ZeRO-0": ("trainer, ZeRO-0", (*DEEPSPEED, "engine.zero_stage=0")),
-                  "ZeRO-2": ("trainer, ZeRO-2", (*DEEPSPEED, "engine.zero_stage=2"))},
+    "deepspeed": {
+        "DDP": ("trainer, engine ddp", ()),
+        "ZeRO-0": ("trainer, ZeRO-0", (*DEEPSPEED, "engine.zero_stage=0")),
+        "ZeRO-2": ("trainer, ZeRO-2", (*DEEPSPEED, "engine.zero_stage=2")),
+    },
 }
 """--engine → the loops compared, baseline first: name → (label, overrides of CONFIG; None: the hand-written loop)."""
 
@@ -50,7 +61,7 @@ def handwritten(job, info) -> float:
     for step in range(job.total_steps):
         first = (step * plan.global_batch + info.rank * plan.per_rank) % (n - plan.global_batch)
         for m in range(plan.accum_steps):
-            idx = order[first + m * plan.micro_batch:first + (m + 1) * plan.micro_batch]
+            idx = order[first + m * plan.micro_batch : first + (m + 1) * plan.micro_batch]
             if info.world_size > 1:
                 ddp.require_backward_grad_sync = m == plan.accum_steps - 1
             loss = F.cross_entropy(ddp(x_all[idx]), y_all[idx]) / plan.accum_steps
@@ -78,11 +89,20 @@ def worker(engine: str, steps: int, repeats: int) -> None:
     loops = LOOPS[engine]
     samples_per_s: dict[str, list[float]] = {name: [] for name in loops}
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = {name: job.prepare(config.load(None, [*CONFIG, *(overrides or ()), f"train.steps={steps}",
-                                                     f"run.dir={tmp}/{name}"]), info.world_size)
-                for name, (_, overrides) in loops.items()}
+        jobs = {
+            name: job.prepare(
+                config.load(
+                    None,
+                    [*CONFIG, *(overrides or ()), f"train.steps={steps}", f"run.dir={tmp}/{name}"],
+                ),
+                info.world_size,
+            )
+            for name, (_, overrides) in loops.items()
+        }
         first = next(iter(loops))
-        measure(jobs[first], info, loops[first][1] is None)  # warm-up: allocator, thread pools, gloo buffers
+        measure(
+            jobs[first], info, loops[first][1] is None
+        )  # warm-up: allocator, thread pools, gloo buffers
         for _ in range(repeats):
             for name, (_, overrides) in loops.items():
                 samples_per_s[name].append(measure(jobs[name], info, overrides is None))
@@ -95,16 +115,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="largebatch bench loop", description=__doc__)
     parser.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per measurement")
-    parser.add_argument("--repeats", type=int, default=9, help="alternating measurements of each loop")
-    parser.add_argument("--engine", choices=list(LOOPS), default="ddp",
-                        help="ddp: the trainer against a hand-written loop; deepspeed: ZeRO-0 and ZeRO-2 against DDP")
+    parser.add_argument(
+        "--repeats", type=int, default=9, help="alternating measurements of each loop"
+    )
+    parser.add_argument(
+        "--engine",
+        choices=list(LOOPS),
+        default="ddp",
+        help="ddp: the trainer against a hand-written loop; deepspeed: ZeRO-0 and ZeRO-2 against DDP",
+    )
     args = parser.parse_args(argv)
-    res = bench.run_workers("largebatch.bench.loop", args.nproc, args.engine, str(args.steps), str(args.repeats))
+    res = bench.run_workers(
+        "largebatch.bench.loop", args.nproc, args.engine, str(args.steps), str(args.repeats)
+    )
     if res is None:
         return 1
     loops = LOOPS[args.engine]
     median = {name: statistics.median(values) for name, values in res["samples_per_s"].items()}
-    print(f"{res['plan']}, {args.nproc} processes, {args.steps} steps × {args.repeats} repeats (median)")
+    print(
+        f"{res['plan']}, {args.nproc} processes, {args.steps} steps × {args.repeats} repeats (median)"
+    )
     for name, (label, _) in loops.items():
         print(f"{label:24} {median[name]:10.0f} samples/s")
     base, *others = loops

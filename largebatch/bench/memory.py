@@ -6,8 +6,8 @@ Step time is the median of forward + backward + optimizer step. Goal: ≤ 0.5× 
 
 `--engines ddp,deepspeed,fsdp` measures the engines instead, in one torchrun job (gloo on CPU): the bytes of
 parameters, gradients and optimizer state each rank holds in one AdamW step of the tiny GPT, under DDP, DeepSpeed ZeRO
-0-3 and FSDP2, counted from the tensors themselves (each storage once; a DTensor by its local shard). Gradients are counted after backward, before the step frees
-them; optimizer state after the step creates it.
+0-3 and FSDP2, counted from the tensors themselves (each storage once; a DTensor by its local shard).
+Gradients are counted after backward, before the step frees them; optimizer state after the step creates it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from largebatch import config, job, task as tasks, trainer
+from largebatch import config, job, trainer
+from largebatch import task as tasks
 from largebatch.bench import run_workers
 from largebatch.dist import DistInfo
 from largebatch.engine import Engine
@@ -31,16 +32,34 @@ from largebatch.memory import ActivationMeter
 from largebatch.optim.sharding import local
 
 WORKLOADS = {
-    "gpt": ("data.name=text", "data.context=128", "model.name=gpt", "model.width=128", "model.depth=4", "model.heads=4"),
-    "resnet": ("data.name=synthetic", "data.size=256", "data.shape=[3,32,32]", "model.name=resnet", "model.norm=group",
-               "model.width=32", "model.depth=2"),
+    "gpt": (
+        "data.name=text",
+        "data.context=128",
+        "model.name=gpt",
+        "model.width=128",
+        "model.depth=4",
+        "model.heads=4",
+    ),
+    "resnet": (
+        "data.name=synthetic",
+        "data.size=256",
+        "data.shape=[3,32,32]",
+        "model.name=resnet",
+        "model.norm=group",
+        "model.width=32",
+        "model.depth=2",
+    ),
 }
 ALL_PARAMS_SHARDED = "engine.ds_config={zero_optimization: {stage3_param_persistence_threshold: 0}}"
 """ZeRO-3 keeps parameters under 100k elements whole on every rank by default: all of the tiny GPT's."""
-ENGINES = {"ddp": {"DDP": ("engine.name=ddp",)},
-           "deepspeed": {f"ZeRO-{s}": ("engine.name=deepspeed", f"engine.zero_stage={s}", ALL_PARAMS_SHARDED)
-                         for s in range(4)},
-           "fsdp": {"FSDP": ("engine.name=fsdp",)}}
+ENGINES = {
+    "ddp": {"DDP": ("engine.name=ddp",)},
+    "deepspeed": {
+        f"ZeRO-{s}": ("engine.name=deepspeed", f"engine.zero_stage={s}", ALL_PARAMS_SHARDED)
+        for s in range(4)
+    },
+    "fsdp": {"FSDP": ("engine.name=fsdp",)},
+}
 """--engines names → the rows they add: row name → config overrides."""
 GRADIENT_PARTITIONS = ("averaged_gradients", "grad_partitions_flat_buffer")
 """Where DeepSpeed's ZeRO optimizer holds this rank's reduced gradients (stages 1-3; stage 3's are views of its flat
@@ -50,7 +69,9 @@ MASTER_PARTITIONS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups
 COLUMNS = ("params", "grads", "master", "moments")
 
 
-def measure(overrides: tuple[str, ...], micro: int, checkpointing: bool, steps: int) -> tuple[int, float]:
+def measure(
+    overrides: tuple[str, ...], micro: int, checkpointing: bool, steps: int
+) -> tuple[int, float]:
     """(activation bytes, median seconds per step)."""
     cfg = config.load(None, [*overrides, f"model.grad_checkpointing={str(checkpointing).lower()}"])
     task = tasks.build(cfg)
@@ -110,7 +131,9 @@ def engine_bytes(engine: Engine, task: tasks.Task, micro: int) -> dict[str, int]
     engine.step(loss.item(), None)
     seen: set[int] = set()
     held["params"] = storage_bytes(tensors([getattr(p, "ds_tensor", p) for p in params]), seen)
-    held["master"] = storage_bytes(tensors([getattr(zero, name, None) for name in MASTER_PARTITIONS]), seen)
+    held["master"] = storage_bytes(
+        tensors([getattr(zero, name, None) for name in MASTER_PARTITIONS]), seen
+    )
     held["moments"] = storage_bytes(tensors(list(engine.optimizer.state.values())), seen)
     return held
 
@@ -118,8 +141,17 @@ def engine_bytes(engine: Engine, task: tasks.Task, micro: int) -> dict[str, int]
 def measure_engine(overrides: tuple[str, ...], micro: int, info: DistInfo) -> dict[str, int]:
     """`engine_bytes` of the tiny GPT under `overrides`, the largest over ranks (collective)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = config.load(None, [*WORKLOADS["gpt"], "optim.name=adamw", f"batch.global_size={micro * info.world_size}",
-                                 f"batch.micro_size={micro}", f"run.dir={tmp}", *overrides])
+        cfg = config.load(
+            None,
+            [
+                *WORKLOADS["gpt"],
+                "optim.name=adamw",
+                f"batch.global_size={micro * info.world_size}",
+                f"batch.micro_size={micro}",
+                f"run.dir={tmp}",
+                *overrides,
+            ],
+        )
         prepared = job.prepare(cfg, info.world_size)
         held = engine_bytes(trainer.build_state(prepared, info).engine, prepared.task, micro)
     largest = torch.tensor([held[c] for c in COLUMNS])
@@ -133,7 +165,11 @@ def worker(names: list[str], micro: int) -> None:
 
     info = dist.from_env()
     dist.init(info, always=True)
-    rows = {row: measure_engine(overrides, micro, info) for name in names for row, overrides in ENGINES[name].items()}
+    rows = {
+        row: measure_engine(overrides, micro, info)
+        for name in names
+        for row, overrides in ENGINES[name].items()
+    }
     dist.teardown()
     if info.is_main:
         print(json.dumps(rows))
@@ -143,26 +179,40 @@ def print_engines(rows: dict[str, dict[str, int]], nproc: int, micro: int) -> No
     """The table in MiB per rank, and each row's ratios to ZeRO-0's (or the first row's)."""
     base_name = "ZeRO-0" if "ZeRO-0" in rows else next(iter(rows))
     base = rows[base_name]
-    print(f"tiny GPT, AdamW, micro-batch {micro}, {nproc} processes; MiB per rank (the largest rank) in one step; "
-          f"ZeRO-3 partitions every parameter (stage3_param_persistence_threshold=0)")
-    print(f"{'engine':8} {'params':>7} {'grads':>7} {'master':>7} {'moments':>7} {'total':>7}   ÷ {base_name}: "
-          f"{'params':>6} {'grads':>6} {'moments':>7} {'optimizer':>9}")
+    print(
+        f"tiny GPT, AdamW, micro-batch {micro}, {nproc} processes; MiB per rank (the largest rank) in one step; "
+        f"ZeRO-3 partitions every parameter (stage3_param_persistence_threshold=0)"
+    )
+    print(
+        f"{'engine':8} {'params':>7} {'grads':>7} {'master':>7} {'moments':>7} {'total':>7}   ÷ {base_name}: "
+        f"{'params':>6} {'grads':>6} {'moments':>7} {'optimizer':>9}"
+    )
     for name, r in rows.items():
         mib = " ".join(f"{v / 2**20:7.2f}" for v in (*(r[c] for c in COLUMNS), sum(r.values())))
         optimizer = (r["master"] + r["moments"]) / (base["master"] + base["moments"])
-        print(f"{name:8} {mib}   {'':{len(base_name) + 4}}{r['params'] / base['params']:6.2f} "
-              f"{r['grads'] / base['grads']:6.2f} {r['moments'] / base['moments']:7.2f} {optimizer:9.2f}")
-    print("master: DeepSpeed's fp32 copy of the rank's parameter partition (ZeRO 1-3, fp32 parameters too); "
-          "optimizer = master + moments")
-    print(f"expected ≈ 1/{nproc}: moments at ZeRO 1-3, grads at 2-3, params at 3 and all three under FSDP; not counted: "
-          "DDP's gradient buckets (held in C++), FSDP's all-gathered block during its forward and backward")
+        print(
+            f"{name:8} {mib}   {'':{len(base_name) + 4}}{r['params'] / base['params']:6.2f} "
+            f"{r['grads'] / base['grads']:6.2f} {r['moments'] / base['moments']:7.2f} {optimizer:9.2f}"
+        )
+    print(
+        "master: DeepSpeed's fp32 copy of the rank's parameter partition (ZeRO 1-3, fp32 parameters too); "
+        "optimizer = master + moments"
+    )
+    print(
+        f"expected ≈ 1/{nproc}: moments at ZeRO 1-3, grads at 2-3, params at 3 and all three under FSDP; not counted: "
+        "DDP's gradient buckets (held in C++), FSDP's all-gathered block during its forward and backward"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="largebatch bench memory", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement (after one warm-up)")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="timed steps per measurement (after one warm-up)"
+    )
     parser.add_argument("--micro", type=int, default=32, help="micro-batch size")
-    parser.add_argument("--engines", help=f"measure these engines instead, comma-separated: {', '.join(ENGINES)}")
+    parser.add_argument(
+        "--engines", help=f"measure these engines instead, comma-separated: {', '.join(ENGINES)}"
+    )
     parser.add_argument("--nproc", type=int, default=2, help="processes with --engines (default 2)")
     args = parser.parse_args(argv)
     if args.engines:
@@ -172,13 +222,20 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print_engines(rows, args.nproc, args.micro)
         return 0
-    print(f"micro-batch {args.micro}, {torch.get_num_threads()} threads, median of {args.steps} steps")
-    print(f"{'model':8} {'activations':>14} {'with ckpt':>12} {'ratio':>7} {'step ms':>9} {'with ckpt':>10} {'ratio':>7}")
+    print(
+        f"micro-batch {args.micro}, {torch.get_num_threads()} threads, median of {args.steps} steps"
+    )
+    print(
+        f"{'model':8} {'activations':>14} {'with ckpt':>12} {'ratio':>7} {'step ms':>9} {'with ckpt':>10} {'ratio':>7}"
+    )
     for name, overrides in WORKLOADS.items():
         plain_bytes, plain_s = measure(overrides, args.micro, False, args.steps)
         ckpt_bytes, ckpt_s = measure(overrides, args.micro, True, args.steps)
-        print(f"{name:8} {plain_bytes / 2**20:>10.1f} MiB {ckpt_bytes / 2**20:>8.1f} MiB {ckpt_bytes / plain_bytes:>7.2f} "
-              f"{plain_s * 1e3:>9.1f} {ckpt_s * 1e3:>10.1f} {ckpt_s / plain_s:>7.2f}")
+        print(
+            f"{name:8} {plain_bytes / 2**20:>10.1f} MiB {ckpt_bytes / 2**20:>8.1f} MiB "
+            f"{ckpt_bytes / plain_bytes:>7.2f} "
+            f"{plain_s * 1e3:>9.1f} {ckpt_s * 1e3:>10.1f} {ckpt_s / plain_s:>7.2f}"
+        )
     print("goal: activations ≤ 0.5× at step time ≤ 1.4×")
     return 0
 

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from largebatch.bench import run_workers
-
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
 
@@ -74,7 +73,8 @@ def _candidates() -> dict[str, Callable[[list[dict]], Optimizer]]:
     except ImportError:
         print("torch_optimizer: not importable")
     try:
-        from timm.optim import Lamb as TimmLamb, Lars as TimmLars
+        from timm.optim import Lamb as TimmLamb
+        from timm.optim import Lars as TimmLars
 
         candidates["timm Lars"] = lambda g: TimmLars(g, lr=0.1, momentum=0.9)
         candidates["timm Lamb"] = lambda g: TimmLamb(g, lr=1e-3)
@@ -129,8 +129,12 @@ def sharded_worker(steps: int, warmup: int) -> None:
     dtensor = lambda t: distribute_tensor(t, mesh, [Shard(0)])  # noqa: E731
     local = lambda t: dtensor(t).to_local().clone()  # noqa: E731 - this rank's shard as a plain tensor
     candidates: dict[str, Callable[[], Optimizer]] = {
-        "torch AdamW(fused)": lambda: torch.optim.AdamW(_sharded_groups(0, local), lr=1e-3, fused=True),
-        "torch SGD(fused)": lambda: torch.optim.SGD(_sharded_groups(0, local), lr=0.1, momentum=0.9, fused=True),
+        "torch AdamW(fused)": lambda: torch.optim.AdamW(
+            _sharded_groups(0, local), lr=1e-3, fused=True
+        ),
+        "torch SGD(fused)": lambda: torch.optim.SGD(
+            _sharded_groups(0, local), lr=0.1, momentum=0.9, fused=True
+        ),
         "LAMB(fused)": lambda: LAMB(_sharded_groups(0, dtensor), lr=1e-3, impl="fused"),
         "LAMB(fused) local norms": lambda: LAMB(_sharded_groups(0, local), lr=1e-3, impl="fused"),
         "LAMB(foreach)": lambda: LAMB(_sharded_groups(0, dtensor), lr=1e-3, impl="foreach"),
@@ -139,7 +143,9 @@ def sharded_worker(steps: int, warmup: int) -> None:
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        candidates["DeepSpeedCPUAdam"] = lambda: DeepSpeedCPUAdam(_sharded_groups(0, local), lr=1e-3, adamw_mode=True)
+        candidates["DeepSpeedCPUAdam"] = lambda: DeepSpeedCPUAdam(
+            _sharded_groups(0, local), lr=1e-3, adamw_mode=True
+        )
     except Exception as exc:  # noqa: BLE001 - no deepspeed, or its CPU Adam op does not build here
         print(f"DeepSpeedCPUAdam: not available ({type(exc).__name__})", file=sys.stderr)
     optimizers = {name: make() for name, make in candidates.items()}
@@ -150,7 +156,15 @@ def sharded_worker(steps: int, warmup: int) -> None:
     dist.all_reduce(largest, dist.ReduceOp.MAX)
     lbdist.teardown()
     if info.is_main:
-        print(json.dumps({"ms": dict(zip(ms, largest.tolist())), "adapted": adapted, "world": info.world_size}))
+        print(
+            json.dumps(
+                {
+                    "ms": dict(zip(ms, largest.tolist())),
+                    "adapted": adapted,
+                    "world": info.world_size,
+                }
+            )
+        )
 
 
 class _AllReduce:
@@ -165,32 +179,44 @@ class _AllReduce:
 
 def print_sharded(result: dict, steps: int) -> None:
     ms, world = result["ms"], result["world"]
-    print(f"ResNet-50's shapes sharded on dim 0 over {world} processes (1 thread each), the slowest rank's median of "
-          f"{steps} steps; our LARS/LAMB on DTensors, the others on the same local shards")
+    print(
+        f"ResNet-50's shapes sharded on dim 0 over {world} processes (1 thread each), the slowest rank's median of "
+        f"{steps} steps; our LARS/LAMB on DTensors, the others on the same local shards"
+    )
     adamw = ms["torch AdamW(fused)"]
     print(f"{'optimizer':<24}{'ms/step':>9}{'/AdamW(fused)':>15}")
     for name, t in ms.items():
         print(f"{name:<24}{t:>9.2f}{t / adamw:>15.2f}")
     print(f"LAMB(fused)/AdamW(fused) on the shards = {ms['LAMB(fused)'] / adamw:.2f} (goal ≤ 1.6)")
-    print(f"the all-reduce of {result['adapted']} per-parameter norm pairs (waiting for the slower rank included): "
-          f"{ms['all-reduce']:.3f} ms, {ms['all-reduce'] / ms['LAMB(fused)']:.1%} of the LAMB step; the whole price of "
-          f"whole-parameter norms (all-reduce, two passes over all shards instead of one per tensor): "
-          f"{ms['LAMB(fused)'] / ms['LAMB(fused) local norms']:.2f}× LAMB on local norms (wrong ratios)")
+    print(
+        f"the all-reduce of {result['adapted']} per-parameter norm pairs (waiting for the slower rank included): "
+        f"{ms['all-reduce']:.3f} ms, {ms['all-reduce'] / ms['LAMB(fused)']:.1%} of the LAMB step; the whole price of "
+        f"whole-parameter norms (all-reduce, two passes over all shards instead of one per tensor): "
+        f"{ms['LAMB(fused)'] / ms['LAMB(fused) local norms']:.2f}× LAMB on local norms (wrong ratios)"
+    )
     if "DeepSpeedCPUAdam" in ms:
-        print(f"LAMB(fused)/DeepSpeedCPUAdam on the same shards = {ms['LAMB(fused)'] / ms['DeepSpeedCPUAdam']:.2f} "
-              f"(goal ≤ 1.3)")
+        print(
+            f"LAMB(fused)/DeepSpeedCPUAdam on the same shards = {ms['LAMB(fused)'] / ms['DeepSpeedCPUAdam']:.2f} "
+            f"(goal ≤ 1.3)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    parser.add_argument("--sharded", action="store_true", help="on the shards of --nproc processes (FSDP2's layout)")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch threads"
+    )
+    parser.add_argument(
+        "--sharded", action="store_true", help="on the shards of --nproc processes (FSDP2's layout)"
+    )
     parser.add_argument("--nproc", type=int, default=2, help="processes with --sharded (default 2)")
     args = parser.parse_args(argv)
     if args.sharded:
-        result = run_workers("largebatch.bench.optim", args.nproc, str(args.steps), str(args.warmup))
+        result = run_workers(
+            "largebatch.bench.optim", args.nproc, str(args.steps), str(args.warmup)
+        )
         if result is None:
             return 1
         print_sharded(result, args.steps)
@@ -199,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
 
     shapes = resnet50_shapes()
     numel = sum(torch.Size(s).numel() for s in shapes)
-    print(f"ResNet-50: {len(shapes)} tensors, {numel:,} values; {args.threads} threads, "
-          f"median of {args.steps} steps after {args.warmup}")
+    print(
+        f"ResNet-50: {len(shapes)} tensors, {numel:,} values; {args.threads} threads, "
+        f"median of {args.steps} steps after {args.warmup}"
+    )
     optimizers = {name: make(_param_groups(seed=0)) for name, make in _candidates().items()}
     ms = time_steps(optimizers, args.steps, args.warmup)
 
@@ -211,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"LAMB(fused)/AdamW(fused) = {ms['LAMB(fused)'] / adamw:.2f} (goal ≤ 1.6)")
     print(f"LARS(fused)/SGD(fused) = {ms['LARS(fused)'] / sgd:.2f} (goal ≤ 1.5)")
     if "torch_optimizer.Lamb" in ms:
-        print(f"torch_optimizer.Lamb/LAMB(fused) = {ms['torch_optimizer.Lamb'] / ms['LAMB(fused)']:.2f} (goal ≥ 3.5)")
+        print(
+            f"torch_optimizer.Lamb/LAMB(fused) = {ms['torch_optimizer.Lamb'] / ms['LAMB(fused)']:.2f} (goal ≥ 3.5)"
+        )
     return 0
 
 

@@ -16,7 +16,6 @@ from torch.utils.data import Dataset
 
 from largebatch.errors import UserError
 
-
 IGNORE_INDEX = -100
 """Targets with this value are padding: no loss term, not counted (the PyTorch and Hugging Face convention)."""
 

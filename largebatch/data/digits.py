@@ -18,4 +18,10 @@ def build(eval_fraction: float, seed: int) -> Data:
     x = torch.from_numpy(table[:, :64] / 16.0).reshape(-1, 1, 8, 8)
     y = torch.from_numpy(table[:, 64].astype(np.int64))
     kept, held = split_indices(len(y), eval_fraction, seed)
-    return Data(ArrayDataset(x[kept], y[kept]), ArrayDataset(x[held], y[held]), (1, 8, 8), 10, fingerprint="digits")
+    return Data(
+        ArrayDataset(x[kept], y[kept]),
+        ArrayDataset(x[held], y[held]),
+        (1, 8, 8),
+        10,
+        fingerprint="digits",
+    )

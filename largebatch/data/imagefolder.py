@@ -34,19 +34,30 @@ def transforms(image_size: int, train: bool) -> Callable:
         geometry = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
     else:
         geometry = [v2.Resize(round(image_size / 0.875), antialias=True), v2.CenterCrop(image_size)]
-    return v2.Compose([*geometry, v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    return v2.Compose(
+        [
+            *geometry,
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(MEAN, STD),
+        ]
+    )
 
 
 def example_seed(seed: int, epoch: int, index: int) -> int:
     """A well-mixed 63-bit seed for one draw of one example."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return int(
+        np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> np.uint64(1)
+    )
 
 
 class ImageFolder(Dataset):
     """(image tensor, class index) for each file; `epoch_aware`: a (seed, epoch, index) key draws a seeded
     training transform, a plain index gives the deterministic eval view."""
 
-    def __init__(self, samples: list[tuple[str, int]], classes: list[str], image_size: int, train: bool) -> None:
+    def __init__(
+        self, samples: list[tuple[str, int]], classes: list[str], image_size: int, train: bool
+    ) -> None:
         from torchvision.datasets.folder import default_loader
 
         self.samples, self.classes, self.loader = samples, classes, default_loader
@@ -61,24 +72,32 @@ class ImageFolder(Dataset):
         if isinstance(key, tuple):
             path, label = self.samples[key[2]]
             with torch.random.fork_rng(devices=[]):  # the caller's CPU generator is left as it was
-                torch.default_generator.manual_seed(example_seed(*key))  # 0.001 ms; torch.manual_seed also seeds CUDA: 0.14
+                torch.default_generator.manual_seed(
+                    example_seed(*key)
+                )  # 0.001 ms; torch.manual_seed also seeds CUDA: 0.14
                 return self.train_transform(self.loader(path)), label
         path, label = self.samples[key]
         return self.eval_transform(self.loader(path)), label
 
 
-def scan(root: Path, class_to_idx: dict[str, int] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+def scan(
+    root: Path, class_to_idx: dict[str, int] | None = None
+) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, class index) of every image under root/<class>/, via torchvision's own folder scan."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     try:
-        classes, found = find_classes(str(root)) if class_to_idx is None else (list(class_to_idx), class_to_idx)
+        classes, found = (
+            find_classes(str(root)) if class_to_idx is None else (list(class_to_idx), class_to_idx)
+        )
         samples = make_dataset(str(root), found, IMG_EXTENSIONS, allow_empty=True)
     except FileNotFoundError:
         raise UserError(f"data.path={root} has no class sub-folders; it should be {WHAT}") from None
     if not samples:
-        raise UserError(f"data.path={root} has no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) in its class "
-                        f"sub-folders; it should be {WHAT}")
+        raise UserError(
+            f"data.path={root} has no images ({', '.join(IMG_EXTENSIONS[:4])}, ...) in its class "
+            f"sub-folders; it should be {WHAT}"
+        )
     return samples, classes
 
 
@@ -88,8 +107,10 @@ def build(path: str | None, eval_fraction: float, image_size: int, seed: int) ->
     split = (root / "train").is_dir()
     samples, classes = scan(root / "train" if split else root)
     if len(classes) < 2:
-        raise UserError(f"data.path={root} has {len(classes)} class folder ({', '.join(classes)}); "
-                        f"classification needs at least 2")
+        raise UserError(
+            f"data.path={root} has {len(classes)} class folder ({', '.join(classes)}); "
+            f"classification needs at least 2"
+        )
     if split and (root / "val").is_dir():
         held, _ = scan(root / "val", {c: i for i, c in enumerate(classes)})
     else:
@@ -97,10 +118,17 @@ def build(path: str | None, eval_fraction: float, image_size: int, seed: int) ->
         held = [samples[i] for i in sorted(held_indices)]
         samples = [samples[i] for i in sorted(kept)]
         if not samples:
-            raise UserError(f"data.path={root} has {len(held)} images, none left for training after "
-                            f"data.eval_fraction={eval_fraction}; lower it or add images")
+            raise UserError(
+                f"data.path={root} has {len(held)} images, none left for training after "
+                f"data.eval_fraction={eval_fraction}; lower it or add images"
+            )
     digest = hashlib.sha256()
     for file, label in samples:
         digest.update(f"{Path(file).relative_to(root)} {label}\n".encode())
-    return Data(ImageFolder(samples, classes, image_size, True), ImageFolder(held, classes, image_size, False),
-                (3, image_size, image_size), len(classes), digest.hexdigest()[:16])
+    return Data(
+        ImageFolder(samples, classes, image_size, True),
+        ImageFolder(held, classes, image_size, False),
+        (3, image_size, image_size),
+        len(classes),
+        digest.hexdigest()[:16],
+    )

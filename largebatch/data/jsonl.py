@@ -51,15 +51,19 @@ def _tokenizer(name: str) -> tuple[Any, int, int]:
     if name == "bytes":
         return (lambda text: list(text.encode())), 256, 0
     if not Path(name).is_dir():
-        raise UserError(f"data.tokenizer={name} is neither 'bytes' nor a local tokenizer folder "
-                        f"(tokenizer.save_pretrained(...) writes one); nothing is downloaded")
+        raise UserError(
+            f"data.tokenizer={name} is neither 'bytes' nor a local tokenizer folder "
+            f"(tokenizer.save_pretrained(...) writes one); nothing is downloaded"
+        )
     transformers = require("transformers", "hf", f"data.tokenizer={name}")
     tok = transformers.AutoTokenizer.from_pretrained(name, local_files_only=True)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     return (lambda text: tok(text)["input_ids"]), len(tok), pad
 
 
-def build(path: str | None, eval_fraction: float, context: int, tokenizer: str, text_key: str) -> Data:
+def build(
+    path: str | None, eval_fraction: float, context: int, tokenizer: str, text_key: str
+) -> Data:
     file = require_path(path, "jsonl", WHAT)
     encode, vocab, pad = _tokenizer(tokenizer)
     sequences = []
@@ -72,15 +76,26 @@ def build(path: str | None, eval_fraction: float, context: int, tokenizer: str, 
             except (json.JSONDecodeError, KeyError, TypeError):
                 text = None
             if not isinstance(text, str):
-                raise UserError(f"{file}:{number} is not a JSON object with a text {text_key!r} field (data.text_key)")
-            tokens = encode(text)[:context + 1]
+                raise UserError(
+                    f"{file}:{number} is not a JSON object with a text {text_key!r} field (data.text_key)"
+                )
+            tokens = encode(text)[: context + 1]
             if len(tokens) >= 2:
                 sequences.append(tokens)
     if len(sequences) < 2:
-        raise UserError(f"data.path={file} has {len(sequences)} line(s) of 2 or more tokens; it should be {WHAT}")
+        raise UserError(
+            f"data.path={file} has {len(sequences)} line(s) of 2 or more tokens; it should be {WHAT}"
+        )
     cut = round(len(sequences) * (1 - eval_fraction))
     if cut == 0:
-        raise UserError(f"data.path={file} has {len(sequences)} usable lines, none left for training after "
-                        f"data.eval_fraction={eval_fraction}; lower it or add data")
-    return Data(PaddedText(sequences[:cut], pad), PaddedText(sequences[cut:], pad), None, vocab,
-                file_fingerprint(file))
+        raise UserError(
+            f"data.path={file} has {len(sequences)} usable lines, none left for training after "
+            f"data.eval_fraction={eval_fraction}; lower it or add data"
+        )
+    return Data(
+        PaddedText(sequences[:cut], pad),
+        PaddedText(sequences[cut:], pad),
+        None,
+        vocab,
+        file_fingerprint(file),
+    )

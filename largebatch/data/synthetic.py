@@ -9,7 +9,9 @@ import torch
 from largebatch.data import ArrayDataset, Data
 
 
-def build(size: int, eval_size: int, shape: list[int], classes: int, label_noise: float, seed: int) -> Data:
+def build(
+    size: int, eval_size: int, shape: list[int], classes: int, label_noise: float, seed: int
+) -> Data:
     """Labels are the argmax of a random two-layer tanh teacher; `label_noise` of them are resampled."""
     gen = torch.Generator().manual_seed(seed)
     features = math.prod(shape)

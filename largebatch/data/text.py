@@ -20,8 +20,13 @@ def build(eval_fraction: float, context: int) -> Data:
     with resources.files("largebatch.data").joinpath("pydoc_topics.txt.gz").open("rb") as raw:
         corpus = torch.frombuffer(bytearray(gzip.decompress(raw.read())), dtype=torch.uint8).long()
     cut = round(len(corpus) * (1 - eval_fraction))
-    return Data(_windows(corpus[:cut], context), _windows(corpus[cut:], context), (context,), VOCAB,
-                fingerprint="text")
+    return Data(
+        _windows(corpus[:cut], context),
+        _windows(corpus[cut:], context),
+        (context,),
+        VOCAB,
+        fingerprint="text",
+    )
 
 
 def _windows(tokens: torch.Tensor, context: int) -> ArrayDataset:

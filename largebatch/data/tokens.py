@@ -25,10 +25,20 @@ SCAN_LIMIT = 1 << 30
 class TokenWindows(Dataset):
     """Windows of `context` + 1 tokens from [start, end) of a memory-mapped token file, `stride` apart."""
 
-    def __init__(self, path: Path, dtype: str, context: int, stride: int, start: int, end: int) -> None:
-        self.path, self.dtype, self.context, self.stride, self.start = path, dtype, context, stride, start
+    def __init__(
+        self, path: Path, dtype: str, context: int, stride: int, start: int, end: int
+    ) -> None:
+        self.path, self.dtype, self.context, self.stride, self.start = (
+            path,
+            dtype,
+            context,
+            stride,
+            start,
+        )
         self.n = max(0, (end - start - context - 1) // stride + 1)
-        self._tokens: np.memmap | None = None  # opened lazily, so each DataLoader worker maps its own
+        self._tokens: np.memmap | None = (
+            None  # opened lazily, so each DataLoader worker maps its own
+        )
 
     def __len__(self) -> int:
         return self.n
@@ -41,7 +51,7 @@ class TokenWindows(Dataset):
         if self._tokens is None:
             self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
         first = self.start + index * self.stride
-        return self._tokens[first:first + self.context + 1]
+        return self._tokens[first : first + self.context + 1]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= index < self.n:
@@ -63,19 +73,25 @@ def _tokens(path: Path, dtype: str) -> int:
     size, item = path.stat().st_size, np.dtype(dtype).itemsize
     if size % item:
         other = "uint32" if dtype == "uint16" else "uint16"
-        raise UserError(f"data.path={path} has {size} bytes, not a multiple of {item} (data.dtype={dtype}); "
-                        f"is it {other}, or cut short?")
+        raise UserError(
+            f"data.path={path} has {size} bytes, not a multiple of {item} (data.dtype={dtype}); "
+            f"is it {other}, or cut short?"
+        )
     return size // item
 
 
-def build(path: str | None, eval_fraction: float, context: int, dtype: str, stride: int | None) -> Data:
+def build(
+    path: str | None, eval_fraction: float, context: int, dtype: str, stride: int | None
+) -> Data:
     root = require_path(path, "tokens", WHAT)
     stride = stride or context
     if root.is_dir():
         files = [root / "train.bin", root / "val.bin"]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise UserError(f"data.path={root} is a folder without {' and '.join(missing)}; it should be {WHAT}")
+            raise UserError(
+                f"data.path={root} is a folder without {' and '.join(missing)}; it should be {WHAT}"
+            )
         train_end, held_end = _tokens(files[0], dtype), _tokens(files[1], dtype)
         train = TokenWindows(files[0], dtype, context, stride, 0, train_end)
         held = TokenWindows(files[1], dtype, context, context, 0, held_end)
@@ -86,9 +102,14 @@ def build(path: str | None, eval_fraction: float, context: int, dtype: str, stri
         train = TokenWindows(root, dtype, context, stride, 0, cut)
         held = TokenWindows(root, dtype, context, context, cut, total)
     if len(train) == 0:
-        raise UserError(f"data.path={root} has too few training tokens for one example of data.context={context} "
-                        f"+ 1 tokens; lower data.context or use a larger file")
+        raise UserError(
+            f"data.path={root} has too few training tokens for one example of data.context={context} "
+            f"+ 1 tokens; lower data.context or use a larger file"
+        )
     vocab = None
     if files[0].stat().st_size <= SCAN_LIMIT:
-        vocab = int(max(np.memmap(f, dtype=dtype, mode="r").max() for f in files if f.stat().st_size)) + 1
+        vocab = (
+            int(max(np.memmap(f, dtype=dtype, mode="r").max() for f in files if f.stat().st_size))
+            + 1
+        )
     return Data(train, held, (context,), vocab, file_fingerprint(*files))

@@ -42,10 +42,17 @@ class Engine(Protocol):
 
     @staticmethod
     def per_rank(cfg: Config, world_size: int, whole: State) -> State:
-        """The part of one model's training state (`whole`, as one process holds it) each of `world_size` ranks holds."""
+        """The part of one model's training state (`whole`, as one process holds it) each of `world_size` ranks
+        holds."""
 
-    def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 cfg: Config, plan: BatchPlan, info: DistInfo) -> None: ...
+    def __init__(
+        self,
+        module: nn.Module,
+        make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+        cfg: Config,
+        plan: BatchPlan,
+        info: DistInfo,
+    ) -> None: ...
 
     def micro_step(self, sync: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-step's forward and backward; gradients are reduced over ranks only if `sync`."""

@@ -35,8 +35,14 @@ class DDPEngine:
         """Every rank holds everything."""
         return whole
 
-    def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 cfg: Config, plan: BatchPlan, info: DistInfo) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+        cfg: Config,
+        plan: BatchPlan,
+        info: DistInfo,
+    ) -> None:
         self.module = module.to(info.device)
         self.model: nn.Module = self.module
         if info.world_size > 1:
@@ -95,8 +101,11 @@ class DDPEngine:
 
     def state_dict(self) -> dict[str, Any]:
         """Every rank holds the whole state; rank 0 writes it."""
-        return {"model": self.module.state_dict(), "optimizer": named_state_dict(self.module, self.optimizer),
-                "scaler": self.precision.state_dict()}
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": named_state_dict(self.module, self.optimizer),
+            "scaler": self.precision.state_dict(),
+        }
 
     def save_shards(self, directory: Path) -> None:
         """Nothing beside `state_dict`: rank 0 holds the whole state."""
@@ -104,8 +113,10 @@ class DDPEngine:
     def load_state_dict(self, state: dict[str, Any], directory: Path) -> None:
         """Restore a checkpoint; optimizer hyperparameters and precision stay as this run's config sets them."""
         if "model" not in state:
-            raise UserError(f"checkpoint {directory} holds no model state for engine.name=ddp (another engine wrote "
-                            f"it); resume it with that engine, or run.resume=never")
+            raise UserError(
+                f"checkpoint {directory} holds no model state for engine.name=ddp (another engine wrote "
+                f"it); resume it with that engine, or run.resume=never"
+            )
         self.module.load_state_dict(state["model"])
         load_named_state_dict(self.module, self.optimizer, state["optimizer"])
         self.precision.load_state_dict(state["scaler"])

@@ -39,10 +39,16 @@ TAG = "deepspeed"
 LAYERWISE = ("lars", "larc", "lamb", "lambc")
 """Optimizers with a per-layer trust ratio: ZeRO 1+ flattens each group into partitions, so it would be per chunk."""
 OWNED = {
-    "train_batch_size": "batch.global_size", "train_micro_batch_size_per_gpu": "batch.micro_size",
-    "gradient_accumulation_steps": "batch.accum_steps", "gradient_clipping": "train.clip_grad_norm",
-    "fp16": "train.precision", "bf16": "train.precision", "torch_autocast": "train.precision",
-    "optimizer": "optim.name", "scheduler": "schedule.name", "zero_optimization.stage": "engine.zero_stage",
+    "train_batch_size": "batch.global_size",
+    "train_micro_batch_size_per_gpu": "batch.micro_size",
+    "gradient_accumulation_steps": "batch.accum_steps",
+    "gradient_clipping": "train.clip_grad_norm",
+    "fp16": "train.precision",
+    "bf16": "train.precision",
+    "torch_autocast": "train.precision",
+    "optimizer": "optim.name",
+    "scheduler": "schedule.name",
+    "zero_optimization.stage": "engine.zero_stage",
     "zero_optimization.offload_optimizer": "engine.offload",
 }
 """DeepSpeed keys that largebatch sets from the config (the key that sets them): ds_config may only repeat them."""
@@ -54,33 +60,52 @@ def deepspeed_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
     if importlib.util.find_spec("deepspeed") is None:
         raise UserError("engine.name=deepspeed needs the deepspeed package; pip install deepspeed")
     if cfg.batch.micro_size == "auto":
-        raise UserError("batch.micro_size=auto is not supported with engine.name=deepspeed; set batch.micro_size "
-                        "(largebatch find-batch measures it)")
+        raise UserError(
+            "batch.micro_size=auto is not supported with engine.name=deepspeed; set batch.micro_size "
+            "(largebatch find-batch measures it)"
+        )
     if cfg.optim.name in LAYERWISE and stage >= 1:
-        raise UserError(f"optim.name={cfg.optim.name} computes a trust ratio per layer, but engine.zero_stage={stage} "
-                        f"flattens layers into partitions (it would be per chunk); use engine.name=fsdp (sharded, "
-                        f"per-layer ratios kept), engine.zero_stage=0, or sgd, adamw or a torch_optimizer:<Class>")
+        raise UserError(
+            f"optim.name={cfg.optim.name} computes a trust ratio per layer, but engine.zero_stage={stage} "
+            f"flattens layers into partitions (it would be per chunk); use engine.name=fsdp (sharded, "
+            f"per-layer ratios kept), engine.zero_stage=0, or sgd, adamw or a torch_optimizer:<Class>"
+        )
     if cfg.train.noise_scale and stage >= 2:
-        raise UserError(f"train.noise_scale needs each rank's gradient before the reduction, which "
-                        f"engine.zero_stage={stage} does not keep; use engine.zero_stage=0 or 1")
+        raise UserError(
+            f"train.noise_scale needs each rank's gradient before the reduction, which "
+            f"engine.zero_stage={stage} does not keep; use engine.zero_stage=0 or 1"
+        )
     if e.offload == "cpu" and stage == 0:
-        raise UserError("engine.offload=cpu moves the sharded optimizer state: set engine.zero_stage to 1, 2 or 3")
+        raise UserError(
+            "engine.offload=cpu moves the sharded optimizer state: set engine.zero_stage to 1, 2 or 3"
+        )
     if cfg.train.precision == "fp16" and (stage == 0 or not torch.cuda.is_available()):
-        raise UserError("train.precision=fp16 with engine.name=deepspeed needs CUDA and engine.zero_stage 1-3 (its "
-                        "loss scaler lives in the ZeRO optimizer); use bf16, or engine.name=ddp")
+        raise UserError(
+            "train.precision=fp16 with engine.name=deepspeed needs CUDA and engine.zero_stage 1-3 (its "
+            "loss scaler lives in the ZeRO optimizer); use bf16, or engine.name=ddp"
+        )
     zero: dict[str, Any] = {"stage": stage}
     if e.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     ours: dict[str, Any] = {
-        "train_batch_size": plan.global_batch, "train_micro_batch_size_per_gpu": plan.micro_batch,
-        "gradient_accumulation_steps": plan.accum_steps, "gradient_clipping": cfg.train.clip_grad_norm or 0.0,
-        "zero_optimization": zero, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 2**62, "wall_clock_breakdown": False,
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accum_steps,
+        "gradient_clipping": cfg.train.clip_grad_norm or 0.0,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
     }
     if cfg.train.precision == "bf16":
         ours["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif cfg.train.precision == "fp16":
-        ours["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": round(math.log2(cfg.train.fp16_init_scale))}
+        ours["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": round(math.log2(cfg.train.fp16_init_scale)),
+        }
     return _merge(ours, _user_config(cfg), "")
 
 
@@ -92,11 +117,15 @@ def _user_config(cfg: Config) -> dict[str, Any]:
     if not path.is_absolute() and not path.exists() and cfg.origin:
         path = Path(cfg.origin) / path
     if not path.is_file():
-        raise UserError(f"engine.ds_config={raw} not found; give a DeepSpeed JSON/YAML file or a mapping")
+        raise UserError(
+            f"engine.ds_config={raw} not found; give a DeepSpeed JSON/YAML file or a mapping"
+        )
     try:
         loaded = yaml.safe_load(path.read_text())  # JSON is YAML
     except yaml.YAMLError:
-        raise UserError(f"engine.ds_config={raw} is not valid JSON or YAML; fix the syntax") from None
+        raise UserError(
+            f"engine.ds_config={raw} is not valid JSON or YAML; fix the syntax"
+        ) from None
     if not isinstance(loaded, dict):
         raise UserError(f"engine.ds_config={raw} must hold a mapping of DeepSpeed keys")
     return loaded
@@ -111,10 +140,14 @@ def _merge(ours: dict[str, Any], theirs: dict[str, Any], prefix: str) -> dict[st
             merged[key] = _merge(ours[key], value, f"{name}.")
         elif key in ours and ours[key] != value:
             owner = OWNED.get(name, "largebatch")
-            raise UserError(f"engine.ds_config sets {name}={value!r} but {owner} gives {ours[key]!r}; "
-                            f"remove it from engine.ds_config and set {owner}")
+            raise UserError(
+                f"engine.ds_config sets {name}={value!r} but {owner} gives {ours[key]!r}; "
+                f"remove it from engine.ds_config and set {owner}"
+            )
         elif key not in ours and name in OWNED:
-            raise UserError(f"engine.ds_config sets {name}, which {OWNED[name]} owns; remove it and set {OWNED[name]}")
+            raise UserError(
+                f"engine.ds_config sets {name}, which {OWNED[name]} owns; remove it and set {OWNED[name]}"
+            )
         else:
             merged[key] = value
     return merged
@@ -137,23 +170,39 @@ class DeepSpeedEngine:
         stage, share = cfg.engine.zero_stage, lambda n: -(-n // world_size)
         if stage == 0:
             return whole
-        return State(share(whole.params) if stage >= 3 else whole.params,
-                     share(whole.grads) if stage >= 2 else whole.grads, share(whole.optimizer + whole.params))
+        return State(
+            share(whole.params) if stage >= 3 else whole.params,
+            share(whole.grads) if stage >= 2 else whole.grads,
+            share(whole.optimizer + whole.params),
+        )
 
-    def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 cfg: Config, plan: BatchPlan, info: DistInfo) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+        cfg: Config,
+        plan: BatchPlan,
+        info: DistInfo,
+    ) -> None:
         import deepspeed
 
         self.config = deepspeed_config(cfg, plan)
-        for name, value in (("LOCAL_RANK", info.local_rank), ("RANK", info.rank), ("WORLD_SIZE", info.world_size)):
-            os.environ.setdefault(name, str(value))  # what a launcher sets, and DeepSpeed asserts; one process has none
+        for name, value in (
+            ("LOCAL_RANK", info.local_rank),
+            ("RANK", info.rank),
+            ("WORLD_SIZE", info.world_size),
+        ):
+            os.environ.setdefault(
+                name, str(value)
+            )  # what a launcher sets, and DeepSpeed asserts; one process has none
         self.stage = cfg.engine.zero_stage
         module = module.to(info.device)
         self.optimizer = make_optimizer(module)
         if cfg.engine.offload == "cpu" and type(self.optimizer) is torch.optim.AdamW:
             self.optimizer = _cpu_adam(self.optimizer)
-        self.ds, *_ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=self.config,
-                                           dist_init_required=False)
+        self.ds, *_ = deepspeed.initialize(
+            model=module, optimizer=self.optimizer, config=self.config, dist_init_required=False
+        )
         self.model = self.ds
         self.module = self.ds.module
         self.params = [p for p in self.module.parameters() if p.requires_grad]
@@ -193,7 +242,9 @@ class DeepSpeedEngine:
         if self.stage == 0:
             return self._step_stage0(loss)
         if not math.isfinite(loss):
-            self._factor = math.nan  # a non-finite norm: DeepSpeed skips the step and frees the gradients
+            self._factor = (
+                math.nan
+            )  # a non-finite norm: DeepSpeed skips the step and frees the gradients
         optimizer = self.ds.optimizer
         before = optimizer.loss_scale
         optimizer.loss_scale = before / self._factor
@@ -205,7 +256,9 @@ class DeepSpeedEngine:
         applied = self.ds.skipped_steps == skipped
         norm = self.ds.get_global_grad_norm()
         norm = math.inf if norm is None else float(norm)
-        nonfinite = not applied and (not self.fp16 or not math.isfinite(loss) or optimizer.loss_scale < 1.0)
+        nonfinite = not applied and (
+            not self.fp16 or not math.isfinite(loss) or optimizer.loss_scale < 1.0
+        )
         return StepOutcome(applied, nonfinite, norm)
 
     def _step_stage0(self, loss: float) -> StepOutcome:
@@ -243,9 +296,15 @@ class DeepSpeedEngine:
         """Every rank writes its part of the model and optimizer state under `directory/deepspeed/` (collective)."""
         from deepspeed.checkpoint import constants
 
-        universal = {constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE}
-        self.ds.save_checkpoint(str(directory), tag=TAG, client_state={constants.UNIVERSAL_CHECKPOINT_INFO: universal},
-                                save_latest=False)
+        universal = {
+            constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE
+        }
+        self.ds.save_checkpoint(
+            str(directory),
+            tag=TAG,
+            client_state={constants.UNIVERSAL_CHECKPOINT_INFO: universal},
+            save_latest=False,
+        )
 
     def load_state_dict(self, state: dict[str, Any], directory: Path) -> None:
         """Load this engine's checkpoint; one written by another number of processes goes through DeepSpeed's
@@ -256,9 +315,13 @@ class DeepSpeedEngine:
             self._load(directory)
             return
         universal = directory.parent / f".universal_{directory.name}"
-        problem = broadcast_from_main(_to_universal(directory / TAG, universal / TAG) if dist.get_rank() == 0 else None)
+        problem = broadcast_from_main(
+            _to_universal(directory / TAG, universal / TAG) if dist.get_rank() == 0 else None
+        )
         if problem:
-            raise UserError(f"cannot resume {directory} ({saved_ranks} processes) on {world}: {problem}")
+            raise UserError(
+                f"cannot resume {directory} ({saved_ranks} processes) on {world}: {problem}"
+            )
         self.ds._config.load_universal_checkpoint = True
         try:
             self._load(universal)
@@ -270,14 +333,20 @@ class DeepSpeedEngine:
 
     def _load(self, directory: Path) -> None:
         """Load model and optimizer state; the optimizer's hyperparameters (LR included) stay this run's config's."""
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        path, _ = self.ds.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+        settings = [
+            {k: v for k, v in group.items() if k != "params"}
+            for group in self.optimizer.param_groups
+        ]
+        path, _ = self.ds.load_checkpoint(
+            str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         for group, setting in zip(self.optimizer.param_groups, settings):
             group.update(setting)
         if path is None:
-            raise UserError(f"checkpoint {directory} has no DeepSpeed state under {TAG}/; it was written by another "
-                            f"engine: resume it with that engine.name, or run.resume=never")
+            raise UserError(
+                f"checkpoint {directory} has no DeepSpeed state under {TAG}/; it was written by another "
+                f"engine: resume it with that engine.name, or run.resume=never"
+            )
 
     def files(self) -> dict[str, Any]:
         """Written to the run directory: the effective DeepSpeed config."""
@@ -289,18 +358,42 @@ def _cpu_adam(adamw: torch.optim.AdamW) -> torch.optim.Optimizer:
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     d = adamw.defaults
-    groups = [{k: v for k, v in g.items() if k in ("params", "weight_decay", "adapt")} for g in adamw.param_groups]
-    return DeepSpeedCPUAdam(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
-                            adamw_mode=True)
+    groups = [
+        {k: v for k, v in g.items() if k in ("params", "weight_decay", "adapt")}
+        for g in adamw.param_groups
+    ]
+    return DeepSpeedCPUAdam(
+        groups,
+        lr=d["lr"],
+        betas=d["betas"],
+        eps=d["eps"],
+        weight_decay=d["weight_decay"],
+        adamw_mode=True,
+    )
 
 
 def _to_universal(source: Path, target: Path) -> str | None:
     """Convert a DeepSpeed checkpoint to the universal format (DeepSpeed's ds_to_universal); None or what failed."""
     shutil.rmtree(target.parent, ignore_errors=True)
     target.parent.mkdir(parents=True)
-    done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
-                           "--output_folder", str(target), "--num_extract_workers", "1", "--num_merge_workers", "1",
-                           "--no_strict"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(source),
+            "--output_folder",
+            str(target),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+            "--no_strict",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         return (done.stderr.strip().splitlines() or ["ds_to_universal failed"])[-1]
     return None

@@ -41,17 +41,28 @@ def blocks(model: nn.Module, names: list[str]) -> list[nn.Module]:
     if names:
         present = {type(m).__name__ for m in model.modules()}
         if missing := sorted(set(names) - present):
-            candidates = sorted({type(m).__name__ for m in model.modules() if list(m.children())} - {type(model).__name__})
-            raise UserError(f"engine.shard_blocks names {', '.join(missing)}, which the model does not have; "
-                            f"its module classes with children: {', '.join(candidates) or 'none'}")
+            candidates = sorted(
+                {type(m).__name__ for m in model.modules() if list(m.children())}
+                - {type(model).__name__}
+            )
+            raise UserError(
+                f"engine.shard_blocks names {', '.join(missing)}, which the model does not have; "
+                f"its module classes with children: {', '.join(candidates) or 'none'}"
+            )
     if not chosen:
-        counts = Counter(type(m).__name__ for m in model.modules()
-                         if m is not model and list(m.children()) and not isinstance(m, CONTAINERS))
+        counts = Counter(
+            type(m).__name__
+            for m in model.modules()
+            if m is not model and list(m.children()) and not isinstance(m, CONTAINERS)
+        )
         chosen = {name for name, n in counts.items() if n > 1}
     found: list[nn.Module] = []
     for module in model.modules():
-        if module is not model and type(module).__name__ in chosen and not any(
-                sub is module for outer in found for sub in outer.modules()):
+        if (
+            module is not model
+            and type(module).__name__ in chosen
+            and not any(sub is module for outer in found for sub in outer.modules())
+        ):
             found.append(module)
     return found
 
@@ -65,18 +76,26 @@ class FSDPEngine:
     @staticmethod
     def check(cfg: Config, plan: BatchPlan, model: nn.Module | None) -> None:
         if cfg.batch.micro_size == "auto":
-            raise UserError("batch.micro_size=auto is not supported with engine.name=fsdp (its out-of-memory redo "
-                            "needs gradients that are not yet reduced); set batch.micro_size (largebatch find-batch "
-                            "measures it)")
+            raise UserError(
+                "batch.micro_size=auto is not supported with engine.name=fsdp (its out-of-memory redo "
+                "needs gradients that are not yet reduced); set batch.micro_size (largebatch find-batch "
+                "measures it)"
+            )
         if cfg.train.noise_scale:
-            raise UserError("train.noise_scale needs each rank's gradient before the reduction, which FSDP "
-                            "reduce-scatters inside backward; measure it with engine.name=ddp on the same batch plan")
+            raise UserError(
+                "train.noise_scale needs each rank's gradient before the reduction, which FSDP "
+                "reduce-scatters inside backward; measure it with engine.name=ddp on the same batch plan"
+            )
         if cfg.train.precision == "fp16":
-            raise UserError("train.precision=fp16 is not supported with engine.name=fsdp (no loss scaler for sharded "
-                            "gradients here); use bf16, or engine.name=ddp")
+            raise UserError(
+                "train.precision=fp16 is not supported with engine.name=fsdp (no loss scaler for sharded "
+                "gradients here); use bf16, or engine.name=ddp"
+            )
         if cfg.model.norm == "syncbatch":
-            raise UserError("model.norm=syncbatch is not supported with engine.name=fsdp; use model.norm=group or "
-                            "layer, or engine.name=ddp")
+            raise UserError(
+                "model.norm=syncbatch is not supported with engine.name=fsdp; use model.norm=group or "
+                "layer, or engine.name=ddp"
+            )
         if model is not None:
             blocks(model, cfg.engine.shard_blocks)
 
@@ -84,16 +103,27 @@ class FSDPEngine:
     def per_rank(cfg: Config, world_size: int, whole: State) -> State:
         """A 1/world shard of everything (buffers are counted whole: they are few); not counted: one unit all-gathered
         during its forward and backward."""
-        return State(*(-(-part // world_size) for part in (whole.params, whole.grads, whole.optimizer)))
+        return State(
+            *(-(-part // world_size) for part in (whole.params, whole.grads, whole.optimizer))
+        )
 
-    def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 cfg: Config, plan: BatchPlan, info: DistInfo) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+        cfg: Config,
+        plan: BatchPlan,
+        info: DistInfo,
+    ) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(info.device.type, (info.world_size,))
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if cfg.train.precision == "bf16" else MixedPrecisionPolicy()
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if cfg.train.precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
         module = module.to(info.device)
         self.units = blocks(module, cfg.engine.shard_blocks)
         for unit in self.units:
@@ -116,7 +146,9 @@ class FSDPEngine:
         loss.backward()
 
     def reduce_gradients(self) -> None:
-        raise AssertionError("FSDP reduces gradients in backward: check() refuses what would need it")
+        raise AssertionError(
+            "FSDP reduces gradients in backward: check() refuses what would need it"
+        )
 
     def scale_gradients(self, factor: float) -> None:
         torch._foreach_mul_([local(p.grad) for p in self.params if p.grad is not None], factor)
@@ -125,7 +157,8 @@ class FSDPEngine:
         raise AssertionError("FSDP reduces gradients in backward: check() refuses the noise scale")
 
     def step(self, loss: float, max_norm: float | None) -> StepOutcome:
-        """The norm over all ranks' gradient shards, clipping with it, then the optimizer if loss and norm are finite."""
+        """The norm over all ranks' gradient shards, clipping with it, then the optimizer if loss and norm are
+        finite."""
         grads = [p.grad for p in self.params if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads, foreach=True)
         total = total.full_tensor() if hasattr(total, "full_tensor") else total
@@ -172,19 +205,31 @@ class FSDPEngine:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         if not (directory / SHARDS / ".metadata").is_file():
-            raise UserError(f"checkpoint {directory} has no FSDP shards under {SHARDS}/ (another engine wrote it); "
-                            f"resume it with that engine.name, or run.resume=never")
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+            raise UserError(
+                f"checkpoint {directory} has no FSDP shards under {SHARDS}/ (another engine wrote it); "
+                f"resume it with that engine.name, or run.resume=never"
+            )
+        settings = [
+            {k: v for k, v in group.items() if k != "params"}
+            for group in self.optimizer.param_groups
+        ]
         sharded = self._sharded()
         dcp.load(sharded, checkpoint_id=directory / SHARDS)
-        set_state_dict(self.module, self.optimizer, model_state_dict=sharded["model"],
-                       optim_state_dict=sharded["optimizer"])
+        set_state_dict(
+            self.module,
+            self.optimizer,
+            model_state_dict=sharded["model"],
+            optim_state_dict=sharded["optimizer"],
+        )
         for group, setting in zip(self.optimizer.param_groups, settings):
             group.update(setting)
 
     def files(self) -> dict[str, Any]:
         """Written to the run directory: which modules were sharded as units."""
         names = {id(m): n for n, m in self.module.named_modules()}
-        return {"fsdp.json": {"units": [names[id(u)] for u in self.units] + ["(root)"],
-                              "world_size": torch.distributed.get_world_size()}}
-
+        return {
+            "fsdp.json": {
+                "units": [names[id(u)] for u in self.units] + ["(root)"],
+                "world_size": torch.distributed.get_world_size(),
+            }
+        }

@@ -18,12 +18,19 @@ from largebatch.errors import UserError, check_choice
 from largebatch.models import checkpointing, gpt, hub, mlp, resnet
 
 BUILDERS = {"mlp": mlp.build, "resnet": resnet.build, "gpt": gpt.build}
-BLOCKS: dict[str, tuple[type[nn.Module], ...]] = {"resnet": (resnet.BasicBlock,), "gpt": (gpt.Block,)}
+BLOCKS: dict[str, tuple[type[nn.Module], ...]] = {
+    "resnet": (resnet.BasicBlock,),
+    "gpt": (gpt.Block,),
+}
 """What gradient checkpointing wraps, per built-in model (hub models: see hub.checkpoint_blocks)."""
 
 
-def build(cfg: ModelConfig, input_shape: tuple[int, ...] | None, num_classes: int | None,
-          origin: str | None = None) -> nn.Module:
+def build(
+    cfg: ModelConfig,
+    input_shape: tuple[int, ...] | None,
+    num_classes: int | None,
+    origin: str | None = None,
+) -> nn.Module:
     """The model `cfg.name` names, for data of `input_shape` with `num_classes` classes (None where unknown)."""
     if mode("model.name", cfg.name) == FACTORY:
         return wrap(cfg, factory.resolve("model.name", cfg.name, origin), cfg.args)
@@ -36,15 +43,23 @@ def build(cfg: ModelConfig, input_shape: tuple[int, ...] | None, num_classes: in
     return wrap(cfg, model)
 
 
-def wrap(cfg: ModelConfig, model: nn.Module | Callable[..., nn.Module], args: dict[str, Any] | None = None) -> nn.Module:
+def wrap(
+    cfg: ModelConfig,
+    model: nn.Module | Callable[..., nn.Module],
+    args: dict[str, Any] | None = None,
+) -> nn.Module:
     """A user's model (or the module its builder returns, called with `args`) with the wrappers the config asks for:
     SyncBatchNorm, gradient checkpointing."""
     if cfg.norm == "syncbatch" and not torch.cuda.is_available():
-        raise UserError("model.norm=syncbatch needs CUDA (SyncBatchNorm runs on NCCL); use batch or group on CPU")
+        raise UserError(
+            "model.norm=syncbatch needs CUDA (SyncBatchNorm runs on NCCL); use batch or group on CPU"
+        )
     if not isinstance(model, nn.Module):
         model = factory.call("model.args", model, args or {}, cfg.name)
         if not isinstance(model, nn.Module):
-            raise UserError(f"model.name={cfg.name} returned a {type(model).__name__}, not a torch.nn.Module")
+            raise UserError(
+                f"model.name={cfg.name} returned a {type(model).__name__}, not a torch.nn.Module"
+            )
     if cfg.norm == "syncbatch":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.grad_checkpointing:
@@ -52,14 +67,24 @@ def wrap(cfg: ModelConfig, model: nn.Module | Callable[..., nn.Module], args: di
     return model
 
 
-def _builtin(cfg: ModelConfig, input_shape: tuple[int, ...] | None, num_classes: int | None) -> nn.Module:
-    check_choice("model.name", cfg.name, [*BUILDERS, "torchvision:<name>", "hf:<name-or-dir>", FACTORY])
+def _builtin(
+    cfg: ModelConfig, input_shape: tuple[int, ...] | None, num_classes: int | None
+) -> nn.Module:
+    check_choice(
+        "model.name", cfg.name, [*BUILDERS, "torchvision:<name>", "hf:<name-or-dir>", FACTORY]
+    )
     if input_shape is None or num_classes is None:
-        raise UserError(f"model.name={cfg.name} is built for the built-in datasets (it needs their input shape and "
-                        f"class count); use torchvision:<name>, hf:<name-or-dir> or your own pkg.module:callable")
+        raise UserError(
+            f"model.name={cfg.name} is built for the built-in datasets (it needs their input shape and "
+            f"class count); use torchvision:<name>, hf:<name-or-dir> or your own pkg.module:callable"
+        )
     base = "batch" if cfg.norm == "syncbatch" else cfg.norm
-    options = {k.split(".")[1]: getattr(cfg, k.split(".")[1]) for k in MODE_KEYS["model.name"][cfg.name]}
-    return BUILDERS[cfg.name](input_shape, num_classes, **(options | ({"norm": base} if "norm" in options else {})))
+    options = {
+        k.split(".")[1]: getattr(cfg, k.split(".")[1]) for k in MODE_KEYS["model.name"][cfg.name]
+    }
+    return BUILDERS[cfg.name](
+        input_shape, num_classes, **(options | ({"norm": base} if "norm" in options else {}))
+    )
 
 
 def _checkpoint(model: nn.Module, cfg: ModelConfig, every: int) -> None:
@@ -67,10 +92,14 @@ def _checkpoint(model: nn.Module, cfg: ModelConfig, every: int) -> None:
     for Hugging Face ones."""
     if cfg.name.startswith("hf:"):
         if every != 1:
-            raise UserError("model.grad_checkpointing for hf: models is true (every layer), not every N-th")
+            raise UserError(
+                "model.grad_checkpointing for hf: models is true (every layer), not every N-th"
+            )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return
     blocks = BLOCKS.get(cfg.name) or hub.checkpoint_blocks(cfg.name)
     if not blocks or not checkpointing.apply(model, blocks, every):
-        raise UserError(f"model.grad_checkpointing found no blocks to recompute in {cfg.name} (it knows "
-                        f"{', '.join(BLOCKS)}, torchvision ResNets/ViTs/ConvNeXts and hf: models)")
+        raise UserError(
+            f"model.grad_checkpointing found no blocks to recompute in {cfg.name} (it knows "
+            f"{', '.join(BLOCKS)}, torchvision ResNets/ViTs/ConvNeXts and hf: models)"
+        )

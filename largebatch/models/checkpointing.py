@@ -22,9 +22,13 @@ class Checkpointed(nn.Module):
 
 def apply(model: nn.Module, block_types: tuple[type[nn.Module], ...], every: int) -> int:
     """Wrap every `every`-th block (in model order) of the given types; returns how many were wrapped."""
-    blocks = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-              if isinstance(child, block_types)]
-    chosen = blocks[every - 1::every]
+    blocks = [
+        (parent, name)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, block_types)
+    ]
+    chosen = blocks[every - 1 :: every]
     for parent, name in chosen:
         setattr(parent, name, Checkpointed(getattr(parent, name)))
     return len(chosen)

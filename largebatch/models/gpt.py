@@ -17,11 +17,15 @@ class Block(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.ln2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(self.ln1(x)).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        )
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(attn.transpose(1, 2).reshape(b, t, c))
         return x + self.mlp(self.ln2(x))
@@ -47,9 +51,13 @@ class GPT(nn.Module):
         return self.head(self.ln(self.blocks(self.token(tokens) + self.position(positions))))
 
 
-def build(input_shape: tuple[int, ...], num_classes: int, width: int, depth: int, heads: int) -> nn.Module:
+def build(
+    input_shape: tuple[int, ...], num_classes: int, width: int, depth: int, heads: int
+) -> nn.Module:
     if len(input_shape) != 1:
-        raise UserError(f"model.name=gpt needs token sequences, but the data gives shape {list(input_shape)}; use data.name=text")
+        raise UserError(
+            f"model.name=gpt needs token sequences, but the data gives shape {list(input_shape)}; use data.name=text"
+        )
     if width % heads:
         raise UserError(f"model.width={width} is not divisible by model.heads={heads}")
     return GPT(num_classes, input_shape[0], width, depth, heads)

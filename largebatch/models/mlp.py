@@ -9,7 +9,9 @@ from torch import nn
 from largebatch.models.norms import norm1d
 
 
-def build(input_shape: tuple[int, ...], num_classes: int, width: int, depth: int, norm: str) -> nn.Module:
+def build(
+    input_shape: tuple[int, ...], num_classes: int, width: int, depth: int, norm: str
+) -> nn.Module:
     """Any input shape works: it is flattened."""
     layers: list[nn.Module] = [nn.Flatten()]
     width_in = math.prod(input_shape)

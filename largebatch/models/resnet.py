@@ -24,14 +24,18 @@ class BasicBlock(nn.Module):
             nn.init.zeros_(self.norm2.weight)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or channels_in != channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(channels_in, channels, 1, stride, bias=False), norm2d(norm, channels))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(channels_in, channels, 1, stride, bias=False), norm2d(norm, channels)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.norm1(self.conv1(x)))
         return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
 
 
-def build(input_shape: tuple[int, ...], num_classes: int, width: int, depth: int, norm: str) -> nn.Module:
+def build(
+    input_shape: tuple[int, ...], num_classes: int, width: int, depth: int, norm: str
+) -> nn.Module:
     if len(input_shape) != 3:
         raise UserError(
             f"model.name=resnet needs image inputs (channels, height, width), but the data gives shape "

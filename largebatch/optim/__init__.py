@@ -26,33 +26,64 @@ TORCH_OPTIMIZER = "torch_optimizer:"
 def excluded(name: str, param: torch.Tensor, cfg: OptimConfig) -> bool:
     """No weight decay and no layer-wise adaptation: ≤ 1-D tensors (biases, norm weights; Goyal et al. §5.1)
     when optim.exclude_1d, and names matching an optim.exclude pattern."""
-    return (cfg.exclude_1d and param.ndim <= 1) or any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude)
+    return (cfg.exclude_1d and param.ndim <= 1) or any(
+        fnmatch.fnmatchcase(name, p) for p in cfg.exclude
+    )
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> ParamGroups:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [
-        {"params": [p for n, p in named if not excluded(n, p, cfg)], "weight_decay": cfg.weight_decay, "adapt": True},
-        {"params": [p for n, p in named if excluded(n, p, cfg)], "weight_decay": 0.0, "adapt": False},
+        {
+            "params": [p for n, p in named if not excluded(n, p, cfg)],
+            "weight_decay": cfg.weight_decay,
+            "adapt": True,
+        },
+        {
+            "params": [p for n, p in named if excluded(n, p, cfg)],
+            "weight_decay": 0.0,
+            "adapt": False,
+        },
     ]
 
 
 def _sgd(groups: ParamGroups, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True)
+    return torch.optim.SGD(
+        groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, foreach=True
+    )
 
 
 def _adamw(groups: ParamGroups, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
 
 
-def _lars(groups: ParamGroups, cfg: OptimConfig, lr: float, clip: bool = False) -> torch.optim.Optimizer:
-    return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient, eps=cfg.eps,
-                nesterov=cfg.nesterov, trust_clip=clip, impl=cfg.impl)
+def _lars(
+    groups: ParamGroups, cfg: OptimConfig, lr: float, clip: bool = False
+) -> torch.optim.Optimizer:
+    return LARS(
+        groups,
+        lr=lr,
+        momentum=cfg.momentum,
+        trust_coefficient=cfg.trust_coefficient,
+        eps=cfg.eps,
+        nesterov=cfg.nesterov,
+        trust_clip=clip,
+        impl=cfg.impl,
+    )
 
 
-def _lamb(groups: ParamGroups, cfg: OptimConfig, lr: float, clip: float | None = None) -> torch.optim.Optimizer:
-    return LAMB(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, bias_correction=cfg.bias_correction,
-                trust_clip=clip, impl=cfg.impl)
+def _lamb(
+    groups: ParamGroups, cfg: OptimConfig, lr: float, clip: float | None = None
+) -> torch.optim.Optimizer:
+    return LAMB(
+        groups,
+        lr=lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        bias_correction=cfg.bias_correction,
+        trust_clip=clip,
+        impl=cfg.impl,
+    )
 
 
 OPTIMIZERS: dict[str, Callable[[ParamGroups, OptimConfig, float], torch.optim.Optimizer]] = {
@@ -85,14 +116,21 @@ def _torch_optimizer_class(cfg: OptimConfig) -> type[torch.optim.Optimizer]:
     import torch_optimizer
 
     name = cfg.name.removeprefix(TORCH_OPTIMIZER)
-    classes = sorted(n for n, c in vars(torch_optimizer).items() if inspect.isclass(c)
-                     and issubclass(c, torch.optim.Optimizer) and c.__module__.startswith("torch_optimizer"))
+    classes = sorted(
+        n
+        for n, c in vars(torch_optimizer).items()
+        if inspect.isclass(c)
+        and issubclass(c, torch.optim.Optimizer)
+        and c.__module__.startswith("torch_optimizer")
+    )
     cls = getattr(torch_optimizer, check_choice("optim.name torch_optimizer class", name, classes))
     accepted = inspect.signature(cls).parameters
     for option in cfg.options:
         if option not in accepted:
-            raise UserError(f"torch_optimizer.{name} has no option {option!r} (optim.options); it takes "
-                            f"{', '.join(p for p in accepted if p not in ('self', 'params'))}")
+            raise UserError(
+                f"torch_optimizer.{name} has no option {option!r} (optim.options); it takes "
+                f"{', '.join(p for p in accepted if p not in ('self', 'params'))}"
+            )
     return cls
 
 
@@ -106,7 +144,9 @@ def check(cfg: OptimConfig) -> None:
     if cfg.nesterov and cfg.momentum == 0:
         raise UserError("optim.nesterov=true needs optim.momentum > 0")
     if cfg.eps == 0 and cfg.name in POSITIVE_EPS:
-        raise UserError(f"optim.eps=0 must be positive for {cfg.name} (it keeps √v + eps away from 0), e.g. 1e-8")
+        raise UserError(
+            f"optim.eps=0 must be positive for {cfg.name} (it keeps √v + eps away from 0), e.g. 1e-8"
+        )
 
 
 def _check_used(cfg: OptimConfig) -> None:
@@ -133,8 +173,11 @@ def build(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimize
 def trust_ratios(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """`trust_ratio/<parameter>` of the last step for every adapted parameter (one host sync), or {}."""
     fixed = {id(p) for g in optimizer.param_groups if not g.get("adapt", True) for p in g["params"]}
-    named = [(n, optimizer.state[p]["trust_ratio"]) for n, p in model.named_parameters()
-             if id(p) not in fixed and "trust_ratio" in optimizer.state.get(p, {})]
+    named = [
+        (n, optimizer.state[p]["trust_ratio"])
+        for n, p in model.named_parameters()
+        if id(p) not in fixed and "trust_ratio" in optimizer.state.get(p, {})
+    ]
     if not named:
         return {}
     values = torch.stack([r.float() for _, r in named]).tolist()

@@ -91,11 +91,21 @@ class LAMB(Optimizer):
         params, grads, exp_avgs, exp_avg_sqs, steps, trust_ratios = self._local_tensors(params)
         kernels = fused.kernels_for(self.impl, params, [grads, exp_avgs, exp_avg_sqs])
         (kernels.lamb_step if kernels else foreach_lamb_step)(
-            params, grads, exp_avgs, exp_avg_sqs, steps, trust_ratios,
-            group["lr"], *_adam(group), group["trust_clip"], group["adapt"],
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            trust_ratios,
+            group["lr"],
+            *_adam(group),
+            group["trust_clip"],
+            group["adapt"],
         )
 
-    def _first_pass(self, group: dict[str, Any], params: list[Tensor]) -> tuple[Tensor, Callable[[Tensor], None]]:
+    def _first_pass(
+        self, group: dict[str, Any], params: list[Tensor]
+    ) -> tuple[Tensor, Callable[[Tensor], None]]:
         """Count steps, update the moments and sum the squares of w and u over the local shards;
         returns the [n, 2] sums and the second pass, to call with the sums reduced over the shards."""
         params, grads, exp_avgs, exp_avg_sqs, steps, trust_ratios = self._local_tensors(params)
@@ -105,10 +115,21 @@ class LAMB(Optimizer):
         if kernels:
             sums = kernels.lamb_sums(params, grads, exp_avgs, exp_avg_sqs, steps, *adam)
             return sums, lambda reduced: kernels.lamb_apply(
-                params, exp_avgs, exp_avg_sqs, steps, trust_ratios, reduced, lr, *adam, trust_clip, adapt
+                params,
+                exp_avgs,
+                exp_avg_sqs,
+                steps,
+                trust_ratios,
+                reduced,
+                lr,
+                *adam,
+                trust_clip,
+                adapt,
             )
         sums, updates = foreach_lamb_sums(params, grads, exp_avgs, exp_avg_sqs, steps, *adam)
-        return sums, lambda reduced: foreach_lamb_apply(params, updates, trust_ratios, reduced, lr, trust_clip, adapt)
+        return sums, lambda reduced: foreach_lamb_apply(
+            params, updates, trust_ratios, reduced, lr, trust_clip, adapt
+        )
 
     def _local_tensors(self, params: list[Tensor]) -> tuple[list[Tensor], ...]:
         """Params, grads, exp_avgs, exp_avg_sqs (this process's shards of DTensors), steps and trust ratios."""
@@ -158,7 +179,16 @@ def foreach_lamb_step(
 ) -> None:
     """One LAMB step with torch._foreach_* ops; counts `steps` and copies ratios into `trust_ratios`."""
     sums, updates = foreach_lamb_sums(
-        params, grads, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, weight_decay, bias_correction
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        steps,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        bias_correction,
     )
     foreach_lamb_apply(params, updates, trust_ratios, sums, lr, trust_clip, adapt)
 

@@ -96,7 +96,9 @@ class LARS(Optimizer):
             params, grads, buffers, trust_ratios, *(group[key] for key in _HYPERPARAMETERS)
         )
 
-    def _first_pass(self, group: dict[str, Any], params: list[Tensor]) -> tuple[Tensor, Callable[[Tensor], None]]:
+    def _first_pass(
+        self, group: dict[str, Any], params: list[Tensor]
+    ) -> tuple[Tensor, Callable[[Tensor], None]]:
         """Sum the squares of w and g over the local shards; returns the [n, 2] sums and the second
         pass, to call with the sums reduced over the shards."""
         params, grads, buffers, trust_ratios = self._local_tensors(group, params)
@@ -104,16 +106,24 @@ class LARS(Optimizer):
         sums = (kernels.lars_sums if kernels else foreach_lars_sums)(params, grads, group["adapt"])
         apply = kernels.lars_apply if kernels else foreach_lars_apply
         hyperparameters = [group[key] for key in _HYPERPARAMETERS]
-        return sums, lambda reduced: apply(params, grads, buffers, trust_ratios, reduced, *hyperparameters)
+        return sums, lambda reduced: apply(
+            params, grads, buffers, trust_ratios, reduced, *hyperparameters
+        )
 
-    def _local_tensors(self, group: dict[str, Any], params: list[Tensor]) -> tuple[list[Tensor], ...]:
+    def _local_tensors(
+        self, group: dict[str, Any], params: list[Tensor]
+    ) -> tuple[list[Tensor], ...]:
         """Params, grads, momentum buffers (none without momentum; this process's shards of DTensors)
         and trust ratios."""
         grads = [p.grad for p in params]
         if any(g.is_sparse for g in grads):
             raise RuntimeError("LARS does not support sparse gradients")
         states = [self._state(p, group["momentum"]) for p in params]
-        buffers = [sharding.local(state["momentum_buffer"]) for state in states] if group["momentum"] != 0.0 else []
+        buffers = (
+            [sharding.local(state["momentum_buffer"]) for state in states]
+            if group["momentum"] != 0.0
+            else []
+        )
         return (
             [sharding.local(p) for p in params],
             [sharding.local(g) for g in grads],
@@ -130,7 +140,16 @@ class LARS(Optimizer):
         return state
 
 
-_HYPERPARAMETERS = ("lr", "momentum", "weight_decay", "trust_coefficient", "eps", "nesterov", "trust_clip", "adapt")
+_HYPERPARAMETERS = (
+    "lr",
+    "momentum",
+    "weight_decay",
+    "trust_coefficient",
+    "eps",
+    "nesterov",
+    "trust_clip",
+    "adapt",
+)
 """The group keys that the step functions take after the tensors, in their order."""
 
 
@@ -150,8 +169,21 @@ def foreach_lars_step(
 ) -> None:
     """One LARS step with torch._foreach_* ops; copies each tensor's ratio into `trust_ratios`."""
     sums = foreach_lars_sums(params, grads, adapt)
-    foreach_lars_apply(params, grads, momentum_buffers, trust_ratios, sums, lr, momentum, weight_decay,
-                       trust_coefficient, eps, nesterov, trust_clip, adapt)
+    foreach_lars_apply(
+        params,
+        grads,
+        momentum_buffers,
+        trust_ratios,
+        sums,
+        lr,
+        momentum,
+        weight_decay,
+        trust_coefficient,
+        eps,
+        nesterov,
+        trust_clip,
+        adapt,
+    )
 
 
 def foreach_lars_sums(params: list[Tensor], grads: list[Tensor], adapt: bool) -> Tensor:

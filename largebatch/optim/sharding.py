@@ -43,7 +43,8 @@ def is_sharded(params: list[Tensor]) -> bool:
     """Whether any of `params` is a DTensor sharded over processes, whose norms need `reduce_sums`."""
     dtensor = _dtensor()
     return dtensor is not None and any(
-        isinstance(p, dtensor) and any(placement.is_shard() for placement in p.placements) for p in params
+        isinstance(p, dtensor) and any(placement.is_shard() for placement in p.placements)
+        for p in params
     )
 
 
@@ -67,16 +68,22 @@ def reduce_sums(params: list[Tensor], sums: Tensor) -> Tensor:
                 "dimension (no HSDP or tensor parallelism)"
             )
         if p.placements[0].is_partial():
-            raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) is a Partial DTensor; "
-                             "redistribute it to Shard or Replicate before the optimizer step")
+            raise ValueError(
+                f"parameter {i} (shape {tuple(p.shape)}) is a Partial DTensor; "
+                "redistribute it to Shard or Replicate before the optimizer step"
+            )
     if len({params[i].device_mesh.get_group() for i in rows}) != 1:
-        raise ValueError("the parameters are DTensors over several process groups; LARS and LAMB reduce their "
-                         "norms in one all-reduce, so shard them all over one device mesh")
+        raise ValueError(
+            "the parameters are DTensors over several process groups; LARS and LAMB reduce their "
+            "norms in one all-reduce, so shard them all over one device mesh"
+        )
     mesh = params[rows[0]].device_mesh
     index = torch.tensor(rows, device=sums.device)
     shared = sums.index_select(0, index)
     if mesh.get_local_rank() != 0:
-        replicated = torch.tensor([params[i].placements[0].is_replicate() for i in rows], device=sums.device)
+        replicated = torch.tensor(
+            [params[i].placements[0].is_replicate() for i in rows], device=sums.device
+        )
         shared.masked_fill_(replicated[:, None], 0.0)
     dist.all_reduce(shared, group=mesh.get_group())
     return sums.index_copy(0, index, shared)
@@ -107,5 +114,7 @@ def two_pass_step(
     passes = [first_pass(group, params) for group, params in groups]
     local_sums = torch.cat([sums for sums, _ in passes])
     sums = reduce_sums([p for _, params in groups for p in params], local_sums)
-    for (_, second_pass), group_sums in zip(passes, sums.split([len(params) for _, params in groups])):
+    for (_, second_pass), group_sums in zip(
+        passes, sums.split([len(params) for _, params in groups])
+    ):
         second_pass(group_sums)

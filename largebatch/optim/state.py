@@ -27,7 +27,9 @@ def named_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     return {name: state[i] for i, name in enumerate(_ordered_names(model, optimizer)) if i in state}
 
 
-def load_named_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+def load_named_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]
+) -> None:
     """Load `named_state_dict` output into `optimizer`, keeping its own param groups and hyperparameters."""
     current = optimizer.state_dict()
     index = {name: i for i, name in enumerate(_ordered_names(model, optimizer))}

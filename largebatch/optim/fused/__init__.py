@@ -48,7 +48,9 @@ def _build() -> ModuleType | str:
         )
     except Exception as exc:  # noqa: BLE001 - any build failure means "no fused kernel"
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
-        reason = next((line for line in lines[1:] if "error" in line or "not found" in line), lines[0])
+        reason = next(
+            (line for line in lines[1:] if "error" in line or "not found" in line), lines[0]
+        )
         return f"{type(exc).__name__}: {reason[:200]}"
 
 
@@ -70,11 +72,17 @@ def _load_or_warn() -> ModuleType | None:
     try:
         return load()
     except RuntimeError as exc:
-        warnings.warn(f"{exc}. impl='auto' falls back to impl='foreach' (slower)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{exc}. impl='auto' falls back to impl='foreach' (slower)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
 
 
-def kernels_for(impl: str, params: list[torch.Tensor], tensors: list[list[torch.Tensor]]) -> ModuleType | None:
+def kernels_for(
+    impl: str, params: list[torch.Tensor], tensors: list[list[torch.Tensor]]
+) -> ModuleType | None:
     """The fused kernels if `impl` allows them and `params` and the parameter-shaped `tensors`
     are all contiguous fp32 on the CPU; None means: use foreach (always so on CUDA or for bf16).
     """
