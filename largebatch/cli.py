@@ -48,6 +48,14 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    from largebatch import builds
+
+    for what, where in builds.build_all():
+        print(f"{what}: {where}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from largebatch import bench
 
@@ -110,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. 1281167 for ImageNet before it is on this machine)",
     )
     plan.set_defaults(func=_plan)
+
+    build = commands.add_parser(
+        "build",
+        help="build the compiled kernels runs use (fused LAMB/LARS; DeepSpeed's CPU comm op) ahead, "
+        "into $TORCH_EXTENSIONS_DIR",
+    )
+    build.set_defaults(func=_build)
 
     bench = commands.add_parser("bench", help="benchmarks that print ratios")
     bench.add_argument("what", help="which benchmark: loop")

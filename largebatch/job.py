@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from largebatch import batch, batch_schedule, checkpoint, dist, memory, optim
 from largebatch import task as tasks
@@ -44,6 +45,11 @@ class Job:
     """batch.memory_limit in bytes."""
     resumed_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     """`settings()` of the checkpoint being resumed ({} when starting afresh)."""
+    model: nn.Module | None = None
+    """The model, built once (seeded with run.seed) and checked on the data: the instance the trainer trains. None
+    when planning without the data."""
+    rng_after_build: torch.Tensor | None = None
+    """The CPU generator's state right after the build: training goes on from it, as if nothing ran in between."""
 
     @property
     def total_samples(self) -> int:
@@ -116,18 +122,19 @@ class Job:
 def prepare(
     cfg: Config, world_size: int, train_examples: int | None = None, task: tasks.Task | None = None
 ) -> Job:
-    """Open the data (or take `task`), check the model on one example, derive the batch plan, lengths and peak LR;
-    raise UserError if any is impossible. With `train_examples`, plan for a training set of that size without
-    reading any data."""
+    """Open the data (or take `task`), build the model and check it on two examples, derive the batch plan, lengths
+    and peak LR; raise UserError if any is impossible. With `train_examples`, plan for a training set of that size
+    without reading any data or building the model."""
     if cfg.batch.micro_size == "auto" and cfg.batch.accum_steps is not None:
         raise UserError("batch.micro_size=auto derives batch.accum_steps; drop batch.accum_steps")
     micro = batch_schedule.micro_size(cfg.batch, world_size)
     plan = batch.plan(world_size, cfg.batch.global_size, micro, cfg.batch.accum_steps)
-    model = None
+    model = rng_after_build = None
     if train_examples is None:
         task = task or tasks.build(cfg)
         torch.manual_seed(cfg.run.seed)
         model = task.build_model()
+        rng_after_build = torch.get_rng_state()
         tasks.check(task, model, cfg.model.name)
         train_examples = len(task.train)
     optim.check(cfg.optim)
@@ -173,6 +180,8 @@ def prepare(
         None,
         dist.threads(cfg.run.threads),
         limit,
+        model=model,
+        rng_after_build=rng_after_build,
     )
     job.resume_from = (
         _resume_point(job) if task is not None else None

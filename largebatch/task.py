@@ -9,11 +9,12 @@ global batch whatever the split (torchtitan's rule; a mean per micro-batch would
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,42 +190,78 @@ def user_data(made: Any, name: str, eval_fraction: float, seed: int) -> Data:
     )
 
 
+CHECK_EXAMPLES = 2
+"""Training examples the start check runs. Two is the smallest batch with a batch dimension to get wrong (a batch of
+one survives a squeeze or a reshape that assumes one example, and slicing keeps it contiguous), and it costs little on
+the CPU whatever the model and however large (or `auto`) the micro-batch is; evaluation runs batches of two or more
+anyway."""
+
+
 def check(task: Task, model: nn.Module, name: str) -> None:
-    """Run one training example through `model` and the loss: a mismatch is a one-line error before training."""
-    model.eval()
-    try:
-        batch = take(task.train, [0])
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise UserError(
-                f"a batch of the training data is a {type(batch).__name__}, not (inputs, targets); "
-                f"make the dataset's items (inputs, targets) pairs, or give it a collate that returns one"
-            )
-        inputs, targets = batch
-        with torch.no_grad():
+    """Run two training examples through `model`, the loss and a backward, in training mode, so a shape or layout bug
+    is one line before training. `model` is the instance that trains: the check leaves no trace on it."""
+    with _leaves_no_trace(model):
+        try:
+            batch = take(task.train, range(min(CHECK_EXAMPLES, len(task.train))))
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise UserError(
+                    f"a batch of the training data is a {type(batch).__name__}, not (inputs, targets); "
+                    f"make the dataset's items (inputs, targets) pairs, or give it a collate that returns one"
+                )
+            inputs, targets = batch
             output = forward(model, inputs)
             if task.loss is cross_entropy:
                 _check_logits(output, targets, task.data.num_classes)
             result = task.loss(output, targets)
-    except UserError:
-        raise
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"model.name={name} does not fit the data: one training example fails in the model or the "
-            f"loss ({type(exc).__name__}: {first}); check the model's inputs and outputs"
-        ) from None
+            if not (
+                isinstance(result, (tuple, list))
+                and len(result) == 2
+                and isinstance(result[0], torch.Tensor)
+                and result[0].numel() == 1
+            ):
+                raise UserError(
+                    "the loss must return (sum of loss terms as a scalar tensor, number of terms), "
+                    f"got {type(result).__name__}; see train.loss in the README"
+                )
+            if not result[0].requires_grad:
+                raise UserError(
+                    f"the loss of model.name={name} has no gradient (no trainable parameter reaches it); "
+                    f"check that the model's parameters require grad and the loss is computed from its output"
+                )
+            result[0].backward()
+        except UserError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(
+                f"model.name={name} does not fit the data: a batch of {CHECK_EXAMPLES} training examples fails "
+                f"in the model, the loss or the backward ({type(exc).__name__}: {first}); check the model's "
+                f"inputs and outputs"
+            ) from None
+
+
+@contextlib.contextmanager
+def _leaves_no_trace(model: nn.Module) -> Iterator[None]:
+    """Put `model` in training mode for the block, then back as it was: its buffers (BatchNorm statistics), gradients,
+    modes and the CPU random generator (dropout) — a seeded run trains as if the block never ran."""
+    buffers = {key: value.detach().clone() for key, value in model.named_buffers()}
+    grads = [(p, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
+    modes = [(module, module.training) for module in model.modules()]
+    model.train()
+    try:
+        with torch.random.fork_rng(
+            devices=[]
+        ):  # the model is still on the CPU; CUDA stays untouched
+            yield
     finally:
-        model.train()
-    if not (
-        isinstance(result, (tuple, list))
-        and len(result) == 2
-        and isinstance(result[0], torch.Tensor)
-        and result[0].numel() == 1
-    ):
-        raise UserError(
-            "the loss must return (sum of loss terms as a scalar tensor, number of terms), "
-            f"got {type(result).__name__}; see train.loss in the README"
-        )
+        with torch.no_grad():
+            for key, value in model.named_buffers():
+                if key in buffers:
+                    value.copy_(buffers[key])
+        for param, grad in grads:
+            param.grad = grad
+        for module, training in modes:
+            module.training = training
 
 
 def _check_logits(output: Any, targets: torch.Tensor, num_classes: int | None) -> None:

@@ -24,6 +24,7 @@ from largebatch.errors import Preempted, TrainingStopped, warn
 from largebatch.job import Job
 from largebatch.memory import process_peak_mib
 from largebatch.noise import NoiseScale
+from largebatch.optim import fused
 from largebatch.optim.scaling import peak_lr
 from largebatch.optim.schedules import Schedule
 from largebatch.precision import StepOutcome
@@ -90,16 +91,21 @@ class TrainState:
 
 
 def build_state(job: Job, info: DistInfo) -> TrainState:
-    """Model, optimizer and precision in their engine, then the checkpoint rank 0 chose to resume from, if any."""
+    """The model job.prepare built and checked, with its optimizer and precision in their engine (any kernel they
+    compile built now, before training is timed), then the checkpoint rank 0 chose to resume from, if any."""
     cfg = job.cfg
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(
+        cfg.run.seed
+    )  # CUDA's generators; the CPU one goes on from where the build left it
+    torch.set_rng_state(job.rng_after_build)
     engine = engines()[cfg.engine.name](
-        job.task.build_model(),
+        job.model,
         lambda module: optim.build(module, cfg.optim, job.peak_lr),
         cfg,
         job.plan,
         info,
     )
+    fused.warm(engine.optimizer)
     state = TrainState(
         engine,
         NoiseScale() if cfg.train.noise_scale else None,

@@ -69,15 +69,17 @@ class ImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, key: int | tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+        """A contiguous image (PILToTensor's channels-last strides survive the later steps; a model may .view() it)
+        and its class."""
         if isinstance(key, tuple):
             path, label = self.samples[key[2]]
             with torch.random.fork_rng(devices=[]):  # the caller's CPU generator is left as it was
                 torch.default_generator.manual_seed(
                     example_seed(*key)
                 )  # 0.001 ms; torch.manual_seed also seeds CUDA: 0.14
-                return self.train_transform(self.loader(path)), label
+                return self.train_transform(self.loader(path)).contiguous(), label
         path, label = self.samples[key]
-        return self.eval_transform(self.loader(path)), label
+        return self.eval_transform(self.loader(path)).contiguous(), label
 
 
 def scan(

@@ -61,7 +61,7 @@ class TokenWindows(Dataset):
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         windows = torch.from_numpy(np.stack([self._window(i) for i in indices]).astype(np.int64))
-        return windows[:, :-1], windows[:, 1:]
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # a model may .view() them
 
     @staticmethod
     def collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
+from largebatch import builds
 from largebatch.batch import BatchPlan
 from largebatch.config import Config
 from largebatch.dist import DistInfo, broadcast_buffers, broadcast_from_main
@@ -196,6 +197,9 @@ class DeepSpeedEngine:
                 name, str(value)
             )  # what a launcher sets, and DeepSpeed asserts; one process has none
         self.stage = cfg.engine.zero_stage
+        comm = _comm_op_builder()
+        if comm is not None:  # deepspeed.initialize would build it, unannounced
+            _load(comm, "DeepSpeed's CPU comm op")
         module = module.to(info.device)
         self.optimizer = make_optimizer(module)
         if cfg.engine.offload == "cpu" and type(self.optimizer) is torch.optim.AdamW:
@@ -356,7 +360,9 @@ class DeepSpeedEngine:
 def _cpu_adam(adamw: torch.optim.AdamW) -> torch.optim.Optimizer:
     """The same AdamW as DeepSpeed's CPU Adam, which steps offloaded optimizer state several times faster."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam
+    from deepspeed.ops.op_builder import CPUAdamBuilder
 
+    _load(CPUAdamBuilder(), "DeepSpeed's CPU Adam op")
     d = adamw.defaults
     groups = [
         {k: v for k, v in g.items() if k in ("params", "weight_decay", "adapt")}
@@ -370,6 +376,44 @@ def _cpu_adam(adamw: torch.optim.AdamW) -> torch.optim.Optimizer:
         weight_decay=d["weight_decay"],
         adamw_mode=True,
     )
+
+
+def _comm_op_builder() -> Any:
+    """The builder of DeepSpeed's shared-memory comm op where deepspeed.comm uses it (a CPU accelerator on Linux),
+    else None."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None
+    return builder
+
+
+def _load(builder: Any, what: str) -> Any:
+    """DeepSpeed's op from `builder`, JIT-built (announced) unless it is in the cache or was installed prebuilt;
+    DeepSpeed's own later load of it is then instant (it keeps loaded ops)."""
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get(builder.name, False):
+        return builder.load(verbose=False)
+    sources = [Path(builder.deepspeed_src_path(source)) for source in builder.sources()]
+    with builds.announced(what, builder.name, sources):
+        return builder.load(verbose=False)
+
+
+def build_ahead() -> tuple[str, str]:
+    """For `largebatch build`: (what, the built library or why there is none) for DeepSpeed's CPU comm op."""
+    what = "DeepSpeed's CPU comm op"
+    if importlib.util.find_spec("deepspeed") is None:
+        return what, "not built: deepspeed is not installed"
+    builder = _comm_op_builder()
+    if builder is None:
+        return what, "not needed here: DeepSpeed uses the accelerator's own collectives"
+    try:
+        return what, _load(builder, what).__file__
+    except Exception as exc:  # noqa: BLE001 - any build failure: say why
+        return what, f"not built: {type(exc).__name__}: {str(exc).strip()[:200]}"
 
 
 def _to_universal(source: Path, target: Path) -> str | None:

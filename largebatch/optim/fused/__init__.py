@@ -3,7 +3,9 @@
 The build lands in $TORCH_EXTENSIONS_DIR (torch's default cache when unset) under a name keyed on
 the SIMD level torch detected (`torch.backends.cpu.get_cpu_capability()`), so a cache shared by
 machines with different CPUs never loads code built for instructions the CPU lacks. torch's loader
-holds a file lock while building, so concurrent processes build once.
+holds a file lock while building, so concurrent processes build once. A build (about 30 s) is
+announced in one line before and after; the trainer `warm`s the kernel before it times any step,
+and `largebatch build` builds it ahead.
 """
 
 import functools
@@ -15,7 +17,11 @@ from types import ModuleType
 
 import torch
 
+from largebatch import builds
+
 IMPLS = ("auto", "foreach", "fused")
+WHAT = "the fused LAMB/LARS kernel"
+SOURCE = Path(__file__).with_name("kernels.cpp")
 
 _SIMD_FLAGS = {
     "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
@@ -39,13 +45,20 @@ def _build() -> ModuleType | str:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension
 
+    name = f"largebatch_fused_optim_{capability.lower()}"
     try:
-        return cpp_extension.load(
-            name=f"largebatch_fused_optim_{capability.lower()}",
-            sources=[str(Path(__file__).with_name("kernels.cpp"))],
-            extra_cflags=["-O3", "-fno-math-errno", "-fopenmp", *_SIMD_FLAGS.get(capability, [])],
-            extra_ldflags=["-fopenmp"],
-        )
+        with builds.announced(WHAT, name, [SOURCE]):
+            return cpp_extension.load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=[
+                    "-O3",
+                    "-fno-math-errno",
+                    "-fopenmp",
+                    *_SIMD_FLAGS.get(capability, []),
+                ],
+                extra_ldflags=["-fopenmp"],
+            )
     except Exception as exc:  # noqa: BLE001 - any build failure means "no fused kernel"
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
         reason = next(
@@ -90,3 +103,23 @@ def kernels_for(
         return None
     kernels = load() if impl == "fused" else _load_or_warn()
     return kernels if kernels is not None and kernels.fusable([params, *tensors]) else None
+
+
+def warm(optimizer: torch.optim.Optimizer) -> None:
+    """Build (or load) the kernels now if `optimizer`'s first step would (an `impl` of auto or fused with fp32 CPU
+    parameters), so that a build happens before training is timed rather than inside step 1."""
+    impl = getattr(optimizer, "impl", "foreach")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if impl != "foreach" and any(p.is_cpu and p.dtype == torch.float32 for p in params):
+        if impl == "fused":
+            load()
+        else:
+            _load_or_warn()
+
+
+def build_ahead() -> tuple[str, str]:
+    """Build (or find) the kernels for `largebatch build`: (what, the built library or why there is none)."""
+    try:
+        return WHAT, load().__file__
+    except RuntimeError as exc:
+        return WHAT, f"not built: {exc}"
