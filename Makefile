@@ -21,11 +21,13 @@ lint: setup
 setup: $(VENV)/.installed
 
 # torch and torchvision are installed first, pinned together, so the project's `torch>=2.4` is already satisfied
-# and nothing larger is fetched.
+# and nothing larger is fetched. `largebatch build` then compiles the kernels runs use (about a minute, once), so CI
+# and images start warm.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "torch==$(TORCH)" "torchvision==$(TORCHVISION)"
 	$(BIN)/pip install -q -e ".[dev,vision,hf]"
+	$(BIN)/largebatch build
 	touch $@
 
 run: setup

@@ -9,6 +9,7 @@ cache is per machine and torch's file lock makes the other local processes wait 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from pathlib import Path
 
 def build_directory(name: str) -> Path:
     """Where torch.utils.cpp_extension.load builds (and finds) the extension `name`."""
+    # torch's CUDA builds log "No CUDA runtime is found" on importing this on a CPU machine: not news for CPU code.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import cpp_extension
 
     return Path(cpp_extension._get_build_directory(name, verbose=False))

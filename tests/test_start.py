@@ -249,3 +249,24 @@ def test_a_kernel_build_is_announced_and_never_timed(tmp_path, monkeypatch):
     assert len(progress) == 4 and min(progress) > 32 / 10
     assert min(m["samples_per_s"] for m in metrics(run)) > 32 / 10
     assert summary["samples_per_s"] > 128 / 10
+
+
+def test_the_api_trains_the_module_instance_it_is_given(tmp_path):
+    import largebatch
+    from largebatch.data import ArrayDataset
+    from largebatch.trainer import params_sha256
+
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+    given = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    summary = largebatch.train(
+        None,
+        [
+            f"run.dir={tmp_path / 'run'}",
+            "logging.progress=false",
+            "train.steps=2",
+            "batch.global_size=32",
+        ],
+        model=given,
+        train_data=ArrayDataset(x, (x[:, 0] > 0).long()),
+    )
+    assert params_sha256(given.state_dict()) == summary["params_sha256"]
