@@ -14,15 +14,21 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+
+
+def cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, imported quietly: torch's CUDA builds log "No CUDA runtime is found" on importing
+    it on a CPU machine, which is not news for CPU code."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils import cpp_extension
+
+    return cpp_extension
 
 
 def build_directory(name: str) -> Path:
     """Where torch.utils.cpp_extension.load builds (and finds) the extension `name`."""
-    # torch's CUDA builds log "No CUDA runtime is found" on importing this on a CPU machine: not news for CPU code.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from torch.utils import cpp_extension
-
-    return Path(cpp_extension._get_build_directory(name, verbose=False))
+    return Path(cpp_extension()._get_build_directory(name, verbose=False))
 
 
 def is_built(name: str, sources: list[Path]) -> bool:

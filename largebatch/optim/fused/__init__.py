@@ -9,7 +9,6 @@ and `largebatch build` builds it ahead.
 """
 
 import functools
-import logging
 import threading
 import warnings
 from pathlib import Path
@@ -41,10 +40,7 @@ def check_impl(impl: str) -> str:
 def _build() -> ModuleType | str:
     """The compiled module, or the reason it could not be built (cached: a failed build runs once)."""
     capability = torch.backends.cpu.get_cpu_capability()
-    # torch's CUDA builds log "No CUDA runtime is found" on importing this on a CPU machine: not news for a CPU kernel.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from torch.utils import cpp_extension
-
+    cpp_extension = builds.cpp_extension()
     name = f"largebatch_fused_optim_{capability.lower()}"
     try:
         with builds.announced(WHAT, name, [SOURCE]):
