@@ -84,7 +84,21 @@ def test_a_sub_key_of_a_ds_config_file_is_one_line(tmp_path: Path):
     assert "engine.ds_config=ds.json names a file" in line
 
 
-PLACEHOLDER = "\x00"
+def test_a_ds_config_sub_key_reaches_deepspeed_s_checks():
+    line = one_line_error(
+        f"--config={ROOT / 'configs/lamb-lm.yaml'}",
+        "model.width=32",
+        "batch.global_size=32",
+        "optim.name=adamw",
+        "engine.name=deepspeed",
+        "engine.zero_stage=2",
+        "engine.ds_config.zero_optimization.stage=3",
+    )
+    assert "engine.ds_config sets zero_optimization.stage=3 but engine.zero_stage gives 2" in line
+
+
+PLACEHOLDER = "{expr}"
+"""What an f-string field reads as in a printed override: its value is only known when the message is made."""
 OVERRIDE = re.compile(r"(?<![\w./$-])([a-z_]+(?:\.[A-Za-z_0-9]+)+)=")
 VALUE = re.compile(r"[^\s,;)'\"`]*")
 
