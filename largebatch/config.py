@@ -555,7 +555,9 @@ def _unused(cfg: Config) -> list[tuple[str, str]]:
 
 def _check_used(cfg: Config) -> None:
     """Reject a key that the chosen modes ignore (MODE_KEYS)."""
-    for key, decider in _unused(cfg)[:1]:
+    unused = _unused(cfg)
+    if unused:
+        key, decider = unused[0]
         users = [value for value, keys in MODE_KEYS[decider].items() if key in keys]
         raise ignored_key(key, decider, _get(cfg, decider), users)
 
