@@ -88,7 +88,7 @@ def _type_name(hint: Any) -> str:
 def _default(value: Any) -> str:
     if isinstance(value, str):
         return f"`{value}`"
-    return f"`{json.dumps(value)}`"
+    return f"`{json.dumps(value, default=str)}`"
 
 
 def render() -> str:
