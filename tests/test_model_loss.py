@@ -126,27 +126,47 @@ def test_the_count_makes_padded_micro_batches_exact_where_their_mean_would_not(p
     assert (per_micro_mean - reference).norm() > 0.01 * reference.norm()
 
 
-def test_the_hf_models_own_loss_is_the_counted_cross_entropy_of_the_targets(padded, tiny_gpt2):
+@pytest.mark.parametrize("data", ["jsonl", "tokens"])
+def test_the_hf_models_own_loss_is_the_counted_cross_entropy_of_the_targets(
+    data, padded, tokens, tiny_gpt2
+):
     """The targets are already shifted: given as shift_labels (with labels) the model does not shift them again
-    and its loss × count equals our summed cross-entropy; given as labels alone it would score token t+2."""
-    hf = (
-        "data.name=jsonl",
-        f"data.path={padded}",
-        "data.context=48",
-        f"model.name=hf:{tiny_gpt2}",
-        "model.args={}",
-    )
-    own, model = built(*hf)
+    and its loss × count equals our summed cross-entropy, on padded input mappings and on token tensors; given
+    as labels alone it would score token t+2."""
+    where = ("data.name=jsonl", f"data.path={padded}", "data.context=48")
+    if data == "tokens":
+        where = (f"data.path={tokens}",)
+    own, model = built(*where, f"model.name=hf:{tiny_gpt2}", "model.args={}")
     inputs, targets = task.take(own.train, range(8))
-    assert (targets == -100).any()
+    assert (targets == -100).any() == (data == "jsonl")
     with torch.no_grad():
         total, count, _ = own.score(model, inputs, targets)
-        logits = model(**inputs).logits
+        logits = task.forward(model, inputs).logits
         expected, expected_count = task.CrossEntropy()(logits, targets)
-        shifted_twice = model(**inputs, labels=targets).loss
+        shifted_twice = (
+            model(**inputs, labels=targets) if data == "jsonl" else model(inputs, labels=targets)
+        )
     assert int(count) == int(expected_count) == int((targets != -100).sum())
     assert float(total) == pytest.approx(float(expected), rel=1e-5)
-    assert abs(float(shifted_twice) - float(expected / expected_count)) > 1e-3
+    assert abs(float(shifted_twice.loss) - float(expected / expected_count)) > 1e-3
+
+
+def test_an_hf_config_vocabulary_below_the_datas_is_one_line(tokens, tiny_gpt2, tmp_path):
+    result = cli_in_process(
+        "train",
+        "--config",
+        CONFIG,
+        f"data.path={tokens}",
+        f"run.dir={tmp_path / 'run'}",
+        f"model.name=hf:{tiny_gpt2}",
+        "model.args={vocab_size: 50}",
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert (
+        f"has vocab_size 50, less than the data's {VOCAB}; set model.args.vocab_size={VOCAB}"
+        in (result.stderr)
+    )
 
 
 def test_nanogpts_config_dataclass_gets_vocab_size_from_meta_pkl_and_block_size_from_the_context(

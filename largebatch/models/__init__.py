@@ -36,7 +36,7 @@ def build(cfg: ModelConfig, data: Data, origin: str | None = None) -> nn.Module:
     if cfg.name.startswith("torchvision:"):
         model = hub.torchvision(cfg.name.removeprefix("torchvision:"), cfg.args, num_classes)
     elif cfg.name.startswith("hf:"):
-        model = hub.hf(cfg.name.removeprefix("hf:"), cfg.args, num_classes)
+        model = hub.hf(cfg.name.removeprefix("hf:"), cfg.args, num_classes, data.vocab_size)
     else:
         model = _builtin(cfg, input_shape, num_classes)
     return wrap(cfg, model)
