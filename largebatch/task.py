@@ -240,6 +240,11 @@ def build(
     ignore_index = cfg.train.ignore_index
     if loss is None and cfg.train.loss == "model":
         loss = ModelLoss(ignore_index)
+    elif loss is None and cfg.train.loss and ":" not in cfg.train.loss:
+        raise UserError(
+            f"train.loss={cfg.train.loss} is neither model (the model computes its own loss from the "
+            f"targets) nor pkg.module:callable; unset it for cross-entropy"
+        )
     elif loss is None:
         loss = (
             factory.resolve("train.loss", cfg.train.loss, cfg.origin)

@@ -241,3 +241,23 @@ def test_a_model_returning_logits_and_loss_without_train_loss_points_at_train_lo
     )
     assert result.returncode == 2
     assert "set train.loss=model" in result.stderr
+
+
+def test_train_loss_neither_model_nor_a_callable_is_one_line(tmp_path):
+    result = cli_in_process("train", f"run.dir={tmp_path / 'run'}", "train.loss=modle")
+    assert result.returncode == 2
+    assert "train.loss=modle is neither model" in result.stderr
+
+
+def test_a_meta_pkl_that_would_run_code_is_refused_in_one_line(tmp_path):
+    """meta.pkl is read as plain values only: unpickling an object (here os.system) would run code."""
+    import os
+
+    write_tokens(tmp_path / "train.bin", 400)
+    write_tokens(tmp_path / "val.bin", 100)
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "hook": os.system}))
+    result = cli_in_process(
+        "train", "--config", CONFIG, f"data.path={tmp_path}", f"run.dir={tmp_path / 'run'}"
+    )
+    assert result.returncode == 2
+    assert "meta.pkl is not a pickled dict of plain values" in result.stderr
