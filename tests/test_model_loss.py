@@ -214,18 +214,28 @@ def test_a_builder_gets_vocab_size_and_context_from_a_tokenizer(padded, tmp_path
     assert model.asked == (len(tokenizer), 12) == (len(words), 12)
 
 
-def test_model_args_below_the_datas_vocabulary_is_one_line(tokens, tmp_path):
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("vocab_size: 50", f"model.args.vocab_size=50 is less than the data's vocabulary, {VOCAB}"),
+        (
+            "block_size: 8",
+            "model.args.block_size=8 is less than the data's sequence length (data.context), 16",
+        ),
+    ],
+)
+def test_model_args_that_contradict_the_data_are_one_line(arg, message, tokens, tmp_path):
     result = cli_in_process(
         "train",
         "--config",
         CONFIG,
         f"data.path={tokens}",
         f"run.dir={tmp_path / 'run'}",
-        "model.args={n_layer: 1, n_head: 2, n_embd: 32, vocab_size: 50}",
+        f"model.args={{n_layer: 1, n_head: 2, n_embd: 32, {arg}}}",
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
-    assert f"model.args.vocab_size=50 is less than the data's vocab size, {VOCAB}" in result.stderr
+    assert message in result.stderr
 
 
 def test_a_model_returning_logits_and_loss_without_train_loss_points_at_train_loss_model(

@@ -71,9 +71,14 @@ def wrap(
 
 def _check_facts(args: dict[str, Any], facts: dict[str, Any]) -> None:
     """A model.args value that contradicts the data: fewer classes or tokens, a shorter context, another shape."""
-    for key in ("vocab_size", "num_classes", "context", "block_size"):
+    words = {
+        "vocab_size": "vocabulary",
+        "num_classes": "class count",
+        "context": "sequence length (data.context)",
+        "block_size": "sequence length (data.context)",
+    }
+    for key, what in words.items():
         if key in args and key in facts and isinstance(args[key], int) and args[key] < facts[key]:
-            what = "longest sequence" if key in ("context", "block_size") else key.replace("_", " ")
             raise UserError(
                 f"model.args.{key}={args[key]} is less than the data's {what}, {facts[key]}; "
                 f"remove it to take the data's, or raise it"
