@@ -2,8 +2,10 @@
 
 Each line's `data.text_key` field is tokenised once at start — as UTF-8 bytes (tokens 0-255) or by a local
 Hugging Face tokenizer — and cut to `data.context` + 1 tokens. Inputs are `{"input_ids", "attention_mask"}`
-(a model that takes those, e.g. any hf: causal LM); targets are the tokens shifted by one, with padding set
-to train.ignore_index, so a padded position adds no loss term and is not counted.
+(a model that takes those, e.g. any hf: causal LM; a forward that takes neither gets input_ids alone, which
+right padding keeps exact for a causal model); targets are the tokens shifted by one, with padding set to
+train.ignore_index, so a padded position adds no loss term and is not counted. The vocabulary size is 256 for
+bytes, len(tokenizer) otherwise.
 """
 
 from __future__ import annotations
