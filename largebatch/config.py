@@ -179,8 +179,13 @@ class TrainConfig:
     epochs: float | None = None
     """Training length in epochs of ⌊dataset size / global batch⌋ steps."""
     loss: str | None = None
-    """pkg.module:callable(output, targets) → (sum of loss terms, number of terms); default cross-entropy, ignoring
-    -100."""
+    """Default: cross-entropy of the model's logits, summed over the targets that are not train.ignore_index.
+    `model`: the model computes its own mean loss from the targets (nanoGPT's forward(idx, targets) → (logits,
+    loss); Hugging Face's labels= → .loss), turned into a sum by × the count of targets != train.ignore_index.
+    `pkg.module:callable(output, targets)` → (sum of loss terms, number of terms)."""
+    ignore_index: int = -100
+    """The target value that is no loss term (padding): ignored by the built-in cross-entropy, written by padded
+    datasets (jsonl), excluded from the count of train.loss=model (nanoGPT's model ignores -1)."""
     clip_grad_norm: float | None = None
     """Clip the global gradient norm to this value (after the all-reduce)."""
     precision: str = "fp32"

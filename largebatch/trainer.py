@@ -28,7 +28,7 @@ from largebatch.optim.scaling import peak_lr
 from largebatch.optim.schedules import Schedule
 from largebatch.precision import StepOutcome
 from largebatch.stop import StopFlags
-from largebatch.task import Batch, Task, collate_of, correct, forward, take, to_device
+from largebatch.task import Batch, Task, collate_of, correct, take, to_device
 from largebatch.track import Tracker
 
 
@@ -382,7 +382,7 @@ class Trainer:
                     else contextlib.nullcontext(),
                     self.engine.autocast(),
                 ):
-                    total, terms = self.job.task.loss(forward(self.engine.model, inputs), targets)
+                    total, terms, _ = self.job.task.score(self.engine.model, inputs, targets)
                 self.engine.backward(total / plan.per_rank)
             loss_sum += total.detach().float()
             count += terms
@@ -446,7 +446,7 @@ class Trainer:
         task = self.job.task
         inputs, targets = to_device(take(task.train, range(micro)), self.info.device)
         with self.engine.autocast():
-            total, _ = task.loss(forward(self.engine.module, inputs), targets)
+            total, _, _ = task.score(self.engine.module, inputs, targets)
         total.backward()
 
     def _set_lr(self) -> None:
@@ -660,11 +660,10 @@ def evaluate(
     )
     for i, batch in enumerate(loader):
         inputs, targets = to_device(batch, info.device)
-        output = forward(model, inputs)
+        total, count, output = task.score(model, inputs, targets)
         if i >= counted_chunks:
             continue
-        total, count = task.loss(output, targets)
-        right, counted = correct(output, targets) or (0, 0)
+        right, counted = correct(output, targets, task.ignore_index) or (0, 0)
         totals += torch.stack(
             [
                 torch.as_tensor(v, device=info.device).double()

@@ -58,7 +58,6 @@ def handwritten(job, info, how: str) -> tuple[float, dict[str, list[float]], flo
 
     from largebatch import optim
     from largebatch.engine.ddp import DDPEngine
-    from largebatch.task import forward
     from largebatch.trainer import _mean_over_ranks
 
     torch.manual_seed(job.cfg.run.seed)
@@ -85,7 +84,7 @@ def handwritten(job, info, how: str) -> tuple[float, dict[str, list[float]], flo
             last = m == plan.accum_steps - 1
             idx = order[first + m * plan.micro_batch : first + (m + 1) * plan.micro_batch]
             with engine.micro_step(last and how != "after"):
-                total, _ = job.task.loss(forward(engine.model, x_all[idx]), y_all[idx])
+                total, _, _ = job.task.score(engine.model, x_all[idx], y_all[idx])
                 t0 = time.perf_counter()
                 engine.backward(total / plan.per_rank)
             loss_sum += total.detach()

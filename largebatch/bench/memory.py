@@ -84,7 +84,7 @@ def measure(
     for _ in range(steps + 1):
         start = time.perf_counter()
         with meter.track(model):
-            total, count = task.loss(tasks.forward(model, x), y)
+            total, count, _ = task.score(model, x, y)
             loss = total / count
         loss.backward()
         optimizer.step()
@@ -123,7 +123,7 @@ def engine_bytes(engine: Engine, task: tasks.Task, micro: int) -> dict[str, int]
     x, y = tasks.take(task.train, range(micro))
     with engine.micro_step(True):
         with engine.autocast():
-            total, count = task.loss(tasks.forward(engine.model, x), y)
+            total, count, _ = task.score(engine.model, x, y)
         loss = total / count
         engine.backward(loss)
     grads = [p.grad for p in params] + [getattr(zero, name, None) for name in GRADIENT_PARTITIONS]
