@@ -219,7 +219,7 @@ def device_peak(device: torch.device, precision: str) -> tuple[float, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         column, said = (0, precision) if precision != "fp32" else (2, "fp32")
-        if precision == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        if precision == "fp32" and torch.get_float32_matmul_precision() != "highest":
             column, said = 1, "tf32"
         for pattern, model, peaks in GPU_PEAKS:
             if re.search(pattern, name.lower()):
