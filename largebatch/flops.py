@@ -15,7 +15,6 @@ name, a CPU's measured once by a matmul at the run's thread count and dtype.
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 import time
@@ -50,7 +49,7 @@ GPU_PEAKS: list[tuple[str, str, tuple[float, float, float]]] = [
 ]
 """Per-device dense peaks in TFLOP/s by GPU name; a GPU not listed gets no MFU (the start line says so)."""
 CPU_MATMUL_SIZES = (256, 512, 1024)
-"""The CPU peak is measured with the largest of these matmul sizes that runs in under 50 ms."""
+"""The CPU peak is the best FLOP/s of matmuls of these sizes (the best size depends on the caches)."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -189,18 +188,37 @@ _HOOKS = (
 
 
 def meta_copy(module: nn.Module) -> nn.Module:
-    """A copy of `module` with every parameter and buffer an empty meta tensor of its full shape (sharded ones
-    too) and without hooks (an engine's all-gathers and gradient reductions stay with the original)."""
-    memo: dict[int, Any] = {}
-    for m in module.modules():
-        for name in _HOOKS:
-            if hasattr(m, name):
-                memo[id(getattr(m, name))] = type(getattr(m, name))()
-        for p in m.parameters(recurse=False):
-            memo[id(p)] = nn.Parameter(_meta_like(p), requires_grad=p.requires_grad)
-        for b in m.buffers(recurse=False):
-            memo[id(b)] = _meta_like(b)
-    return copy.deepcopy(module, memo)
+    """A copy of `module` whose parameters and buffers are empty meta tensors of their full shape (sharded ones too),
+    without hooks and with FSDP's class undone, so an engine's all-gathers and reductions stay with the original."""
+    copies: dict[int, Any] = {}
+
+    def meta(tensor: torch.Tensor | None, parameter: bool) -> torch.Tensor | None:
+        if tensor is None:
+            return None
+        if id(tensor) not in copies:  # a tied tensor stays one tensor
+            empty = _meta_like(tensor)
+            copies[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if parameter else empty
+        return copies[id(tensor)]
+
+    def copy_of(m: nn.Module) -> nn.Module:
+        if id(m) not in copies:
+            new = object.__new__(_unsharded_class(m))
+            new.__dict__.update(m.__dict__)
+            new.__dict__.update({k: type(v)() for k, v in m.__dict__.items() if k in _HOOKS})
+            new._parameters = {k: meta(p, True) for k, p in m._parameters.items()}
+            new._buffers = {k: meta(b, False) for k, b in m._buffers.items()}
+            new._modules = {k: c if c is None else copy_of(c) for k, c in m._modules.items()}
+            copies[id(m)] = new
+        return copies[id(m)]
+
+    return copy_of(module)
+
+
+def _unsharded_class(module: nn.Module) -> type:
+    """The model's own class: fully_shard swaps a module's class for an FSDP subclass of it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
 def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
@@ -235,23 +253,27 @@ def device_peak(device: torch.device, precision: str) -> tuple[float, str]:
 
 
 def cpu_matmul_flops(dtype: torch.dtype, budget_s: float = 0.3) -> tuple[float, int]:
-    """The best FLOP/s of repeated n×n matmuls in `dtype` at the current thread count, and n: the largest of
-    CPU_MATMUL_SIZES whose matmul takes under 50 ms (fp16 is slow on most CPUs), repeated for `budget_s`."""
+    """The best FLOP/s of n×n matmuls in `dtype` at the current thread count, and the n that gave it: each of
+    CPU_MATMUL_SIZES repeated for a third of `budget_s`, up to the first whose single matmul takes over 50 ms
+    (fp16 is slow on most CPUs)."""
+    best, best_size = 0.0, CPU_MATMUL_SIZES[0]
     for size in CPU_MATMUL_SIZES:
         a, b = (
             torch.randn(size, size, generator=torch.Generator().manual_seed(i)).to(dtype)
             for i in (0, 1)
         )
-        began = time.perf_counter()
-        torch.mm(a, b)
-        if time.perf_counter() - began > 0.05:
+        start = time.perf_counter()
+        while True:
+            began = time.perf_counter()
+            torch.mm(a, b)
+            took = time.perf_counter() - began
+            if 2 * size**3 / took > best:
+                best, best_size = 2 * size**3 / took, size
+            if time.perf_counter() - start > budget_s / len(CPU_MATMUL_SIZES):
+                break
+        if took > 0.05:
             break
-    best, start = math.inf, time.perf_counter()
-    while time.perf_counter() - start < budget_s:
-        began = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - began)
-    return 2 * size**3 / best, size
+    return best, best_size
 
 
 def _si(value: float) -> str:
