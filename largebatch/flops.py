@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from largebatch.dist import DistInfo, all_reduce_sum
-from largebatch.models.gpt import GPT
+from largebatch.models.gpt import GPT, Block
 from largebatch.task import Task, forward, take, to_device
 
 GPU_PEAKS: list[tuple[str, str, tuple[float, float, float]]] = [
@@ -50,6 +50,8 @@ GPU_PEAKS: list[tuple[str, str, tuple[float, float, float]]] = [
 """Per-device dense peaks in TFLOP/s by GPU name; a GPU not listed gets no MFU (the start line says so)."""
 CPU_MATMUL_SIZES = (256, 512, 1024)
 """The CPU peak is the best FLOP/s of matmuls of these sizes (the best size depends on the caches)."""
+COUNTED_EXAMPLES = 16
+"""At most this many examples of the micro-batch are counted (FLOPs per example do not depend on how many)."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -84,7 +86,7 @@ def measure(
     module: nn.Module, task: Task, micro_batch: int, precision: str, info: DistInfo
 ) -> Throughput:
     """FLOPs per token or example of `module` on `task`, and the job's peak FLOP/s (collective: every rank calls it)."""
-    inputs, targets = take(task.train, range(min(micro_batch, len(task.train))))
+    inputs, targets = take(task.train, range(min(micro_batch, COUNTED_EXAMPLES, len(task.train))))
     token_task = (
         isinstance(targets, torch.Tensor) and targets.dim() >= 2 and not targets.is_floating_point()
     )
@@ -130,8 +132,8 @@ def transformer_shape(module: nn.Module) -> tuple[int, int, int] | None:
     """(layers, heads, head width) of a GPT-style model, or None: the built-in GPT, or a model whose `config`
     names them as nanoGPT or transformers do (mixture-of-experts configs excluded: 6·N overcounts them)."""
     if isinstance(module, GPT):
-        block = module.blocks[0]
-        return len(module.blocks), block.heads, module.token.embedding_dim // block.heads
+        blocks = [m for m in module.modules() if isinstance(m, Block)]  # some may be Checkpointed
+        return len(blocks), blocks[0].heads, module.token.embedding_dim // blocks[0].heads
     config = getattr(module, "config", None)
     if config is None or any(
         getattr(config, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts")

@@ -24,7 +24,7 @@ from largebatch.errors import Preempted, TrainingStopped, warn
 from largebatch.job import Job
 from largebatch.memory import process_peak_mib
 from largebatch.noise import NoiseScale
-from largebatch.optim.scaling import describe, peak_lr
+from largebatch.optim.scaling import describe_peak_lr, peak_lr
 from largebatch.optim.schedules import Schedule
 from largebatch.precision import StepOutcome
 from largebatch.stop import StopFlags
@@ -170,8 +170,6 @@ class StepResult:
     small_batch: tuple[float, int] | None
     """(squared gradient norm, batch size) of the smaller batch for the noise scale, on measuring steps."""
     stop_signal: int
-    count: float
-    """Loss terms (valid targets) of the global batch."""
 
 
 def fit(job: Job, info: DistInfo) -> dict[str, Any]:
@@ -251,7 +249,7 @@ class Trainer:
         )
         if info.is_main:
             o = self.cfg.optim
-            lr = describe(o.lr, job.plan.global_batch, o.reference_batch, o.scaling)
+            lr = describe_peak_lr(o.lr, job.plan.global_batch, o.reference_batch, o.scaling)
             print(
                 f"{job.plan.describe()}; {lr}; {job.total_steps} steps "
                 f"({job.steps_per_epoch} per epoch), warmup {job.warmup_steps}; {job.threads} threads",
@@ -357,7 +355,7 @@ class Trainer:
         outcome = self.engine.step(loss, self.cfg.train.clip_grad_norm)
         s.step += 1
         s.samples += self.plan.global_batch
-        self.tokens += count
+        self.tokens += count  # valid targets, for tokens/s
         s.position = advance(s.position, self.plan.global_batch, self.job.train_examples)
         s.applied_steps += outcome.applied
         s.applied_samples += outcome.applied * self.plan.global_batch
@@ -368,7 +366,7 @@ class Trainer:
                 f"lower optim.lr, set train.clip_grad_norm or use train.precision=fp32"
             )
         self._set_lr()
-        return StepResult(loss, outcome.grad_norm, lr, outcome, small, stop_signal, count)
+        return StepResult(loss, outcome.grad_norm, lr, outcome, small, stop_signal)
 
     def accumulate(self, manual_sync: bool, measuring: bool) -> Sums:
         """Forward and backward over this rank's micro-batches of the step; gradients sync on the last one (or,

@@ -14,8 +14,9 @@ from torch import nn
 import largebatch
 from largebatch import flops
 from largebatch.dist import DistInfo
-from largebatch.models.gpt import GPT
-from largebatch.optim.scaling import describe
+from largebatch.models import checkpointing
+from largebatch.models.gpt import GPT, Block
+from largebatch.optim.scaling import describe_peak_lr
 from largebatch.task import cross_entropy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,8 @@ def test_the_gpt_formula_equals_a_hand_count_for_a_tiny_built_in_gpt():
 
     model = tiny_gpt()
     assert flops.matmul_params(model) == n
+    assert flops.transformer_shape(model) == (DEPTH, HEADS, WIDTH // HEADS)
+    checkpointing.apply(model, (Block,), 1)
     assert flops.transformer_shape(model) == (DEPTH, HEADS, WIDTH // HEADS)
     ours = flops.transformer_flops_per_token(n, DEPTH, HEADS, WIDTH // HEADS, CONTEXT)
     assert abs(ours - by_hand) / by_hand < 0.05 and ours == by_hand
@@ -127,11 +130,11 @@ def test_classification_reports_mfu_from_the_counter_and_no_tokens_per_s(tmp_pat
 
 
 def test_the_start_line_says_when_scaling_changed_the_given_lr():
-    assert describe(1e-3, 64, 256, "linear") == (
+    assert describe_peak_lr(1e-3, 64, 256, "linear") == (
         "optim.lr 0.001 at reference 256 → 0.00025 at global 64 (optim.scaling=linear)"
     )
-    assert describe(1e-3, 64, 64, "sqrt") == "peak lr 0.001"
-    assert describe(1e-3, 512, 64, "none") == "peak lr 0.001"
+    assert describe_peak_lr(1e-3, 64, 64, "sqrt") == "peak lr 0.001"
+    assert describe_peak_lr(1e-3, 512, 64, "none") == "peak lr 0.001"
 
 
 def test_the_gpt_recipe_reports_tokens_per_s_and_mfu_in_progress_metrics_and_summary(

@@ -11,7 +11,7 @@ def peak_lr(base_lr: float, global_batch: int, reference_batch: int, rule: str) 
     return base_lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
 
 
-def describe(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> str:
+def describe_peak_lr(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> str:
     """The peak LR for the start line, saying how scaling changed the given LR when it did."""
     lr = peak_lr(base_lr, global_batch, reference_batch, rule)
     if lr == base_lr:
