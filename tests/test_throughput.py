@@ -137,13 +137,23 @@ def test_the_start_line_says_when_scaling_changed_the_given_lr():
     assert describe_peak_lr(1e-3, 512, 64, "none") == "peak lr 0.001"
 
 
+@pytest.mark.parametrize("data", ["text", "tokens"])
 def test_the_gpt_recipe_reports_tokens_per_s_and_mfu_in_progress_metrics_and_summary(
-    tmp_path, capsys
+    tmp_path, capsys, data
 ):
-    run = tmp_path / "run"
+    from conftest import write_tokens
+
+    run, own_data = tmp_path / "run", []
+    if data == "tokens":  # a nanoGPT-style folder: the recipe needs only these two overrides
+        folder = tmp_path / "shakespeare_char"
+        folder.mkdir()
+        for name, count in (("train.bin", 20_000), ("val.bin", 2_000)):
+            write_tokens(folder / name, count, vocab=65)
+        own_data = ["data.name=tokens", f"data.path={folder}"]
     summary = largebatch.train(
         str(ROOT / "configs" / "gpt-char.yaml"),
         [
+            *own_data,
             f"run.dir={run}",
             "model.width=32",
             "model.depth=1",
