@@ -15,6 +15,7 @@ name, a CPU's measured once by a matmul at the run's thread count and dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -247,17 +248,18 @@ def device_peak(device: torch.device, precision: str) -> tuple[float, str]:
                     column
                 ] * 1e12, f"{peaks[column]:g} TFLOP/s per GPU ({model} {said}, table)"
         return math.nan, f"no peak FLOP/s known for {name} (largebatch/flops.py GPU_PEAKS)"
-    flops, size = cpu_matmul_flops(DTYPES[precision])
+    flops, size = cpu_matmul_flops(DTYPES[precision], torch.get_num_threads())
     return flops, (
         f"{_si(flops)}FLOP/s per process measured by a {size}² {precision} matmul "
         f"at {torch.get_num_threads()} thread(s)"
     )
 
 
-def cpu_matmul_flops(dtype: torch.dtype, budget_s: float = 0.3) -> tuple[float, int]:
-    """The best FLOP/s of n×n matmuls in `dtype` at the current thread count, and the n that gave it: each of
-    CPU_MATMUL_SIZES repeated for a third of `budget_s`, up to the first whose single matmul takes over 50 ms
-    (fp16 is slow on most CPUs)."""
+@functools.cache
+def cpu_matmul_flops(dtype: torch.dtype, threads: int, budget_s: float = 0.15) -> tuple[float, int]:
+    """The best FLOP/s of n×n matmuls in `dtype` at `threads` threads (the current count), and the n that gave it:
+    each of CPU_MATMUL_SIZES repeated for a third of `budget_s`, up to the size after which one would take
+    over 0.1 s (fp16 is slow on most CPUs). Measured once per process."""
     best, best_size = 0.0, CPU_MATMUL_SIZES[0]
     for size in CPU_MATMUL_SIZES:
         a, b = (
@@ -273,7 +275,7 @@ def cpu_matmul_flops(dtype: torch.dtype, budget_s: float = 0.3) -> tuple[float, 
                 best, best_size = 2 * size**3 / took, size
             if time.perf_counter() - start > budget_s / len(CPU_MATMUL_SIZES):
                 break
-        if took > 0.05:
+        if 8 * took > 0.1:  # the next size would take 8 times as long
             break
     return best, best_size
 
