@@ -1,14 +1,15 @@
 """Throughput an LLM user reads: valid target tokens per second and MFU (model FLOPs utilisation).
 
 MFU = the model's training FLOPs per second ÷ the peak FLOP/s of the devices (Chowdhery et al. 2022, PaLM,
-appendix B). The model's FLOPs count forward + backward once, never recomputation (gradient checkpointing, flash
-attention's backward), and treat causal attention as dense, as nanoGPT's `estimate_mfu` and torchtitan do:
+appendix B). Causal attention counts as dense, as in nanoGPT's `estimate_mfu` and torchtitan:
 - GPT-style models (the built-in `gpt`; a model whose `config` has nanoGPT's n_layer/n_head/n_embd or
   transformers' num_hidden_layers/num_attention_heads/hidden_size; no mixture of experts) on token data:
   6·N + 12·L·H·Q·T per token, N the parameters a token is multiplied by (all but embedding tables, a table tied to
-  the output layer counted once), L layers, H heads of width Q, T positions per sequence;
+  the output layer counted once), L layers, H heads of width Q, T positions per sequence; forward + backward once,
+  never recomputation (gradient checkpointing, flash attention's backward);
 - any other model: torch.utils.flop_counter on one micro-batch, forward + backward, on a copy of the model on the
-  meta device (no compute, and no trace on the trained model, its RNG or its buffers).
+  meta device (no compute, and no trace on the trained model, its RNG or its buffers); it counts what runs, so a
+  checkpointed block's recomputed forward too.
 The peak is the sum over ranks of each device's: a GPU's dense peak for the training dtype from GPU_PEAKS by its
 name, a CPU's measured once by a matmul at the run's thread count and dtype.
 """
