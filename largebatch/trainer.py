@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from largebatch import autobatch, batch_schedule, checkpoint, config, optim
+from largebatch import autobatch, batch_schedule, checkpoint, config, flops, optim
 from largebatch.batch import BatchPlan, GlobalBatchSampler, Position, advance
 from largebatch.dist import DistInfo, all_reduce_sum, broadcast_from_main
 from largebatch.engine import Engine, engines
@@ -24,7 +24,7 @@ from largebatch.errors import Preempted, TrainingStopped, warn
 from largebatch.job import Job
 from largebatch.memory import process_peak_mib
 from largebatch.noise import NoiseScale
-from largebatch.optim.scaling import peak_lr
+from largebatch.optim.scaling import describe_peak_lr, peak_lr
 from largebatch.optim.schedules import Schedule
 from largebatch.precision import StepOutcome
 from largebatch.stop import StopFlags
@@ -244,12 +244,18 @@ class Trainer:
         self._set_batch(self.batch_schedule.size(s.global_batch, s.samples, self._noise_scale()))
         self._warn_batchnorm()
         self.tracker = Tracker(job, False, s.step)
+        self.throughput = flops.measure(
+            self.engine.module, job.task, self.plan.micro_batch, self.cfg.train.precision, info
+        )
         if info.is_main:
+            o = self.cfg.optim
+            lr = describe_peak_lr(o.lr, job.plan.global_batch, o.reference_batch, o.scaling)
             print(
-                f"{job.plan.describe()}; peak lr {job.peak_lr:.6g}; {job.total_steps} steps "
+                f"{job.plan.describe()}; {lr}; {job.total_steps} steps "
                 f"({job.steps_per_epoch} per epoch), warmup {job.warmup_steps}; {job.threads} threads",
                 flush=True,
             )
+            print(self.throughput.described, flush=True)
             if self.cfg.batch.schedule != "constant":
                 print(
                     f"batch.schedule={self.cfg.batch.schedule}: global batch {self.plan.global_batch} now, up to "
@@ -268,6 +274,7 @@ class Trainer:
         self.batches.restart(self.plan, s.position, s.samples)
         self.start = self.last_log = time.perf_counter()
         self.first_samples = self.last_logged_samples = s.samples
+        self.tokens = self.first_tokens = self.last_logged_tokens = 0.0
         self.eval_s = 0.0
 
     def _noise_scale(self) -> float | None:
@@ -342,11 +349,13 @@ class Trainer:
             )
         )
         stop_signal = self.flags.agree(summed[2:])
-        loss = self._normalise(*summed[:2].tolist())
+        loss_sum, count = summed[:2].tolist()
+        loss = self._normalise(loss_sum, count)
         lr = self.optimizer.param_groups[0]["lr"]
         outcome = self.engine.step(loss, self.cfg.train.clip_grad_norm)
         s.step += 1
         s.samples += self.plan.global_batch
+        self.tokens += count  # valid targets, for tokens/s
         s.position = advance(s.position, self.plan.global_batch, self.job.train_examples)
         s.applied_steps += outcome.applied
         s.applied_samples += outcome.applied * self.plan.global_batch
@@ -483,6 +492,11 @@ class Trainer:
             "lr": result.lr,
             "grad_norm": result.grad_norm,
             "samples_per_s": (s.samples - self.last_logged_samples) / (now - self.last_log),
+            **self.throughput.rates(
+                s.samples - self.last_logged_samples,
+                self.tokens - self.last_logged_tokens,
+                now - self.last_log,
+            ),
             "global_batch": plan.global_batch,
             "micro_batch": plan.micro_batch,
             "accum_steps": plan.accum_steps,
@@ -533,6 +547,7 @@ class Trainer:
         with self.flags.guard(f"{self.cfg.run_dir}/metrics.jsonl"):
             self.tracker.log(record)
         self.last_log, self.last_logged_samples = time.perf_counter(), s.samples
+        self.last_logged_tokens = self.tokens
 
     def _epoch(self) -> float:
         """Epochs done: whole ones, plus the fraction of an epoch's full-size batches (batch.global_size) taken."""
@@ -606,6 +621,11 @@ class Trainer:
             },
             "wall_s": wall_s,
             "samples_per_s": (s.samples - self.first_samples) / max(wall_s - self.eval_s, 1e-9),
+            **self.throughput.rates(
+                s.samples - self.first_samples,
+                self.tokens - self.first_tokens,
+                wall_s - self.eval_s,
+            ),
             "world_size": plan.world_size,
             "global_batch": plan.global_batch,
             "micro_batch": plan.micro_batch,
