@@ -30,8 +30,14 @@ edit those, not this file. -->
 A run is configured by a YAML file of the sections below (see [configs/](../configs/)); any key can be overridden
 on the command line as `section.key=value`, after `--config FILE`. Values are YAML: `optim.betas=[0.9,0.95]`,
 `train.clip_grad_norm=null`, `'model.args={hidden: 64}'` (a mapping replaces the file's mapping).
-<!-- integrator: deep overrides (`model.args.n_layer=4` sets one entry, merged into the file's mapping) go here. -->
-Unknown sections
+Keys that hold a mapping (`model.args`, `data.args`, `optim.options`, `engine.ds_config`) also take one entry at a
+time, merged into the file's mapping (missing levels are created): `model.args.n_layer=4` keeps the file's other
+`model.args`, `engine.ds_config.zero_optimization.reduce_bucket_size=5e7` sets one nested entry, while
+`'model.args={n_layer: 4}'` replaces the whole mapping. Inside these mappings `5e7` and `1e-3` are numbers.
+Overrides apply left to right. A key from the config file (or a mapping given to `largebatch.train`) that the model,
+dataset or mode you chose does not use (e.g. `model.width` after `model.name=hf:./my-gpt2` on top of
+`configs/lamb-lm.yaml`) is reset to its default with one warning naming it; the same key given on the command line
+is an error. Unknown sections
 and keys get a "did you mean" suggestion; wrong types, out-of-range values, unknown model, optimizer or dataset names,
 a key that the chosen mode ignores and a warmup longer than training are one-line errors (exit code 2) before any
 process group starts. The resolved config, with the derived batch plan and peak LR, is written to the run

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from largebatch.dist import DistInfo, all_reduce_sum
 from largebatch.models.gpt import GPT, Block
-from largebatch.task import Task, forward, take, to_device
+from largebatch.task import Task, take, to_device
 
 GPU_PEAKS: list[tuple[str, str, tuple[float, float, float]]] = [
     # (pattern in torch.cuda.get_device_name, the name said, dense TFLOP/s for bf16/fp16, tf32, fp32), from NVIDIA's
@@ -105,7 +105,7 @@ def measure(
         )
     else:
         try:
-            count = counted_flops(module, task.loss, inputs, targets) / len(targets)
+            count = counted_flops(module, task.score, inputs, targets) / len(targets)
             per_example = count or None  # a model without matmuls or convolutions: nothing counted
             how = f"{_si(count)}FLOP per example (torch.utils.flop_counter, forward + backward)"
         except Exception as exc:  # noqa: BLE001 - MFU is a report, never a reason to stop training
@@ -169,13 +169,14 @@ def matmul_params(module: nn.Module) -> int:
     return sum(_numel(p) for p in module.parameters() if id(p) not in lookups)
 
 
-def counted_flops(module: nn.Module, loss: Any, inputs: Any, targets: torch.Tensor) -> int:
-    """Forward + loss + backward FLOPs of one batch, counted on a meta-device copy of `module`."""
+def counted_flops(module: nn.Module, score: Any, inputs: Any, targets: torch.Tensor) -> int:
+    """Forward + loss + backward FLOPs of one batch, counted on a meta-device copy of `module`; `score(model,
+    inputs, targets)` returns (sum of loss terms, ...), as Task.score does."""
     ghost = meta_copy(module)
     ghost.train()
     meta = torch.device("meta")
     with FlopCounterMode(display=False) as counter:
-        total, _ = loss(forward(ghost, to_device(inputs, meta)), to_device(targets, meta))
+        total = score(ghost, to_device(inputs, meta), to_device(targets, meta))[0]
         total.backward()
     return counter.get_total_flops()
 
