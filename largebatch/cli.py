@@ -33,6 +33,8 @@ def _train(args: argparse.Namespace) -> int:
             f"final loss {summary['final_loss']:.4f}",
             *(f"held-out {k} {v:.4f}" for k, v in summary["eval"].items() if k == "accuracy"),
             f"{summary['samples_per_s']:.0f} samples/s",
+            *([f"{summary['tokens_per_s']:.0f} tokens/s"] if "tokens_per_s" in summary else []),
+            *([f"MFU {summary['mfu']:.1%}"] if summary.get("mfu") is not None else []),
         ]
         print(f"done: {', '.join(parts)}; run dir {cfg.run_dir}")
     return 0

@@ -346,7 +346,7 @@ def check(task: Task, model: nn.Module, name: str) -> None:
     ):
         raise UserError(
             "the loss must return (sum of loss terms as a scalar tensor, number of terms), "
-            f"got {type(result).__name__}; see train.loss in the README"
+            f"got {type(result).__name__}; see train.loss in docs/your-model-and-data.md"
         )
 
 
