@@ -225,11 +225,17 @@ class FSDPEngine:
             group.update(setting)
 
     def files(self) -> dict[str, Any]:
-        """Written to the run directory: which modules were sharded as units."""
+        """Written to the run directory: which modules were sharded as units, by name and by class."""
         names = {id(m): n for n, m in self.module.named_modules()}
         return {
             "fsdp.json": {
                 "units": [names[id(u)] for u in self.units] + ["(root)"],
+                **self.derived(),
                 "world_size": torch.distributed.get_world_size(),
             }
         }
+
+    def derived(self) -> dict[str, Any]:
+        """`shard_blocks`: the classes sharded as units and how many of each ({} when the whole model is one unit);
+        the root, with what is left, is one more unit."""
+        return {"shard_blocks": dict(Counter(type(u).__name__ for u in self.units))}
