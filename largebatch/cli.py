@@ -134,8 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.set_defaults(func=_plan)
 
-    bench = commands.add_parser("bench", help="benchmarks that print ratios")
-    bench.add_argument("what", help="which benchmark: loop")
+    from largebatch.bench import listing
+
+    bench = commands.add_parser(
+        "bench",
+        help="benchmarks that print ratios against a baseline",
+        description=f"Benchmarks that print ratios against a baseline:\n{listing()}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("what", metavar="name", help="which benchmark (listed above)")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     bench.set_defaults(func=_bench)
 
