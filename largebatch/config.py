@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from largebatch import optim_args
 from largebatch.errors import UserError, check_choice, warn
 
 
@@ -395,10 +396,7 @@ def validate(cfg: Config) -> None:
         "data.context": cfg.data.context,
         "data.image_size": cfg.data.image_size,
         "data.stride": cfg.data.stride,
-        "optim.lr": cfg.optim.lr,
         "optim.reference_batch": cfg.optim.reference_batch,
-        "optim.trust_coefficient": cfg.optim.trust_coefficient,
-        "optim.trust_clip": cfg.optim.trust_clip,
         "train.steps": cfg.train.steps,
         "train.epochs": cfg.train.epochs,
         "train.log_every": cfg.train.log_every,
@@ -412,8 +410,6 @@ def validate(cfg: Config) -> None:
         if value is not None and value <= 0:
             raise UserError(f"{key}={value} must be positive")
     non_negative = {
-        "optim.weight_decay": cfg.optim.weight_decay,
-        "optim.eps": cfg.optim.eps,
         "data.workers": cfg.data.workers,
         "train.eval_every": cfg.train.eval_every,
         "train.checkpoint_every": cfg.train.checkpoint_every,
@@ -447,12 +443,18 @@ def validate(cfg: Config) -> None:
         raise UserError("set train.steps or train.epochs, not both")
     if cfg.schedule.warmup_steps is not None and cfg.schedule.warmup_epochs is not None:
         raise UserError("set schedule.warmup_steps or schedule.warmup_epochs, not both")
-    if not 0 <= cfg.optim.momentum < 1:
-        raise UserError(f"optim.momentum={cfg.optim.momentum} must be in [0, 1), e.g. 0.9")
-    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
-        raise UserError(
-            f"optim.betas={cfg.optim.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]"
-        )
+    o = cfg.optim
+    optim_args.check(
+        "optim.",
+        o.nesterov,
+        lr=o.lr,
+        momentum=o.momentum,
+        betas=o.betas,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        trust_coefficient=o.trust_coefficient,
+        trust_clip=o.trust_clip,
+    )
     if not 0 < cfg.schedule.gamma <= 1:
         raise UserError(
             f"schedule.gamma={cfg.schedule.gamma} must be a decay factor in (0, 1], e.g. 0.1"

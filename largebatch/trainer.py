@@ -266,7 +266,7 @@ class Trainer:
                 print(f"resuming from {job.resume_from} at step {s.step}", flush=True)
             with self.flags.guard(str(self.cfg.run_dir)):
                 self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
-                config.dump(self.cfg, job.derived(), self.cfg.run_dir / "config.yaml")
+                config.dump(self.cfg, self._derived(), self.cfg.run_dir / "config.yaml")
                 for name, content in self.engine.files().items():
                     (self.cfg.run_dir / name).write_text(json.dumps(content, indent=2) + "\n")
                 self.tracker = Tracker(job, True, s.step)
@@ -276,6 +276,10 @@ class Trainer:
         self.first_samples = self.last_logged_samples = s.samples
         self.tokens = self.first_tokens = self.last_logged_tokens = 0.0
         self.eval_s = 0.0
+
+    def _derived(self) -> dict[str, Any]:
+        """config.yaml's `derived`: the job's values and the engine's."""
+        return {**self.job.derived(), **self.engine.derived()}
 
     def _noise_scale(self) -> float | None:
         return self.s.noise.value if self.s.noise is not None else None
@@ -447,7 +451,7 @@ class Trainer:
             self.plan = smaller
             if self.info.is_main:  # config.yaml records the plan the run trains with from here on
                 with self.flags.guard(str(self.cfg.run_dir / "config.yaml")):
-                    config.dump(self.cfg, self.job.derived(), self.cfg.run_dir / "config.yaml")
+                    config.dump(self.cfg, self._derived(), self.cfg.run_dir / "config.yaml")
             self.batches.restart(self.plan, self.s.position, self.s.samples)
 
     def _probe(self, micro: int) -> None:

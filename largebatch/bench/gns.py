@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 from largebatch import bench, config
 from largebatch.bench import loop
-from largebatch.errors import ArgumentParser
 
 VARIANTS = {
     "off": ("noise scale off", "train.noise_scale=false"),
@@ -174,7 +173,7 @@ def worker(hook: bool, steps: int, repeats: int, path: str | None, overrides: li
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="largebatch bench gns", description=__doc__)
+    parser = bench.parser("gns", __doc__)
     parser.add_argument("--config", help="YAML config (default: bench loop's MLP job)")
     parser.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per measurement")
