@@ -2,6 +2,7 @@
 # make lint  : ruff check and ruff format --check (CI runs it before make test)
 # make test  : set up .venv, then run the test suite (what CI runs)
 # make test-cluster : the docker-compose cluster test (needs root or a Docker daemon; not part of make test)
+# make docs  : regenerate docs/config.md from the config dataclasses' field docstrings
 # make test-gpu : the GPU check list (tests_gpu/: NCCL, DeepSpeed ZeRO on CUDA, SyncBatchNorm, CUDA OOM; not part of make test)
 PYTHON ?= python3
 TORCH ?= 2.14.1
@@ -16,7 +17,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-.PHONY: setup lint run test test-gpu test-cluster bench clean
+.PHONY: setup lint run test test-gpu test-cluster bench docs clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +48,9 @@ test-cluster: setup
 
 bench: setup
 	$(BIN)/largebatch bench loop
+
+docs: setup
+	$(BIN)/python -m largebatch.config_reference
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -7,7 +7,7 @@ import os
 import sys
 
 from largebatch import config
-from largebatch.errors import ArgumentParser, TrainingStopped, UserError
+from largebatch.errors import ArgumentParser, TrainingStopped, UserError, warn
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +33,8 @@ def _train(args: argparse.Namespace) -> int:
             f"final loss {summary['final_loss']:.4f}",
             *(f"held-out {k} {v:.4f}" for k, v in summary["eval"].items() if k == "accuracy"),
             f"{summary['samples_per_s']:.0f} samples/s",
+            *([f"{summary['tokens_per_s']:.0f} tokens/s"] if "tokens_per_s" in summary else []),
+            *([f"MFU {summary['mfu']:.1%}"] if summary.get("mfu") is not None else []),
         ]
         print(f"done: {', '.join(parts)}; run dir {cfg.run_dir}")
     return 0
@@ -40,9 +42,26 @@ def _train(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
-    from largebatch import job
+    from largebatch import dist, job
 
+    local = args.world_size if args.nproc_per_node is None else args.nproc_per_node
+    if args.nproc_per_node is not None and (local < 1 or args.world_size % local):
+        raise UserError(
+            f"--nproc-per-node={local} must be a positive divisor of --world-size={args.world_size} "
+            f"(the processes on each node)"
+        )
     prepared = job.prepare(cfg, args.world_size, train_examples=args.examples)
+    prepared.threads = dist.threads(cfg.run.threads, local_processes=local)
+    if (
+        cfg.run.threads is None
+        and not os.environ.get("OMP_NUM_THREADS")
+        and prepared.threads > 1
+        and local > 1
+    ):
+        warn(
+            f"plain torchrun sets OMP_NUM_THREADS=1 for 2+ processes per node, so each would run 1 thread, "
+            f"not {prepared.threads}; launch/torchrun.sh exports {prepared.threads} (or set run.threads)"
+        )
     for key, value in prepared.derived().items():
         print(f"{key:16} {value}")
     return 0
@@ -112,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(plan)
     plan.add_argument("--world-size", type=int, default=1, help="processes the job will run on")
     plan.add_argument(
+        "--nproc-per-node",
+        type=int,
+        help="processes on each node (default: all of --world-size on one); "
+        "sets the threads each process runs, by the trainer's rule",
+    )
+    plan.add_argument(
         "--examples",
         type=int,
         help="plan for a training set of this size without reading the data "
@@ -126,8 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.set_defaults(func=_build)
 
-    bench = commands.add_parser("bench", help="benchmarks that print ratios")
-    bench.add_argument("what", help="which benchmark: loop")
+    from largebatch.bench import listing
+
+    bench = commands.add_parser(
+        "bench",
+        help="benchmarks that print ratios against a baseline",
+        description=f"Benchmarks that print ratios against a baseline:\n{listing()}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("what", metavar="name", help="which benchmark (listed above)")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     bench.set_defaults(func=_bench)
 

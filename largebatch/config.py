@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -13,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from largebatch.errors import UserError, check_choice
+from largebatch import optim_args
+from largebatch.errors import UserError, check_choice, warn
 
 
 @dataclass
@@ -177,8 +180,13 @@ class TrainConfig:
     epochs: float | None = None
     """Training length in epochs of ⌊dataset size / global batch⌋ steps."""
     loss: str | None = None
-    """pkg.module:callable(output, targets) → (sum of loss terms, number of terms); default cross-entropy, ignoring
-    -100."""
+    """Default: cross-entropy of the model's logits, summed over the targets that are not train.ignore_index.
+    `model`: the model computes its own mean loss from the targets (nanoGPT's forward(idx, targets) → (logits,
+    loss); Hugging Face's labels= → .loss), turned into a sum by × the count of targets != train.ignore_index.
+    `pkg.module:callable(output, targets)` → (sum of loss terms, number of terms)."""
+    ignore_index: int = -100
+    """The target value that is no loss term (padding): ignored by the built-in cross-entropy, written by padded
+    datasets (jsonl), excluded from the count of train.loss=model (nanoGPT's model ignores -1)."""
     clip_grad_norm: float | None = None
     """Clip the global gradient norm to this value (after the all-reduce)."""
     precision: str = "fp32"
@@ -285,7 +293,8 @@ DERIVED = "derived"
 
 def load(path: str | Path | Mapping[str, Any] | None, overrides: list[str] = ()) -> Config:
     """Read a YAML file (or take a mapping of sections, or start from defaults), apply `section.key=value`
-    overrides, validate."""
+    overrides, validate. Keys of the file or mapping that the chosen modes do not use are reset to their
+    defaults with one warning; overrides that are not used stay errors."""
     raw: dict[str, Any] = {}
     if isinstance(path, Mapping):
         raw = {
@@ -295,16 +304,54 @@ def load(path: str | Path | Mapping[str, Any] | None, overrides: list[str] = ())
     elif path is not None:
         raw = _read_yaml(Path(path))
     raw.pop(DERIVED, None)
+    given: set[str] = set()
     for item in overrides:
-        section, key, value = _parse_override(item)
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise UserError(f"config section '{section}' must be a mapping of keys to values")
-        raw[section][key] = value
+        section, key, sub_keys, value = _parse_override(item)
+        _set(raw, section, key, sub_keys, value, item)
+        given.add(f"{section}.{key}")
     cfg = Config(**{name: _build_section(name, values) for name, values in raw.items()})
     cfg.origin = str(Path(path).resolve().parent) if isinstance(path, (str, Path)) else None
+    reset = _reset_unused(cfg, given)
     validate(cfg)
+    if reset:
+        warn(reset)  # after validation: an error is the one line a failing command prints
     return cfg
+
+
+def _set(
+    raw: dict[str, Any], section: str, key: str, sub_keys: tuple[str, ...], value: Any, item: str
+) -> None:
+    """Apply one override to the raw sections: `key` replaced, or one entry of its mapping set (sub-keys),
+    the file's other entries kept and missing intermediate mappings created."""
+    if raw.get(section) is None:
+        raw[section] = {}
+    if not isinstance(raw[section], dict):
+        raise UserError(f"config section '{section}' must be a mapping of keys to values")
+    if not sub_keys:
+        raw[section][key] = value
+        return
+    current = raw[section].get(key)
+    if isinstance(current, str):
+        raise UserError(
+            f"{section}.{key}={current} names a file, so {item} has no mapping to set a key in; "
+            f"set the key in that file, or give {section}.{key} as a mapping"
+        )
+    if current is not None and not isinstance(current, Mapping):
+        raise UserError(f"{section}.{key}={current!r} must be a mapping, e.g. {{name: value}}")
+    merged = copy.deepcopy(dict(current or {}))
+    node = merged
+    for depth, name in enumerate(sub_keys[:-1], 1):
+        if node.get(name) is None:
+            node[name] = {}
+        if not isinstance(node[name], dict):
+            inner = ".".join((section, key, *sub_keys[:depth]))
+            raise UserError(
+                f"{inner}={node[name]!r} is not a mapping, so {item} cannot set a key in it; "
+                f"replace it whole with {inner}={{...}}"
+            )
+        node = node[name]
+    node[sub_keys[-1]] = value
+    raw[section][key] = merged
 
 
 def validate(cfg: Config) -> None:
@@ -349,10 +396,7 @@ def validate(cfg: Config) -> None:
         "data.context": cfg.data.context,
         "data.image_size": cfg.data.image_size,
         "data.stride": cfg.data.stride,
-        "optim.lr": cfg.optim.lr,
         "optim.reference_batch": cfg.optim.reference_batch,
-        "optim.trust_coefficient": cfg.optim.trust_coefficient,
-        "optim.trust_clip": cfg.optim.trust_clip,
         "train.steps": cfg.train.steps,
         "train.epochs": cfg.train.epochs,
         "train.log_every": cfg.train.log_every,
@@ -366,8 +410,6 @@ def validate(cfg: Config) -> None:
         if value is not None and value <= 0:
             raise UserError(f"{key}={value} must be positive")
     non_negative = {
-        "optim.weight_decay": cfg.optim.weight_decay,
-        "optim.eps": cfg.optim.eps,
         "data.workers": cfg.data.workers,
         "train.eval_every": cfg.train.eval_every,
         "train.checkpoint_every": cfg.train.checkpoint_every,
@@ -401,12 +443,18 @@ def validate(cfg: Config) -> None:
         raise UserError("set train.steps or train.epochs, not both")
     if cfg.schedule.warmup_steps is not None and cfg.schedule.warmup_epochs is not None:
         raise UserError("set schedule.warmup_steps or schedule.warmup_epochs, not both")
-    if not 0 <= cfg.optim.momentum < 1:
-        raise UserError(f"optim.momentum={cfg.optim.momentum} must be in [0, 1), e.g. 0.9")
-    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
-        raise UserError(
-            f"optim.betas={cfg.optim.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]"
-        )
+    o = cfg.optim
+    optim_args.check(
+        "optim.",
+        o.nesterov,
+        lr=o.lr,
+        momentum=o.momentum,
+        betas=o.betas,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        trust_coefficient=o.trust_coefficient,
+        trust_clip=o.trust_clip,
+    )
     if not 0 < cfg.schedule.gamma <= 1:
         raise UserError(
             f"schedule.gamma={cfg.schedule.gamma} must be a decay factor in (0, 1], e.g. 0.1"
@@ -497,22 +545,47 @@ def mode(decider: str, value: Any) -> Any:
     return value
 
 
-def _check_used(cfg: Config) -> None:
-    """Reject a key set away from its default that the chosen dataset, model, micro-batch mode, schedule or
-    precision ignores (MODE_KEYS)."""
+def _unused(cfg: Config) -> list[tuple[str, str]]:
+    """(key, deciding key) for every key set away from its default that the chosen dataset, model, micro-batch
+    mode, schedule or precision ignores (MODE_KEYS)."""
     defaults = Config()
+    found = []
     for decider, uses in MODE_KEYS.items():
         current = mode(decider, _get(cfg, decider))
         if isinstance(current, str) and current not in uses:
             continue  # an unknown name; the registry's own check says so, with "did you mean"
         for key in dict.fromkeys(k for keys in uses.values() for k in keys):
             if key not in uses.get(current, ()) and _get(cfg, key) != _get(defaults, key):
-                raise ignored_key(
-                    key,
-                    decider,
-                    _get(cfg, decider),
-                    [value for value, keys in uses.items() if key in keys],
-                )
+                found.append((key, decider))
+    return found
+
+
+def _check_used(cfg: Config) -> None:
+    """Reject a key that the chosen modes ignore (MODE_KEYS)."""
+    unused = _unused(cfg)
+    if unused:
+        key, decider = unused[0]
+        users = [value for value, keys in MODE_KEYS[decider].items() if key in keys]
+        raise ignored_key(key, decider, _get(cfg, decider), users)
+
+
+def _reset_unused(cfg: Config, given: set[str]) -> str | None:
+    """Reset to their defaults the keys that the chosen modes ignore and that were not `given` as overrides, and
+    say which: a built-in config's model.width stops mattering when model.name switches to your own model, and
+    config.yaml should not carry it. The keys `given` stay for validate to reject."""
+    unused = [(key, decider) for key, decider in _unused(cfg) if key not in given]
+    if not unused:
+        return None
+    defaults = Config()
+    groups: dict[str, list[str]] = {}
+    for key, decider in unused:
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, _get(defaults, key))
+        groups.setdefault(decider, []).append(key)
+    return "config keys that do not apply are reset to their defaults: " + "; ".join(
+        f"{', '.join(keys)} (unused with {decider}={_get(cfg, decider)})"
+        for decider, keys in groups.items()
+    )
 
 
 def ignored_key(
@@ -558,16 +631,42 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _parse_override(item: str) -> tuple[str, str, Any]:
-    key, sep, text = item.partition("=")
-    section, dot, name = key.partition(".")
-    if not sep or not dot or not section or not name:
-        raise UserError(f"override {item!r} must look like section.key=value, e.g. optim.lr=0.2")
+def _parse_override(item: str) -> tuple[str, str, tuple[str, ...], Any]:
+    """`section.key=value` or `section.key.sub[.sub2...]=value` (one entry of a mapping-typed key) → section,
+    key, sub-keys and the YAML-parsed value; an unknown section or key, or sub-keys of a key that is not a
+    mapping, is a UserError."""
+    name, sep, text = item.partition("=")
+    section, *keys = name.split(".")
+    if not sep or not section or not keys or not all(keys):
+        raise UserError(
+            f"override {item!r} must look like section.key=value, e.g. optim.lr=0.2 or "
+            f"model.args.n_layer=4"
+        )
+    sections = typing.get_type_hints(Config)
+    check_choice("config section", section, list(sections))
+    hints = typing.get_type_hints(sections[section])
+    key, *sub_keys = keys
+    check_choice(f"{section} key", key, list(hints))
+    if sub_keys and f"{section}.{key}" not in mapping_keys():
+        raise UserError(
+            f"{section}.{key} has no sub-keys ({item}); only {', '.join(mapping_keys())} take "
+            f"section.key.sub=value, e.g. model.args.n_layer=4"
+        )
     try:
         value = yaml.safe_load(text) if text else None
     except yaml.YAMLError:
         value = text
-    return section, name, value
+    return section, key, tuple(sub_keys), value
+
+
+def mapping_keys() -> list[str]:
+    """The keys that hold a mapping (model.args, ...), whose entries `section.key.sub=value` sets one by one."""
+    return [
+        f"{section}.{key}"
+        for section, cls in typing.get_type_hints(Config).items()
+        for key, hint in typing.get_type_hints(cls).items()
+        if dict in (hint, typing.get_origin(hint), *typing.get_args(hint))
+    ]
 
 
 def _build_section(name: str, values: Any) -> Any:
@@ -601,7 +700,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is dict or origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{key}={value!r} must be a mapping, e.g. {{name: value}}")
-        return value
+        return _numbers(value)
     if origin is list:
         if not isinstance(value, list):
             raise UserError(f"{key}={value!r} must be a list, e.g. [{_type_name(args[0])}, ...]")
@@ -618,6 +717,20 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     raise UserError(f"{key}={value!r} must be {_type_name(hint)}")
+
+
+EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+"""A number in exponent notation that YAML 1.1 reads as a string (5e7, 1e-3, 2.5e7: no dot or no exponent sign)."""
+
+
+def _numbers(value: Any) -> Any:
+    """A mapping's entries with 5e7-style strings read as numbers (YAML 1.2's reading), since nothing types
+    them: builder arguments and DeepSpeed keys want the number."""
+    if isinstance(value, dict):
+        return {key: _numbers(entry) for key, entry in value.items()}
+    if isinstance(value, list):
+        return [_numbers(entry) for entry in value]
+    return float(value) if isinstance(value, str) and EXPONENT.fullmatch(value) else value
 
 
 def _type_name(hint: Any) -> str:

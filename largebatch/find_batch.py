@@ -110,7 +110,7 @@ def measure(
 
         def run() -> None:
             with activations.track(model), precision.autocast():
-                total, count = task.loss(forward(model, x), y)
+                total, count, _ = task.score(model, x, y)
                 loss = total / count
             precision.backward(loss)
             norm = precision.unscale_and_clip(optimizer, list(model.parameters()), None)

@@ -18,10 +18,11 @@ from largebatch.engine import engines
 from largebatch.errors import UserError, warn
 from largebatch.optim.scaling import peak_lr
 
-CHECKPOINT_FORMAT = 5
+CHECKPOINT_FORMAT = 6
 """Bumped when the checkpoint layout changes (2: optimizer state by parameter name, applied-step count;
 3: the dataset's length and fingerprint in its identity; 4: the engine in its identity, engine shards beside state.pt;
-5: the data position, examples trained and current global batch in the state, for batch-size schedules)."""
+5: the data position, examples trained and current global batch in the state, for batch-size schedules;
+6: train.ignore_index in the identity: it decides which targets are loss terms)."""
 CADENCE = ("log_every", "eval_every", "checkpoint_every", "checkpoint_keep")
 """train.* keys that only change how often things happen, not the trajectory; not reported on resume."""
 
@@ -69,6 +70,7 @@ class Job:
             "run.seed": c.run.seed,
             "optim.name": c.optim.name,
             "train.loss": c.train.loss,
+            "train.ignore_index": c.train.ignore_index,
             "data.train_examples": self.train_examples,
             "engine.name": c.engine.name,
             "engine.zero_stage": c.engine.zero_stage,

@@ -23,7 +23,7 @@ from torch import nn
 
 from largebatch import checkpoint, config, job
 from largebatch.errors import ArgumentParser, UserError
-from largebatch.task import Task, forward, take, to_device
+from largebatch.task import Task, take, to_device
 
 FINAL_WEIGHTS = "model.pt"
 """Written by a run that finished (every engine writes the whole model there)."""
@@ -126,7 +126,7 @@ def squared_norms(
                     inputs, targets = to_device(
                         take(task.train, block[start : min(start + chunk, (j + 1) * size)]), device
                     )
-                    total, terms = task.loss(forward(model, inputs), targets)
+                    total, terms, _ = task.score(model, inputs, targets)
                     total.backward()
                     count += float(terms)
                 if count == 0:

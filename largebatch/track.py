@@ -49,6 +49,8 @@ class Progress:
             f"lr {r['lr']:.4g}",
             f"grad {r['grad_norm']:.3g}",
             f"{r['samples_per_s']:.0f} samples/s",
+            *([f"{r['tokens_per_s']:.0f} tokens/s"] if "tokens_per_s" in r else []),
+            *([f"MFU {100 * r['mfu']:.2g}%"] if "mfu" in r else []),
             *(f"{k} {v:.4f}" for k, v in r.items() if k.startswith("eval/")),
         ]
         if self._bar is not None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from largebatch import autobatch, batch_schedule, checkpoint, config, optim
+from largebatch import autobatch, batch_schedule, checkpoint, config, flops, optim
 from largebatch.batch import BatchPlan, GlobalBatchSampler, Position, advance
 from largebatch.dist import DistInfo, all_reduce_sum, broadcast_from_main
 from largebatch.engine import Engine, engines
@@ -25,11 +25,11 @@ from largebatch.job import Job
 from largebatch.memory import process_peak_mib
 from largebatch.noise import NoiseScale
 from largebatch.optim import fused
-from largebatch.optim.scaling import peak_lr
+from largebatch.optim.scaling import describe_peak_lr, peak_lr
 from largebatch.optim.schedules import Schedule
 from largebatch.precision import StepOutcome
 from largebatch.stop import StopFlags
-from largebatch.task import Batch, Task, collate_of, correct, forward, take, to_device
+from largebatch.task import Batch, Task, collate_of, correct, take, to_device
 from largebatch.track import Tracker
 
 
@@ -94,9 +94,8 @@ def build_state(job: Job, info: DistInfo) -> TrainState:
     """The model job.prepare built and checked, with its optimizer and precision in their engine (any kernel they
     compile built now, before training is timed), then the checkpoint rank 0 chose to resume from, if any."""
     cfg = job.cfg
-    torch.manual_seed(
-        cfg.run.seed
-    )  # CUDA's generators; the CPU one goes on from where the build left it
+    # CUDA's generators from the seed; the CPU one goes on from where the build left it.
+    torch.manual_seed(cfg.run.seed)
     torch.set_rng_state(job.rng_after_build)
     engine = engines()[cfg.engine.name](
         job.model,
@@ -250,12 +249,18 @@ class Trainer:
         self._set_batch(self.batch_schedule.size(s.global_batch, s.samples, self._noise_scale()))
         self._warn_batchnorm()
         self.tracker = Tracker(job, False, s.step)
+        self.throughput = flops.measure(
+            self.engine.module, job.task, self.plan.micro_batch, self.cfg.train.precision, info
+        )
         if info.is_main:
+            o = self.cfg.optim
+            lr = describe_peak_lr(o.lr, job.plan.global_batch, o.reference_batch, o.scaling)
             print(
-                f"{job.plan.describe()}; peak lr {job.peak_lr:.6g}; {job.total_steps} steps "
+                f"{job.plan.describe()}; {lr}; {job.total_steps} steps "
                 f"({job.steps_per_epoch} per epoch), warmup {job.warmup_steps}; {job.threads} threads",
                 flush=True,
             )
+            print(self.throughput.described, flush=True)
             if self.cfg.batch.schedule != "constant":
                 print(
                     f"batch.schedule={self.cfg.batch.schedule}: global batch {self.plan.global_batch} now, up to "
@@ -266,7 +271,7 @@ class Trainer:
                 print(f"resuming from {job.resume_from} at step {s.step}", flush=True)
             with self.flags.guard(str(self.cfg.run_dir)):
                 self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
-                config.dump(self.cfg, job.derived(), self.cfg.run_dir / "config.yaml")
+                config.dump(self.cfg, self._derived(), self.cfg.run_dir / "config.yaml")
                 for name, content in self.engine.files().items():
                     (self.cfg.run_dir / name).write_text(json.dumps(content, indent=2) + "\n")
                 self.tracker = Tracker(job, True, s.step)
@@ -274,7 +279,12 @@ class Trainer:
         self.batches.restart(self.plan, s.position, s.samples)
         self.start = self.last_log = time.perf_counter()
         self.first_samples = self.last_logged_samples = s.samples
+        self.tokens = self.first_tokens = self.last_logged_tokens = 0.0
         self.eval_s = 0.0
+
+    def _derived(self) -> dict[str, Any]:
+        """config.yaml's `derived`: the job's values and the engine's."""
+        return {**self.job.derived(), **self.engine.derived()}
 
     def _noise_scale(self) -> float | None:
         return self.s.noise.value if self.s.noise is not None else None
@@ -348,11 +358,13 @@ class Trainer:
             )
         )
         stop_signal = self.flags.agree(summed[2:])
-        loss = self._normalise(*summed[:2].tolist())
+        loss_sum, count = summed[:2].tolist()
+        loss = self._normalise(loss_sum, count)
         lr = self.optimizer.param_groups[0]["lr"]
         outcome = self.engine.step(loss, self.cfg.train.clip_grad_norm)
         s.step += 1
         s.samples += self.plan.global_batch
+        self.tokens += count  # valid targets, for tokens/s
         s.position = advance(s.position, self.plan.global_batch, self.job.train_examples)
         s.applied_steps += outcome.applied
         s.applied_samples += outcome.applied * self.plan.global_batch
@@ -388,7 +400,7 @@ class Trainer:
                     else contextlib.nullcontext(),
                     self.engine.autocast(),
                 ):
-                    total, terms = self.job.task.loss(forward(self.engine.model, inputs), targets)
+                    total, terms, _ = self.job.task.score(self.engine.model, inputs, targets)
                 self.engine.backward(total / plan.per_rank)
             loss_sum += total.detach().float()
             count += terms
@@ -444,7 +456,7 @@ class Trainer:
             self.plan = smaller
             if self.info.is_main:  # config.yaml records the plan the run trains with from here on
                 with self.flags.guard(str(self.cfg.run_dir / "config.yaml")):
-                    config.dump(self.cfg, self.job.derived(), self.cfg.run_dir / "config.yaml")
+                    config.dump(self.cfg, self._derived(), self.cfg.run_dir / "config.yaml")
             self.batches.restart(self.plan, self.s.position, self.s.samples)
 
     def _probe(self, micro: int) -> None:
@@ -452,7 +464,7 @@ class Trainer:
         task = self.job.task
         inputs, targets = to_device(take(task.train, range(micro)), self.info.device)
         with self.engine.autocast():
-            total, _ = task.loss(forward(self.engine.module, inputs), targets)
+            total, _, _ = task.score(self.engine.module, inputs, targets)
         total.backward()
 
     def _set_lr(self) -> None:
@@ -489,6 +501,11 @@ class Trainer:
             "lr": result.lr,
             "grad_norm": result.grad_norm,
             "samples_per_s": (s.samples - self.last_logged_samples) / (now - self.last_log),
+            **self.throughput.rates(
+                s.samples - self.last_logged_samples,
+                self.tokens - self.last_logged_tokens,
+                now - self.last_log,
+            ),
             "global_batch": plan.global_batch,
             "micro_batch": plan.micro_batch,
             "accum_steps": plan.accum_steps,
@@ -539,6 +556,7 @@ class Trainer:
         with self.flags.guard(f"{self.cfg.run_dir}/metrics.jsonl"):
             self.tracker.log(record)
         self.last_log, self.last_logged_samples = time.perf_counter(), s.samples
+        self.last_logged_tokens = self.tokens
 
     def _epoch(self) -> float:
         """Epochs done: whole ones, plus the fraction of an epoch's full-size batches (batch.global_size) taken."""
@@ -612,6 +630,11 @@ class Trainer:
             },
             "wall_s": wall_s,
             "samples_per_s": (s.samples - self.first_samples) / max(wall_s - self.eval_s, 1e-9),
+            **self.throughput.rates(
+                s.samples - self.first_samples,
+                self.tokens - self.first_tokens,
+                wall_s - self.eval_s,
+            ),
             "world_size": plan.world_size,
             "global_batch": plan.global_batch,
             "micro_batch": plan.micro_batch,
@@ -666,11 +689,10 @@ def evaluate(
     )
     for i, batch in enumerate(loader):
         inputs, targets = to_device(batch, info.device)
-        output = forward(model, inputs)
+        total, count, output = task.score(model, inputs, targets)
         if i >= counted_chunks:
             continue
-        total, count = task.loss(output, targets)
-        right, counted = correct(output, targets) or (0, 0)
+        right, counted = correct(output, targets, task.ignore_index) or (0, 0)
         totals += torch.stack(
             [
                 torch.as_tensor(v, device=info.device).double()

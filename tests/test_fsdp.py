@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import (
     ROOT,
     cli_in_process,
@@ -106,6 +107,16 @@ def trained(tmp_path_factory) -> Path:
     return base
 
 
+def shard_units(run_dir: Path) -> tuple[list[str], dict[str, int]]:
+    """fsdp.json's units by name, after checking that it and config.yaml (derived, beside the user's empty
+    engine.shard_blocks) name the same classes; returns (units, classes with their counts)."""
+    written = json.loads((run_dir / "fsdp.json").read_text())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["engine"]["shard_blocks"] == []
+    assert config["derived"]["shard_blocks"] == written["shard_blocks"]
+    return written["units"], written["shard_blocks"]
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("accum", [1, 2])
 def test_fsdp_takes_the_ddp_engines_steps(trained: Path, name: str, accum: int) -> None:
@@ -118,8 +129,10 @@ def test_fsdp_takes_the_ddp_engines_steps(trained: Path, name: str, accum: int) 
     assert relative(ours, reference, "loss") < 1e-4
     assert relative(ours, reference, "grad_norm") < 1e-4
     assert max(m["grad_norm"] for m in ours) > 0.3  # the clip (0.3) acted
-    units = json.loads((trained / f"fsdp-{name}-a{accum}/fsdp.json").read_text())["units"]
-    assert units == ["blocks.0", "blocks.1", "(root)"]
+    assert shard_units(trained / f"fsdp-{name}-a{accum}") == (
+        ["blocks.0", "blocks.1", "(root)"],
+        {"Block": 2},
+    )
 
 
 @pytest.mark.parametrize("name", ["lars", "lamb"])
@@ -151,8 +164,11 @@ def test_user_and_vision_models_shard_by_their_blocks(trained: Path, model: str)
         json.loads((trained / f"{e}-{model}/summary.json").read_text()) for e in ("fsdp", "ddp")
     )
     assert ours["eval"]["loss"] == pytest.approx(reference["eval"]["loss"], rel=1e-4)
-    units = json.loads((trained / f"fsdp-{model}/fsdp.json").read_text())["units"]
-    assert units == (["transformer.h.0", "(root)"] if model == "hf" else ["3", "4", "(root)"])
+    assert shard_units(trained / f"fsdp-{model}") == (
+        (["transformer.h.0", "(root)"], {"GPT2Block": 1})
+        if model == "hf"
+        else (["3", "4", "(root)"], {"BasicBlock": 2})
+    )
 
 
 def test_bf16_trains(trained: Path) -> None:

@@ -8,12 +8,14 @@ from conftest import cli, metrics, train
 
 from largebatch import models, optim
 from largebatch.config import ModelConfig, OptimConfig
+from largebatch.data import Data
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
 
 
 def _model():
-    return models.build(ModelConfig(name="resnet", norm="batch", width=8, depth=1), (1, 8, 8), 10)
+    cfg = ModelConfig(name="resnet", norm="batch", width=8, depth=1)
+    return models.build(cfg, Data(None, None, input_shape=(1, 8, 8), num_classes=10))
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from conftest import cli, metrics, train
 
 from largebatch import models
 from largebatch.config import ModelConfig
+from largebatch.data import Data
 
 QUICK = ("--config", "configs/quickstart.yaml")
 
@@ -70,13 +71,10 @@ def test_fp16_overflow_belongs_to_the_loss_scale_is_not_nonfinite_and_does_not_a
 def test_checkpointed_and_plain_models_give_equal_gradients(name, shape, inputs, every):
     cfg = ModelConfig(name=name, norm="group", width=16, depth=2, heads=2)
     torch.manual_seed(0)
-    plain = models.build(cfg, shape, 256 if name == "gpt" else 10)
+    data = Data(None, None, input_shape=shape, num_classes=256 if name == "gpt" else 10)
+    plain = models.build(cfg, data)
     torch.manual_seed(0)
-    checkpointed = models.build(
-        ModelConfig(**{**vars(cfg), "grad_checkpointing": every}),
-        shape,
-        256 if name == "gpt" else 10,
-    )
+    checkpointed = models.build(ModelConfig(**{**vars(cfg), "grad_checkpointing": every}), data)
     assert any(type(m).__name__ == "Checkpointed" for m in checkpointed.modules())
     x = inputs()
     for model in (plain, checkpointed):

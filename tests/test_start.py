@@ -210,7 +210,9 @@ def test_a_kernel_build_is_announced_and_never_timed(tmp_path, monkeypatch):
     (progress lines, metrics.jsonl, summary.json) holds those 20 s."""
     from torch.utils import cpp_extension
 
-    kernels = fused.load()  # the real kernels, built here if the cache is cold: the build below is only the sleep
+    kernels = (
+        fused.load()
+    )  # the real kernels, built here if the cache is cold: the build below is only the sleep
 
     def slow_load(**kwargs):
         time.sleep(20)

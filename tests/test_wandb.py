@@ -38,6 +38,8 @@ RECORDS = [
         "lr": 0.1 * s,
         "grad_norm": 1.5 / s,
         "samples_per_s": 5000.0,
+        "tokens_per_s": 320000.0,
+        "mfu": 0.41,
         "gns": 40.0 + s,
         "trust_ratio/fc1.weight": 0.01 * s,
         "trust_ratio/fc2.weight": 0.02 * s,
@@ -52,6 +54,8 @@ SUMMARY = {
     "eval": {"loss": 0.5, "accuracy": 0.9},
     "global_batch": 64,
     "peak_lr": 0.4,
+    "tokens_per_s": 310000.0,
+    "mfu": 0.4,
     "params_sha256": "ab" * 32,
 }
 
@@ -172,6 +176,8 @@ def test_offline_sink_records_one_run_with_the_batch_plan_and_every_metric(wandb
         "lr",
         "grad_norm",
         "samples_per_s",
+        "tokens_per_s",
+        "mfu",
         "gns",
         "global_batch",
         "trust_ratio/fc1.weight",
@@ -183,6 +189,7 @@ def test_offline_sink_records_one_run_with_the_batch_plan_and_every_metric(wandb
     assert run["history"][0]["trust_ratio/histogram"]["_type"] == "histogram"
     assert run["summary"]["final_loss"] == 0.33 and run["summary"]["eval/accuracy"] == 0.9
     assert run["summary"]["params_sha256"] == "ab" * 32
+    assert (run["summary"]["tokens_per_s"], run["summary"]["mfu"]) == (310000.0, 0.4)
 
 
 def test_a_resumed_job_continues_the_same_run(wandb_env: Path):
@@ -278,9 +285,16 @@ def test_a_two_process_training_run_writes_exactly_one_wandb_run_with_the_plan_a
     assert offline["run_ids"] == {(run / "wandb_run_id").read_text().strip()}
     derived = offline["config"]["derived"]
     assert (derived["world_size"], derived["global_batch"], derived["micro_batch"]) == (2, 32, 16)
-    assert {"loss", "lr", "grad_norm", "samples", "samples_per_s", "eval/accuracy"} <= offline[
-        "history_keys"
-    ]
+    assert {
+        "loss",
+        "lr",
+        "grad_norm",
+        "samples",
+        "samples_per_s",
+        "mfu",
+        "eval/accuracy",
+    } <= offline["history_keys"]
+    assert "tokens_per_s" not in offline["history_keys"]  # classification: one target per example
     assert len(offline["history"]) == 3
 
 

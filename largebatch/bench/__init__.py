@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -9,19 +10,31 @@ import subprocess
 import sys
 from typing import Any
 
-from largebatch.errors import check_choice
+from largebatch.errors import ArgumentParser, check_choice
 
 BENCHMARKS = {
-    "data": "our image-folder loader against torchvision's ImageFolder + DataLoader, and whether "
-    "training is input-bound",
-    "gns": "samples/s of the trainer measuring the gradient noise scale on every step vs not; --hook: a hand-written "
-    "DDP loop measuring it the trainer's way (sync after backward) and in a communication hook",
-    "loop": "our trainer's samples/s against a minimal hand-written DDP loop; --engine deepspeed: ZeRO-0/2 vs DDP",
-    "memory": "activation memory and step time with and without gradient checkpointing (tiny GPT, CNN); --engines: "
-    "per-rank bytes of parameters, gradients and optimizer state under DDP, ZeRO 0-3 and FSDP",
-    "optim": "our LARS/LAMB against torch's fused SGD/AdamW and torch-optimizer, on ResNet-50's shapes; --sharded: "
-    "on FSDP2-style shards of 2 processes (one all-reduce for whole-parameter norms)",
+    "data": "our image-folder loader vs torchvision's ImageFolder + DataLoader; is training input-bound",
+    "gns": "the trainer's samples/s measuring the gradient noise scale every step vs not",
+    "loop": "our trainer's samples/s vs a minimal hand-written DDP loop (or DeepSpeed ZeRO vs DDP)",
+    "memory": "activation memory and step time with and without gradient checkpointing; bytes per engine",
+    "optim": "our LARS/LAMB step vs torch's fused SGD/AdamW and torch-optimizer, on ResNet-50's shapes",
 }
+"""Name → one line for `largebatch bench --help`; each benchmark's own --help (its module's docstring) says more."""
+
+
+def listing() -> str:
+    """The benchmarks, one per line with its description, for `largebatch bench --help`."""
+    width = max(map(len, BENCHMARKS))
+    return "\n".join(f"  {name:{width}}  {line}" for name, line in BENCHMARKS.items())
+
+
+def parser(name: str, doc: str) -> ArgumentParser:
+    """The argument parser of `largebatch bench NAME`, its help the benchmark module's docstring `doc`."""
+    return ArgumentParser(
+        prog=f"largebatch bench {name}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def run(name: str, argv: list[str]) -> int:

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from largebatch import config
+from largebatch import bench, config
 from largebatch import task as tasks
 from largebatch.batch import BatchPlan, GlobalBatchSampler
-from largebatch.errors import ArgumentParser, UserError
+from largebatch.errors import UserError
 
 
 def write_image_folder(
@@ -68,7 +68,7 @@ def _train_rate(task: tasks.Task, micro: int, steps: int = 3) -> float:
     times = []
     for _ in range(steps + 1):
         start = time.perf_counter()
-        total, count = task.loss(tasks.forward(model, inputs), targets)
+        total, count, _ = task.score(model, inputs, targets)
         (total / count).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -77,7 +77,7 @@ def _train_rate(task: tasks.Task, micro: int, steps: int = 3) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="largebatch bench data", description=__doc__.splitlines()[0])
+    parser = bench.parser("data", __doc__)
     parser.add_argument(
         "--config", help="an imagefolder config (default: generated JPEGs, torchvision:resnet18)"
     )

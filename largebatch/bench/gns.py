@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 from largebatch import bench, config
 from largebatch.bench import loop
-from largebatch.errors import ArgumentParser
 
 VARIANTS = {
     "off": ("noise scale off", "train.noise_scale=false"),
@@ -58,7 +57,6 @@ def handwritten(job, info, how: str) -> tuple[float, dict[str, list[float]], flo
 
     from largebatch import optim
     from largebatch.engine.ddp import DDPEngine
-    from largebatch.task import forward
     from largebatch.trainer import _mean_over_ranks
 
     torch.manual_seed(job.cfg.run.seed)
@@ -85,7 +83,7 @@ def handwritten(job, info, how: str) -> tuple[float, dict[str, list[float]], flo
             last = m == plan.accum_steps - 1
             idx = order[first + m * plan.micro_batch : first + (m + 1) * plan.micro_batch]
             with engine.micro_step(last and how != "after"):
-                total, _ = job.task.loss(forward(engine.model, x_all[idx]), y_all[idx])
+                total, _, _ = job.task.score(engine.model, x_all[idx], y_all[idx])
                 t0 = time.perf_counter()
                 engine.backward(total / plan.per_rank)
             loss_sum += total.detach()
@@ -175,7 +173,7 @@ def worker(hook: bool, steps: int, repeats: int, path: str | None, overrides: li
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="largebatch bench gns", description=__doc__)
+    parser = bench.parser("gns", __doc__)
     parser.add_argument("--config", help="YAML config (default: bench loop's MLP job)")
     parser.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per measurement")

@@ -8,7 +8,6 @@ each ZeRO stage's ratio to DDP.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -112,7 +111,7 @@ def worker(engine: str, steps: int, repeats: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="largebatch bench loop", description=__doc__)
+    parser = bench.parser("loop", __doc__)
     parser.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per measurement")
     parser.add_argument(

@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from largebatch import config, job, trainer
+from largebatch import bench, config, job, trainer
 from largebatch import task as tasks
 from largebatch.bench import run_workers
 from largebatch.dist import DistInfo
 from largebatch.engine import Engine
-from largebatch.errors import ArgumentParser, check_choice
+from largebatch.errors import check_choice
 from largebatch.memory import ActivationMeter
 from largebatch.optim.sharding import local
 
@@ -84,7 +84,7 @@ def measure(
     for _ in range(steps + 1):
         start = time.perf_counter()
         with meter.track(model):
-            total, count = task.loss(tasks.forward(model, x), y)
+            total, count, _ = task.score(model, x, y)
             loss = total / count
         loss.backward()
         optimizer.step()
@@ -123,7 +123,7 @@ def engine_bytes(engine: Engine, task: tasks.Task, micro: int) -> dict[str, int]
     x, y = tasks.take(task.train, range(micro))
     with engine.micro_step(True):
         with engine.autocast():
-            total, count = task.loss(tasks.forward(engine.model, x), y)
+            total, count, _ = task.score(engine.model, x, y)
         loss = total / count
         engine.backward(loss)
     grads = [p.grad for p in params] + [getattr(zero, name, None) for name in GRADIENT_PARTITIONS]
@@ -205,7 +205,7 @@ def print_engines(rows: dict[str, dict[str, int]], nproc: int, micro: int) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="largebatch bench memory", description=__doc__.splitlines()[0])
+    parser = bench.parser("memory", __doc__)
     parser.add_argument(
         "--steps", type=int, default=10, help="timed steps per measurement (after one warm-up)"
     )

@@ -6,7 +6,6 @@ DeepSpeed's CPU Adam (the optimizer of ZeRO-Offload) and our LAMB with per-shard
 stepping the same local shards as plain tensors.
 """
 
-import argparse
 import json
 import statistics
 import sys
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from largebatch import bench
 from largebatch.bench import run_workers
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
@@ -202,7 +202,7 @@ def print_sharded(result: dict, steps: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench.parser("optim", __doc__)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument(

@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 from largebatch.errors import UserError
 
 IGNORE_INDEX = -100
-"""Targets with this value are padding: no loss term, not counted (the PyTorch and Hugging Face convention)."""
+"""Targets with this value are padding: no loss term, not counted (the PyTorch and Hugging Face convention; the
+default of train.ignore_index)."""
 
 
 @dataclass
@@ -28,10 +29,25 @@ class Data:
     eval: Dataset | None
     input_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
-    """Classes, or the vocabulary size for token data."""
+    """Classes, or the vocabulary size for token data (the classes of next-token prediction)."""
     fingerprint: str = ""
     """Identifies the data (file list and labels, or size and sampled bytes of files; a checkpoint from other data
     is refused); the built-ins are identified by their config."""
+    vocab_size: int | None = None
+    """Token data: the vocabulary size (from meta.pkl, the tokenizer, or the largest token + 1)."""
+    context: int | None = None
+    """Token data: the longest input sequence (data.context)."""
+
+    def facts(self) -> dict[str, Any]:
+        """What a model builder may ask for by parameter name (the facts known of this data)."""
+        known = {
+            "vocab_size": self.vocab_size,
+            "num_classes": self.num_classes,
+            "context": self.context,
+            "block_size": self.context,
+            "input_shape": self.input_shape,
+        }
+        return {name: value for name, value in known.items() if value is not None}
 
 
 class ArrayDataset(Dataset):

@@ -2,8 +2,10 @@
 
 Each line's `data.text_key` field is tokenised once at start — as UTF-8 bytes (tokens 0-255) or by a local
 Hugging Face tokenizer — and cut to `data.context` + 1 tokens. Inputs are `{"input_ids", "attention_mask"}`
-(a model that takes those, e.g. any hf: causal LM); targets are the tokens shifted by one, with padding set
-to IGNORE_INDEX, so a padded position adds no loss term and is not counted.
+(a model that takes those, e.g. any hf: causal LM; a forward that takes neither gets input_ids alone, which
+right padding keeps exact for a causal model); targets are the tokens shifted by one, with padding set to
+train.ignore_index, so a padded position adds no loss term and is not counted. The vocabulary size is 256 for
+bytes, len(tokenizer) otherwise.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ WHAT = 'a file of JSON lines such as {"text": "..."}'
 class PaddedText(Dataset):
     """Token sequences of different lengths; `collate` pads a batch to its longest example."""
 
-    def __init__(self, sequences: list[list[int]], pad_id: int) -> None:
-        self.sequences, self.pad_id = sequences, pad_id
+    def __init__(
+        self, sequences: list[list[int]], pad_id: int, ignore_index: int = IGNORE_INDEX
+    ) -> None:
+        self.sequences, self.pad_id, self.ignore_index = sequences, pad_id, ignore_index
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -36,7 +40,7 @@ class PaddedText(Dataset):
     def collate(self, batch: list[list[int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         longest = max(len(s) for s in batch) - 1
         ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
-        targets = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+        targets = torch.full((len(batch), longest), self.ignore_index, dtype=torch.long)
         mask = torch.zeros((len(batch), longest), dtype=torch.long)
         for row, seq in enumerate(batch):
             n = len(seq) - 1
@@ -62,7 +66,12 @@ def _tokenizer(name: str) -> tuple[Any, int, int]:
 
 
 def build(
-    path: str | None, eval_fraction: float, context: int, tokenizer: str, text_key: str
+    path: str | None,
+    eval_fraction: float,
+    context: int,
+    tokenizer: str,
+    text_key: str,
+    ignore_index: int = IGNORE_INDEX,
 ) -> Data:
     file = require_path(path, "jsonl", WHAT)
     encode, vocab, pad = _tokenizer(tokenizer)
@@ -93,9 +102,11 @@ def build(
             f"data.eval_fraction={eval_fraction}; lower it or add data"
         )
     return Data(
-        PaddedText(sequences[:cut], pad),
-        PaddedText(sequences[cut:], pad),
+        PaddedText(sequences[:cut], pad, ignore_index),
+        PaddedText(sequences[cut:], pad, ignore_index),
         None,
         vocab,
         file_fingerprint(file),
+        vocab_size=vocab,
+        context=context,
     )

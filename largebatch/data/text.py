@@ -26,6 +26,8 @@ def build(eval_fraction: float, context: int) -> Data:
         (context,),
         VOCAB,
         fingerprint="text",
+        vocab_size=VOCAB,
+        context=context,
     )
 
 

@@ -3,11 +3,13 @@ cut into fixed windows like Megatron's GPT dataset (not random offsets, so the s
 
 Example i is tokens[i·stride : i·stride + context + 1]: the model sees the first `context` tokens and is
 scored on the same window shifted by one. `data.path` is the file (its last `eval_fraction` of tokens held
-out) or a folder with train.bin and val.bin.
+out) or a folder with train.bin and val.bin. The vocabulary size is `vocab_size` from nanoGPT's meta.pkl beside
+the file(s), else the largest token + 1.
 """
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +59,7 @@ class TokenWindows(Dataset):
         if not 0 <= index < self.n:
             raise IndexError(index)
         window = torch.from_numpy(self._window(index).astype(np.int64))
-        return window[:-1], window[1:]
+        return window[:-1].contiguous(), window[1:].contiguous()
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         windows = torch.from_numpy(np.stack([self._window(i) for i in indices]).astype(np.int64))
@@ -106,10 +108,43 @@ def build(
             f"data.path={root} has too few training tokens for one example of data.context={context} "
             f"+ 1 tokens; lower data.context or use a larger file"
         )
-    vocab = None
-    if files[0].stat().st_size <= SCAN_LIMIT:
+    vocab = _meta_vocab(files[0].parent / "meta.pkl")
+    if vocab is None and files[0].stat().st_size <= SCAN_LIMIT:
         vocab = (
             int(max(np.memmap(f, dtype=dtype, mode="r").max() for f in files if f.stat().st_size))
             + 1
         )
-    return Data(train, held, (context,), vocab, file_fingerprint(*files))
+    return Data(
+        train,
+        held,
+        (context,),
+        vocab,
+        file_fingerprint(*files),
+        vocab_size=vocab,
+        context=context,
+    )
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Reads only plain values (dicts, strings, numbers): a meta.pkl cannot run code."""
+
+    def find_class(self, module: str, name: str) -> type:
+        raise pickle.UnpicklingError(f"{module}.{name} is not a plain value")
+
+
+def _meta_vocab(path: Path) -> int | None:
+    """`vocab_size` from nanoGPT's meta.pkl (a pickled dict with vocab_size, itos, stoi), if there is one."""
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as f:
+            meta = _PlainUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise UserError(
+            f"{path} is not a pickled dict of plain values as nanoGPT writes it ({exc}); remove it or "
+            f"rewrite it with vocab_size"
+        ) from None
+    vocab = meta.get("vocab_size") if isinstance(meta, dict) else None
+    if not isinstance(vocab, int) or vocab < 1:
+        raise UserError(f"{path} has no positive integer vocab_size; add one, or remove the file")
+    return vocab

@@ -95,6 +95,10 @@ class Engine(Protocol):
     def files(self) -> dict[str, Any]:
         """{file name: JSON-able content} written to the run directory at start (e.g. the effective engine config)."""
 
+    def derived(self) -> dict[str, Any]:
+        """What this engine decided from the config and the model, written under `derived` in config.yaml beside
+        the job's values (e.g. FSDP's shard units), so the config keeps what the user wrote."""
+
 
 def engines() -> dict[str, type[Engine]]:
     from largebatch.engine.ddp import DDPEngine

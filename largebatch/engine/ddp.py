@@ -123,3 +123,6 @@ class DDPEngine:
 
     def files(self) -> dict[str, Any]:
         return {}
+
+    def derived(self) -> dict[str, Any]:
+        return {}

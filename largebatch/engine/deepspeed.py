@@ -356,6 +356,9 @@ class DeepSpeedEngine:
         """Written to the run directory: the effective DeepSpeed config."""
         return {"deepspeed.json": self.config}
 
+    def derived(self) -> dict[str, Any]:
+        return {}
+
 
 def _cpu_adam(adamw: torch.optim.AdamW) -> torch.optim.Optimizer:
     """The same AdamW as DeepSpeed's CPU Adam, which steps offloaded optimizer state several times faster."""

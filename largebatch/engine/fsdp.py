@@ -126,6 +126,8 @@ class FSDPEngine:
         )
         module = module.to(info.device)
         self.units = blocks(module, cfg.engine.shard_blocks)
+        # by class, before fully_shard renames the classes (Block → FSDPBlock)
+        self.unit_classes = dict(Counter(type(u).__name__ for u in self.units))
         for unit in self.units:
             fully_shard(unit, mesh=mesh, mp_policy=policy)
         self.module = self.model = fully_shard(module, mesh=mesh, mp_policy=policy)
@@ -225,11 +227,17 @@ class FSDPEngine:
             group.update(setting)
 
     def files(self) -> dict[str, Any]:
-        """Written to the run directory: which modules were sharded as units."""
+        """Written to the run directory: which modules were sharded as units, by name and by class."""
         names = {id(m): n for n, m in self.module.named_modules()}
         return {
             "fsdp.json": {
                 "units": [names[id(u)] for u in self.units] + ["(root)"],
+                **self.derived(),
                 "world_size": torch.distributed.get_world_size(),
             }
         }
+
+    def derived(self) -> dict[str, Any]:
+        """`shard_blocks`: the classes sharded as units and how many of each ({} when the whole model is one unit);
+        the root, with what is left, is one more unit."""
+        return {"shard_blocks": self.unit_classes}

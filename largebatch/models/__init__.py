@@ -1,7 +1,9 @@
 """Model registry: built-in models, torchvision:<name>, hf:<name-or-dir>, or a user's pkg.module:callable.
 
 Built-in builders take plain keyword arguments (the input shape and class count from the data, and their
-MODE_KEYS model keys); the wrappers every model can get (SyncBatchNorm, gradient checkpointing) are applied here.
+MODE_KEYS model keys); a user's builder is told what the data knows (vocab_size, num_classes, context/block_size,
+input_shape) when it asks by parameter name or through its config dataclass; the wrappers every model can get
+(SyncBatchNorm, gradient checkpointing) are applied here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 
 from largebatch import factory
 from largebatch.config import FACTORY, MODE_KEYS, ModelConfig, mode
+from largebatch.data import Data
 from largebatch.errors import UserError, check_choice
 from largebatch.models import checkpointing, gpt, hub, mlp, resnet
 
@@ -25,19 +28,15 @@ BLOCKS: dict[str, tuple[type[nn.Module], ...]] = {
 """What gradient checkpointing wraps, per built-in model (hub models: see hub.checkpoint_blocks)."""
 
 
-def build(
-    cfg: ModelConfig,
-    input_shape: tuple[int, ...] | None,
-    num_classes: int | None,
-    origin: str | None = None,
-) -> nn.Module:
-    """The model `cfg.name` names, for data of `input_shape` with `num_classes` classes (None where unknown)."""
+def build(cfg: ModelConfig, data: Data, origin: str | None = None) -> nn.Module:
+    """The model `cfg.name` names, for `data` (its input shape and class count, where known)."""
+    input_shape, num_classes = data.input_shape, data.num_classes
     if mode("model.name", cfg.name) == FACTORY:
-        return wrap(cfg, factory.resolve("model.name", cfg.name, origin), cfg.args)
+        return wrap(cfg, factory.resolve("model.name", cfg.name, origin), cfg.args, data)
     if cfg.name.startswith("torchvision:"):
         model = hub.torchvision(cfg.name.removeprefix("torchvision:"), cfg.args, num_classes)
     elif cfg.name.startswith("hf:"):
-        model = hub.hf(cfg.name.removeprefix("hf:"), cfg.args, num_classes)
+        model = hub.hf(cfg.name.removeprefix("hf:"), cfg.args, num_classes, data.vocab_size)
     else:
         model = _builtin(cfg, input_shape, num_classes)
     return wrap(cfg, model)
@@ -47,15 +46,18 @@ def wrap(
     cfg: ModelConfig,
     model: nn.Module | Callable[..., nn.Module],
     args: dict[str, Any] | None = None,
+    data: Data | None = None,
 ) -> nn.Module:
-    """A user's model (or the module its builder returns, called with `args`) with the wrappers the config asks for:
-    SyncBatchNorm, gradient checkpointing."""
+    """A user's model (or the module its builder returns, called with `args` and the facts of `data` it asks for)
+    with the wrappers the config asks for: SyncBatchNorm, gradient checkpointing."""
     if cfg.norm == "syncbatch" and not torch.cuda.is_available():
         raise UserError(
             "model.norm=syncbatch needs CUDA (SyncBatchNorm runs on NCCL); use batch or group on CPU"
         )
     if not isinstance(model, nn.Module):
-        model = factory.call("model.args", model, args or {}, cfg.name)
+        facts = data.facts() if data is not None else {}
+        _check_facts(args or {}, facts)
+        model = factory.call("model.args", model, args or {}, cfg.name, facts)
         if not isinstance(model, nn.Module):
             raise UserError(
                 f"model.name={cfg.name} returned a {type(model).__name__}, not a torch.nn.Module"
@@ -65,6 +67,28 @@ def wrap(
     if cfg.grad_checkpointing:
         _checkpoint(model, cfg, int(cfg.grad_checkpointing))
     return model
+
+
+def _check_facts(args: dict[str, Any], facts: dict[str, Any]) -> None:
+    """A model.args value that contradicts the data: fewer classes or tokens, a shorter context, another shape."""
+    words = {
+        "vocab_size": "vocabulary",
+        "num_classes": "class count",
+        "context": "sequence length (data.context)",
+        "block_size": "sequence length (data.context)",
+    }
+    for key, what in words.items():
+        if key in args and key in facts and isinstance(args[key], int) and args[key] < facts[key]:
+            raise UserError(
+                f"model.args.{key}={args[key]} is less than the data's {what}, {facts[key]}; "
+                f"remove it to take the data's, or raise it"
+            )
+    if "input_shape" in args and "input_shape" in facts:
+        if tuple(args["input_shape"]) != tuple(facts["input_shape"]):
+            raise UserError(
+                f"model.args.input_shape={list(args['input_shape'])} is not the data's shape "
+                f"{list(facts['input_shape'])}; remove it to take the data's"
+            )
 
 
 def _builtin(

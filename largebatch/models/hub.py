@@ -54,12 +54,15 @@ def checkpoint_blocks(name: str) -> tuple[type[nn.Module], ...]:
     return resnet.BasicBlock, resnet.Bottleneck, vision_transformer.EncoderBlock, convnext.CNBlock
 
 
-def hf(spec: str, args: dict[str, Any], num_classes: int | None) -> nn.Module:
+def hf(
+    spec: str, args: dict[str, Any], num_classes: int | None, vocab_size: int | None = None
+) -> nn.Module:
     """A transformers model with a causal-LM, masked-LM or sequence-classification head, from a local directory,
     a model type (`hf:gpt2` is GPT-2 small's architecture, randomly initialised) or the local cache.
 
     `model.args`: `head`, `pretrained` (load the directory's weights; default false) and config fields to
-    override (e.g. n_layer). Our trainer computes the loss from the logits, so no labels are passed.
+    override (e.g. n_layer). The trainer computes the loss from the logits, or, with train.loss=model, passes the
+    targets as labels and shift_labels (task.forward). A config vocabulary smaller than the data's is refused.
     """
     transformers = require("transformers", "hf", "model.name=hf:<name-or-dir>")
     args = dict(args)
@@ -74,6 +77,12 @@ def hf(spec: str, args: dict[str, Any], num_classes: int | None) -> nn.Module:
         )
     for key, value in args.items():
         setattr(config, key, value)
+    model_vocab = getattr(config, "vocab_size", None)
+    if vocab_size is not None and isinstance(model_vocab, int) and model_vocab < vocab_size:
+        raise UserError(
+            f"model.name=hf:{spec} has vocab_size {model_vocab}, less than the data's {vocab_size}; "
+            f"set model.args.vocab_size={vocab_size} (or use the data's tokenizer)"
+        )
     if head is None:
         archs = " ".join(config.architectures or [])
         head = next(

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from largebatch import optim_args
 from largebatch.config import OptimConfig, ignored_key
 from largebatch.errors import UserError, check_choice
 from largebatch.optim.lamb import LAMB
@@ -109,7 +110,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
 """optim.* keys that only some optimizers use, and which; every optimizer uses the other keys (lr,
 reference_batch, scaling, weight_decay, exclude_1d, exclude)."""
 POSITIVE_EPS = ("adamw", "lamb", "lambc")
-"""Optimizers that divide by √v + eps, where eps=0 can give 0/0; LARS divides by ‖g‖ + eps only where ‖g‖ > 0."""
+"""Optimizers that divide by √v + eps (optim_args.check_positive_eps)."""
 
 
 def _torch_optimizer_class(cfg: OptimConfig) -> type[torch.optim.Optimizer]:
@@ -141,12 +142,8 @@ def check(cfg: OptimConfig) -> None:
     else:
         check_choice("optim.name", cfg.name, [*OPTIMIZERS, f"{TORCH_OPTIMIZER}<Class>"])
     _check_used(cfg)
-    if cfg.nesterov and cfg.momentum == 0:
-        raise UserError("optim.nesterov=true needs optim.momentum > 0")
-    if cfg.eps == 0 and cfg.name in POSITIVE_EPS:
-        raise UserError(
-            f"optim.eps=0 must be positive for {cfg.name} (it keeps √v + eps away from 0), e.g. 1e-8"
-        )
+    if cfg.name in POSITIVE_EPS:
+        optim_args.check_positive_eps(cfg.name, cfg.eps, "optim.")
 
 
 def _check_used(cfg: OptimConfig) -> None:

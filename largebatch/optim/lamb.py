@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from largebatch import optim_args
 from largebatch.optim import fused, sharding
 
 
@@ -55,14 +56,10 @@ class LAMB(Optimizer):
         trust_clip: float | None = None,
         impl: str = "auto",
     ) -> None:
-        if lr <= 0.0:
-            raise ValueError(f"lr={lr} must be positive")
-        if not all(0.0 <= beta < 1.0 for beta in betas):
-            raise ValueError(f"betas={betas} must both be in [0, 1)")
-        if weight_decay < 0.0:
-            raise ValueError(f"weight_decay={weight_decay} must be >= 0")
-        if trust_clip is not None and trust_clip <= 0.0:
-            raise ValueError(f"trust_clip={trust_clip} must be positive, or None for no clamp")
+        optim_args.check(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_clip=trust_clip
+        )
+        optim_args.check_positive_eps("lamb", eps)
         defaults = dict(
             lr=lr,
             betas=betas,

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from largebatch import optim_args
 from largebatch.optim import fused, sharding
 
 
@@ -56,14 +57,14 @@ class LARS(Optimizer):
         trust_clip: bool = False,
         impl: str = "auto",
     ) -> None:
-        if lr <= 0.0:
-            raise ValueError(f"lr={lr} must be positive")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum={momentum} must be in [0, 1)")
-        if weight_decay < 0.0:
-            raise ValueError(f"weight_decay={weight_decay} must be >= 0")
-        if nesterov and momentum == 0.0:
-            raise ValueError("nesterov=True needs momentum > 0")
+        optim_args.check(
+            nesterov=nesterov,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+        )
         defaults = dict(
             lr=lr,
             momentum=momentum,
