@@ -376,11 +376,6 @@ def validate(cfg: Config) -> None:
         raise UserError(
             "batch.schedule=gns follows the measured noise scale: set train.noise_scale=true"
         )
-    if cfg.batch.schedule != "constant" and cfg.engine.name == "deepspeed":
-        raise UserError(
-            f"batch.schedule={cfg.batch.schedule} changes accumulation during the run, which DeepSpeed "
-            f"fixes in its config (train_batch_size): use engine.name=ddp or fsdp"
-        )
     check_choice("engine.offload", cfg.engine.offload, ("none", "cpu"))
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         raise UserError(f"engine.zero_stage={cfg.engine.zero_stage} must be 0, 1, 2 or 3")

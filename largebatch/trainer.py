@@ -311,6 +311,7 @@ class Trainer:
             self.plan if size == self.plan.global_batch else batch_schedule.at(self.job.plan, size)
         )
         self.s.global_batch = self.plan.global_batch
+        self.engine.set_plan(self.plan)
         if self.cfg.optim.scale_beta2:
             ratio = self.plan.global_batch / self.cfg.optim.reference_batch
             for group, beta2 in zip(

@@ -199,15 +199,6 @@ def test_a_resume_mid_ramp_ends_with_the_uninterrupted_parameters(runs: Path):
                 "batch.schedule=ramp",
                 "batch.start_size=64",
                 "batch.ramp_samples=100",
-                "engine.name=deepspeed",
-            ),
-            "DeepSpeed",
-        ),
-        (
-            (
-                "batch.schedule=ramp",
-                "batch.start_size=64",
-                "batch.ramp_samples=100",
                 "batch.micro_size=auto",
             ),
             "micro_size",

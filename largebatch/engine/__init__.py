@@ -66,6 +66,10 @@ class Engine(Protocol):
 
     def scale_gradients(self, factor: float) -> None: ...
 
+    def set_plan(self, plan: BatchPlan) -> None:
+        """Train the next steps under `plan`: a batch schedule changed accumulation, at a step boundary (the
+        trainer sets each step's boundary, so only an engine that keeps its own count of it has work here)."""
+
     def local_grad_sq(self) -> float:
         """This rank's squared gradient norm before any reduction (unscaled): the noise scale's small batch."""
 

@@ -121,6 +121,9 @@ class DDPEngine:
         load_named_state_dict(self.module, self.optimizer, state["optimizer"])
         self.precision.load_state_dict(state["scaler"])
 
+    def set_plan(self, plan: BatchPlan) -> None:
+        """Accumulation is the trainer's alone."""
+
     def files(self) -> dict[str, Any]:
         return {}
 

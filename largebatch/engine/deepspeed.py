@@ -237,6 +237,12 @@ class DeepSpeedEngine:
         else:
             self._factor *= factor
 
+    def set_plan(self, plan: BatchPlan) -> None:
+        """A batch schedule changed accumulation. The trainer sets every boundary and divides the loss itself
+        (`scale_wrt_gas=False`), so DeepSpeed's train_batch_size and accumulation count feed only its bookkeeping
+        (`global_samples`, kept in its checkpoints); `set_train_batch_size` rewrites both (the micro-batch stays)."""
+        self.ds.set_train_batch_size(plan.global_batch)
+
     def local_grad_sq(self) -> float:
         """Stages 0 and 1 keep each rank's accumulated gradient in `.grad` until the reduction."""
         return (grad_norm(self.params).item() / (self.loss_scale or 1.0)) ** 2

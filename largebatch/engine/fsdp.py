@@ -226,6 +226,9 @@ class FSDPEngine:
         for group, setting in zip(self.optimizer.param_groups, settings):
             group.update(setting)
 
+    def set_plan(self, plan: BatchPlan) -> None:
+        """Accumulation is the trainer's alone."""
+
     def files(self) -> dict[str, Any]:
         """Written to the run directory: which modules were sharded as units, by name and by class."""
         names = {id(m): n for n, m in self.module.named_modules()}
