@@ -2,10 +2,11 @@
 
 Each block of the model is sharded as one unit (all-gathered for its forward and backward, resharded after), then
 the root with what is left, as torchtitan does. Blocks are the classes named in `engine.shard_blocks`, else a Hugging
-Face model's `_no_split_modules`, else the model's repeated blocks (`blocks`). bf16 is FSDP's MixedPrecisionPolicy
-(bf16 compute copies of the parameters, fp32 gradient reduction) with autocast for the loss. Between micro-steps of
-one step FSDP neither reduces nor reshards; the last micro-step reduce-scatters. Gradient norms and clipping are taken
-over the sharded gradients (DTensors) with the reduction FSDP's DTensors carry; checkpoints are
+Face model's `_no_split_modules`, else the model's repeated blocks (`blocks`). bf16 and fp16 are FSDP's
+MixedPrecisionPolicy (half-precision compute copies of the parameters, fp32 gradient reduction) with autocast for the
+loss; fp16 adds torch's sharded loss scaler (`ShardScaler`), whose overflow check all ranks agree on. Between
+micro-steps of one step FSDP neither reduces nor reshards; the last micro-step reduce-scatters. Gradient norms and
+clipping are taken over the sharded gradients (DTensors) with the reduction FSDP's DTensors carry; checkpoints are
 `torch.distributed.checkpoint` with sharded state dicts, so another world size reshards on load.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from largebatch.batch import BatchPlan
 from largebatch.config import Config
@@ -31,6 +33,23 @@ from largebatch.precision import Precision, StepOutcome
 SHARDS = "fsdp"
 """The checkpoint's subdirectory for the torch.distributed.checkpoint files."""
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""train.precision → the dtype FSDP all-gathers the parameters in and computes with (fp32: none)."""
+
+
+class ShardScaler(ShardedGradScaler):
+    """torch's loss scaler for sharded gradients (an overflow in one rank's shard skips the step on every rank), with
+    GradScaler's found-inf flag: a scalar 0 or 1. ShardedGradScaler's is the sum over ranks, of shape (1,), and
+    torch's fused Adam and AdamW skip only on a flag of exactly 1 and subtract it from their scalar step counts
+    (torch 2.14: an overflow on both ranks stepped with infinite gradients)."""
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        super().unscale_(optimizer)
+        state = self._per_optimizer_states[id(optimizer)]
+        state["found_inf_per_device"] = {
+            device: found.reshape(()).clamp(max=1.0)
+            for device, found in state["found_inf_per_device"].items()
+        }
 
 
 def blocks(model: nn.Module, names: list[str]) -> list[nn.Module]:
@@ -86,11 +105,6 @@ class FSDPEngine:
                 "train.noise_scale needs each rank's gradient before the reduction, which FSDP "
                 "reduce-scatters inside backward; measure it with engine.name=ddp on the same batch plan"
             )
-        if cfg.train.precision == "fp16":
-            raise UserError(
-                "train.precision=fp16 is not supported with engine.name=fsdp (no loss scaler for sharded "
-                "gradients here); use bf16, or engine.name=ddp"
-            )
         if cfg.model.norm == "syncbatch":
             raise UserError(
                 "model.norm=syncbatch is not supported with engine.name=fsdp; use model.norm=group or "
@@ -119,9 +133,10 @@ class FSDPEngine:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(info.device.type, (info.world_size,))
+        half = HALF.get(cfg.train.precision)
         policy = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if cfg.train.precision == "bf16"
+            MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
+            if half
             else MixedPrecisionPolicy()
         )
         module = module.to(info.device)
@@ -133,7 +148,9 @@ class FSDPEngine:
         self.module = self.model = fully_shard(module, mesh=mesh, mp_policy=policy)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.module)
-        self.precision = Precision(cfg.train.precision, info.device)
+        self.precision = Precision(
+            cfg.train.precision, info.device, cfg.train.fp16_init_scale, ShardScaler
+        )
 
     def micro_step(self, sync: bool) -> contextlib.AbstractContextManager:
         """Reduce-scatter the gradients and reshard after backward only on the step's last micro-step."""
@@ -145,7 +162,7 @@ class FSDPEngine:
         return self.precision.autocast()
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        self.precision.backward(loss)
 
     def reduce_gradients(self) -> None:
         raise AssertionError(
@@ -159,8 +176,9 @@ class FSDPEngine:
         raise AssertionError("FSDP reduces gradients in backward: check() refuses the noise scale")
 
     def step(self, loss: float, max_norm: float | None) -> StepOutcome:
-        """The norm over all ranks' gradient shards, clipping with it, then the optimizer if loss and norm are
-        finite."""
+        """Unscale (fp16: an overflow in any rank's shard skips the step on all), the norm over all ranks'
+        gradient shards, clipping with it, then the optimizer if the step is usable."""
+        self.precision.unscale(self.optimizer)
         grads = [p.grad for p in self.params if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads, foreach=True)
         total = total.full_tensor() if hasattr(total, "full_tensor") else total
@@ -172,7 +190,7 @@ class FSDPEngine:
 
     @property
     def loss_scale(self) -> float | None:
-        return None
+        return self.precision.loss_scale if self.precision.scaler.is_enabled() else None
 
     def sync_buffers(self) -> None:
         """Buffers are not sharded: give every rank rank 0's (BatchNorm running statistics)."""
@@ -185,8 +203,9 @@ class FSDPEngine:
         return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
 
     def state_dict(self) -> dict[str, Any]:
-        """Nothing for state.pt: model and optimizer go through `save_shards`."""
-        return {}
+        """The loss scaler's state (the same on every rank) for state.pt: model and optimizer go through
+        `save_shards`."""
+        return {"scaler": self.precision.state_dict()}
 
     def _sharded(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -225,6 +244,7 @@ class FSDPEngine:
         )
         for group, setting in zip(self.optimizer.param_groups, settings):
             group.update(setting)
+        self.precision.load_state_dict(state.get("scaler", {}))
 
     def files(self) -> dict[str, Any]:
         """Written to the run directory: which modules were sharded as units, by name and by class."""
