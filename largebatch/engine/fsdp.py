@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from largebatch.batch import BatchPlan
@@ -45,11 +47,40 @@ class ShardScaler(ShardedGradScaler):
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         super().unscale_(optimizer)
+        if not self.is_enabled():
+            return
         state = self._per_optimizer_states[id(optimizer)]
         state["found_inf_per_device"] = {
             device: found.reshape(()).clamp(max=1.0)
             for device, found in state["found_inf_per_device"].items()
         }
+
+
+class MeasuredReduceScatter(ReduceScatter):
+    """FSDP's reduce-scatter that first adds Σg² of its input to `sq`: the input is this rank's whole local
+    gradient of one unit, accumulated over the step's micro-steps and not yet reduced (flat, zero-padded; fp32, as
+    the policy's reduce dtype, so not pre-divided) — the noise scale's small batch, which FSDP has no hook for."""
+
+    def __init__(self) -> None:
+        self.sq = 0.0
+
+    def allocate(
+        self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: dist.ProcessGroup,
+        op: dist.ReduceOp,
+        async_op: bool = False,
+    ) -> dist.Work | None:
+        self.sq = self.sq + input_tensor.double().square().sum()
+        return dist.reduce_scatter_tensor(
+            output_tensor, input_tensor, op=op, group=group, async_op=async_op
+        )
 
 
 def blocks(model: nn.Module, names: list[str]) -> list[nn.Module]:
@@ -100,11 +131,6 @@ class FSDPEngine:
                 "needs gradients that are not yet reduced); set batch.micro_size (largebatch find-batch "
                 "measures it)"
             )
-        if cfg.train.noise_scale:
-            raise UserError(
-                "train.noise_scale needs each rank's gradient before the reduction, which FSDP "
-                "reduce-scatters inside backward; measure it with engine.name=ddp on the same batch plan"
-            )
         if cfg.model.norm == "syncbatch":
             raise UserError(
                 "model.norm=syncbatch is not supported with engine.name=fsdp; use model.norm=group or "
@@ -151,11 +177,23 @@ class FSDPEngine:
         self.precision = Precision(
             cfg.train.precision, info.device, cfg.train.fp16_init_scale, ShardScaler
         )
+        self.measured: MeasuredReduceScatter | None = None
+        """train.noise_scale on 2+ ranks: every unit's reduce-scatter, measuring what it reduces (the setter is
+        per module). On one rank nothing is reduced: every micro-step syncs (a copy into the whole-tensor shard),
+        so the first micro-batch's gradient is readable, as on DDP."""
+        self.sync_always = cfg.train.noise_scale and info.world_size == 1
+        if cfg.train.noise_scale and info.world_size > 1:
+            self.measured = MeasuredReduceScatter()
+            for unit in [*self.units, self.module]:
+                unit.set_custom_reduce_scatter(self.measured)
 
     def micro_step(self, sync: bool) -> contextlib.AbstractContextManager:
-        """Reduce-scatter the gradients and reshard after backward only on the step's last micro-step."""
-        self.model.set_requires_gradient_sync(sync)
+        """Reduce-scatter the gradients and reshard after backward only on the step's last micro-step (the
+        reduction that `local_grad_sq` measures)."""
+        self.model.set_requires_gradient_sync(sync or self.sync_always)
         self.model.set_reshard_after_backward(sync)
+        if sync and self.measured is not None:
+            self.measured.sq = 0.0
         return contextlib.nullcontext()
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -164,16 +202,21 @@ class FSDPEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.precision.backward(loss)
 
-    def reduce_gradients(self) -> None:
-        raise AssertionError(
-            "FSDP reduces gradients in backward: check() refuses what would need it"
-        )
+    reduce_gradients = None
+    """FSDP reduces in backward, so a step syncs on its last micro-step, also when the noise scale is measured."""
 
     def scale_gradients(self, factor: float) -> None:
         torch._foreach_mul_([local(p.grad) for p in self.params if p.grad is not None], factor)
 
     def local_grad_sq(self) -> float:
-        raise AssertionError("FSDP reduces gradients in backward: check() refuses the noise scale")
+        """On 2+ ranks, Σg² of what this rank's reduce-scatters of the step received; on one, of the gradient so
+        far (unscaled)."""
+        if self.measured is not None:
+            sq = float(self.measured.sq)
+        else:
+            grads = [local(p.grad) for p in self.params if p.grad is not None]
+            sq = float(torch.stack(torch._foreach_norm(grads)).double().square().sum())
+        return sq / self.precision.loss_scale**2
 
     def step(self, loss: float, max_norm: float | None) -> StepOutcome:
         """Unscale (fp16: an overflow in any rank's shard skips the step on all), the norm over all ranks'
