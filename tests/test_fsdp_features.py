@@ -1,11 +1,13 @@
-"""Features beyond the DDP engine's baseline on engine.name=fsdp (2 processes, gloo): fp16 with a sharded loss scaler.
+"""Features beyond the DDP engine's baseline on engine.name=fsdp (gloo): fp16 with a sharded loss scaler, and the
+gradient noise scale measured on the way into FSDP's reduce-scatter.
 
-Every training compared runs in one torchrun job.
+The 2-process trainings run in one torchrun job, the 1-process ones in another.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,19 @@ SPIKE = (
 """Linear regression whose one outlier example (trained once in the 20 steps, by one rank) overflows its fp16
 gradient: only that rank's local gradient is infinite."""
 FSDP = ("engine.name=fsdp",)
+GROUND_TRUTH = {"sigma0": (0.0, 1.0), "sigma2": (2.0, 1.0)}
+"""(σ, |w − w*|) of the linear-regression task (tests/tasks/linreg.py): B_simple = 17 and 81."""
+
+
+def linreg(name: str, micro: int, steps: int) -> tuple[str, ...]:
+    sigma, delta = GROUND_TRUTH[name]
+    return (
+        f"--config={ROOT / 'tests/tasks/linreg.yaml'}",
+        f"data.args={{sigma: {sigma}}}",
+        f"model.args={{delta: {delta}}}",
+        f"batch.micro_size={micro}",
+        f"train.steps={steps}",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +69,20 @@ def trained(tmp_path_factory) -> Path:
     for micro in (128, 64):
         runs[f"ddp-spike-{micro}"] = (*SPIKE, f"batch.micro_size={micro}")
         runs[f"fsdp-spike-{micro}"] = (*SPIKE, f"batch.micro_size={micro}", *FSDP)
+        for name in GROUND_TRUTH:
+            runs[f"fsdp-{name}-{micro}"] = (*linreg(name, micro, 200), *FSDP)
+        runs[f"ddp-sigma2-{micro}"] = linreg("sigma2", micro, 200)
     train_in_one_job(base, runs)
+    one = base / "one-process"
+    one.mkdir()
+    train_in_one_job(
+        one,
+        {
+            f"{e}-sigma2-32": (*linreg("sigma2", 32, 30), f"engine.name={e}")
+            for e in ("ddp", "fsdp")
+        },
+        nproc=1,
+    )
     return base
 
 
@@ -92,3 +120,31 @@ def test_fp16_resume_restores_the_loss_scale(trained: Path) -> None:
         for r in ("fsdp-lm-resumed", "fsdp-lm")
     ]
     assert summaries[0]["params_sha256"] == summaries[1]["params_sha256"]
+
+
+@pytest.mark.parametrize("micro", [128, 64])
+@pytest.mark.parametrize("name", list(GROUND_TRUTH))
+def test_the_noise_scale_measured_on_fsdp_is_the_true_one_within_10_percent(
+    trained: Path, name: str, micro: int
+) -> None:
+    """Linear regression at a fixed w, B_simple = d·(1 + σ²/|w − w*|²) + 1, at accumulation 1 and 2: the estimate
+    (|G|² and tr Σ averaged over steps 21-200) from each rank's local gradient as its reduce-scatter received it."""
+    from tasks.linreg import simple_noise_scale
+
+    records = [r for r in metrics(trained / f"fsdp-{name}-{micro}") if "gns/trace" in r][20:]
+    assert len(records) == 180
+    measured = statistics.mean(r["gns/trace"] for r in records) / statistics.mean(
+        r["gns/grad_sq"] for r in records
+    )
+    assert measured == pytest.approx(simple_noise_scale(*GROUND_TRUTH[name]), rel=0.10)
+
+
+@pytest.mark.parametrize("run", ["sigma2-128", "sigma2-64", "one-process/sigma2-32"])
+def test_the_noise_scale_on_fsdp_is_the_ddp_engines(trained: Path, run: str) -> None:
+    """The same job on both engines: every step's smoothed |G|² and tr Σ within 1e-4 (relative) — on 2 processes at
+    accumulation 1 and 2, and on 1 process (micro 32 × accumulation 8: the first micro-batch is the small batch)."""
+    folder, _, name = run.rpartition("/")
+    ours, reference = (metrics(trained / folder / f"{e}-{name}") for e in ("fsdp", "ddp"))
+    assert len(ours) == len(reference) and all("gns/trace" in r for r in ours)
+    assert relative(ours, reference, "gns/grad_sq") < 1e-4
+    assert relative(ours, reference, "gns/trace") < 1e-4
