@@ -77,7 +77,7 @@ class MeasuredReduceScatter(ReduceScatter):
         op: dist.ReduceOp,
         async_op: bool = False,
     ) -> dist.Work | None:
-        self.sq = self.sq + input_tensor.double().square().sum()
+        self.sq = self.sq + torch.linalg.vector_norm(input_tensor).double().square()
         return dist.reduce_scatter_tensor(
             output_tensor, input_tensor, op=op, group=group, async_op=async_op
         )
