@@ -32,12 +32,18 @@ class StepOutcome:
 
 
 class Precision:
-    def __init__(self, name: str, device: torch.device, init_scale: float = 65536.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        device: torch.device,
+        init_scale: float = 65536.0,
+        scaler: type[torch.amp.GradScaler] = torch.amp.GradScaler,
+    ) -> None:
+        """`scaler`: the loss scaler's class (FSDP's gradients are shards: its scaler agrees on overflow over
+        ranks)."""
         self.name = name
         self.device_type = device.type
-        self.scaler = torch.amp.GradScaler(
-            device.type, init_scale=init_scale, enabled=name == "fp16"
-        )
+        self.scaler = scaler(device.type, init_scale=init_scale, enabled=name == "fp16")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.name == "fp32":
@@ -53,11 +59,15 @@ class Precision:
         """The fp16 loss scale (1 without one)."""
         return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
 
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide the gradients by the loss scale and record whether any is not finite (fp16; else nothing)."""
+        self.scaler.unscale_(optimizer)
+
     def unscale_and_clip(
         self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], clip: float | None
     ) -> torch.Tensor:
         """Unscale the (already all-reduced) gradients and clip them; returns the global norm before clipping."""
-        self.scaler.unscale_(optimizer)
+        self.unscale(optimizer)
         if clip is not None:
             return torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
         return grad_norm(params)

@@ -342,7 +342,9 @@ class Trainer:
         s, info = self.s, self.info
         self.engine.model.train()
         measuring = s.noise is not None and (s.step + 1) % self.cfg.train.log_every == 0
-        manual_sync = self.job.auto_micro or (measuring and info.world_size > 1)
+        manual_sync = self.job.auto_micro or (
+            measuring and info.world_size > 1 and self.engine.reduce_gradients is not None
+        )  # an engine that reduces only in backward (FSDP) measures its local gradient there
         if self.job.auto_micro:
             sums = self._accumulate_or_shrink(measuring)
         else:

@@ -225,11 +225,6 @@ def test_resume_continues_exactly_also_on_another_world_size(
             "batch.micro_size=auto is not supported with engine.name=fsdp",
         ),
         (
-            ("train.noise_scale=true",),
-            "train.noise_scale needs each rank's gradient before the reduction",
-        ),
-        (("train.precision=fp16",), "train.precision=fp16 is not supported with engine.name=fsdp"),
-        (
             ("engine.shard_blocks=[Nope]",),
             "engine.shard_blocks names Nope, which the model does not have; its module "
             "classes with children: Block, Sequential",

@@ -61,8 +61,9 @@ class Engine(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def reduce_gradients(self) -> None:
-        """Average the gradients over ranks, after a step whose micro-steps all ran unsynced."""
+    reduce_gradients: Callable[[], None] | None
+    """Average the gradients over ranks, after a step whose micro-steps all ran unsynced; None where the engine
+    reduces only inside backward (FSDP: its `local_grad_sq` reads the local gradient on the way into the reduction)."""
 
     def scale_gradients(self, factor: float) -> None: ...
 

@@ -2,10 +2,11 @@
 
 Each block of the model is sharded as one unit (all-gathered for its forward and backward, resharded after), then
 the root with what is left, as torchtitan does. Blocks are the classes named in `engine.shard_blocks`, else a Hugging
-Face model's `_no_split_modules`, else the model's repeated blocks (`blocks`). bf16 is FSDP's MixedPrecisionPolicy
-(bf16 compute copies of the parameters, fp32 gradient reduction) with autocast for the loss. Between micro-steps of
-one step FSDP neither reduces nor reshards; the last micro-step reduce-scatters. Gradient norms and clipping are taken
-over the sharded gradients (DTensors) with the reduction FSDP's DTensors carry; checkpoints are
+Face model's `_no_split_modules`, else the model's repeated blocks (`blocks`). bf16 and fp16 are FSDP's
+MixedPrecisionPolicy (half-precision compute copies of the parameters, fp32 gradient reduction) with autocast for the
+loss; fp16 adds torch's sharded loss scaler (`ShardScaler`), whose overflow check all ranks agree on. Between
+micro-steps of one step FSDP neither reduces nor reshards; the last micro-step reduce-scatters. Gradient norms and
+clipping are taken over the sharded gradients (DTensors) with the reduction FSDP's DTensors carry; checkpoints are
 `torch.distributed.checkpoint` with sharded state dicts, so another world size reshards on load.
 """
 
@@ -13,12 +14,15 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from largebatch.batch import BatchPlan
 from largebatch.config import Config
@@ -31,6 +35,52 @@ from largebatch.precision import Precision, StepOutcome
 SHARDS = "fsdp"
 """The checkpoint's subdirectory for the torch.distributed.checkpoint files."""
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""train.precision → the dtype FSDP all-gathers the parameters in and computes with (fp32: none)."""
+
+
+class ShardScaler(ShardedGradScaler):
+    """torch's loss scaler for sharded gradients (an overflow in one rank's shard skips the step on every rank), with
+    GradScaler's found-inf flag: a scalar 0 or 1. ShardedGradScaler's is the sum over ranks, of shape (1,), and
+    torch's fused Adam and AdamW skip only on a flag of exactly 1 and subtract it from their scalar step counts
+    (torch 2.14: an overflow on both ranks stepped with infinite gradients)."""
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        super().unscale_(optimizer)
+        if not self.is_enabled():
+            return
+        state = self._per_optimizer_states[id(optimizer)]
+        state["found_inf_per_device"] = {
+            device: found.reshape(()).clamp(max=1.0)
+            for device, found in state["found_inf_per_device"].items()
+        }
+
+
+class MeasuredReduceScatter(ReduceScatter):
+    """FSDP's reduce-scatter that first adds Σg² of its input to `sq`: the input is this rank's whole local
+    gradient of one unit, accumulated over the step's micro-steps and not yet reduced (flat, zero-padded; fp32, as
+    the policy's reduce dtype, so not pre-divided) — the noise scale's small batch, which FSDP has no hook for."""
+
+    def __init__(self) -> None:
+        self.sq = 0.0
+
+    def allocate(
+        self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: dist.ProcessGroup,
+        op: dist.ReduceOp,
+        async_op: bool = False,
+    ) -> dist.Work | None:
+        self.sq = self.sq + torch.linalg.vector_norm(input_tensor).double().square()
+        return dist.reduce_scatter_tensor(
+            output_tensor, input_tensor, op=op, group=group, async_op=async_op
+        )
 
 
 def blocks(model: nn.Module, names: list[str]) -> list[nn.Module]:
@@ -81,16 +131,6 @@ class FSDPEngine:
                 "needs gradients that are not yet reduced); set batch.micro_size (largebatch find-batch "
                 "measures it)"
             )
-        if cfg.train.noise_scale:
-            raise UserError(
-                "train.noise_scale needs each rank's gradient before the reduction, which FSDP "
-                "reduce-scatters inside backward; measure it with engine.name=ddp on the same batch plan"
-            )
-        if cfg.train.precision == "fp16":
-            raise UserError(
-                "train.precision=fp16 is not supported with engine.name=fsdp (no loss scaler for sharded "
-                "gradients here); use bf16, or engine.name=ddp"
-            )
         if cfg.model.norm == "syncbatch":
             raise UserError(
                 "model.norm=syncbatch is not supported with engine.name=fsdp; use model.norm=group or "
@@ -119,9 +159,10 @@ class FSDPEngine:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(info.device.type, (info.world_size,))
+        half = HALF.get(cfg.train.precision)
         policy = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if cfg.train.precision == "bf16"
+            MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
+            if half
             else MixedPrecisionPolicy()
         )
         module = module.to(info.device)
@@ -133,34 +174,54 @@ class FSDPEngine:
         self.module = self.model = fully_shard(module, mesh=mesh, mp_policy=policy)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.module)
-        self.precision = Precision(cfg.train.precision, info.device)
+        self.precision = Precision(
+            cfg.train.precision, info.device, cfg.train.fp16_init_scale, ShardScaler
+        )
+        self.measured: MeasuredReduceScatter | None = None
+        """train.noise_scale on 2+ ranks: every unit's reduce-scatter, measuring what it reduces (the setter is
+        per module). On one rank nothing is reduced: every micro-step syncs (a copy into the whole-tensor shard),
+        so the first micro-batch's gradient is readable, as on DDP."""
+        self.sync_always = cfg.train.noise_scale and info.world_size == 1
+        if cfg.train.noise_scale and info.world_size > 1:
+            self.measured = MeasuredReduceScatter()
+            for unit in [*self.units, self.module]:
+                unit.set_custom_reduce_scatter(self.measured)
 
     def micro_step(self, sync: bool) -> contextlib.AbstractContextManager:
-        """Reduce-scatter the gradients and reshard after backward only on the step's last micro-step."""
-        self.model.set_requires_gradient_sync(sync)
+        """Reduce-scatter the gradients and reshard after backward only on the step's last micro-step (the
+        reduction that `local_grad_sq` measures)."""
+        self.model.set_requires_gradient_sync(sync or self.sync_always)
         self.model.set_reshard_after_backward(sync)
+        if sync and self.measured is not None:
+            self.measured.sq = 0.0
         return contextlib.nullcontext()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return self.precision.autocast()
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        self.precision.backward(loss)
 
-    def reduce_gradients(self) -> None:
-        raise AssertionError(
-            "FSDP reduces gradients in backward: check() refuses what would need it"
-        )
+    reduce_gradients = None
+    """FSDP reduces in backward, so a step syncs on its last micro-step, also when the noise scale is measured."""
 
     def scale_gradients(self, factor: float) -> None:
         torch._foreach_mul_([local(p.grad) for p in self.params if p.grad is not None], factor)
 
     def local_grad_sq(self) -> float:
-        raise AssertionError("FSDP reduces gradients in backward: check() refuses the noise scale")
+        """On 2+ ranks, Σg² of what this rank's reduce-scatters of the step received; on one, of the gradient so
+        far (unscaled)."""
+        if self.measured is not None:
+            sq = float(self.measured.sq)
+        else:
+            grads = [local(p.grad) for p in self.params if p.grad is not None]
+            sq = float(torch.stack(torch._foreach_norm(grads)).double().square().sum())
+        return sq / self.precision.loss_scale**2
 
     def step(self, loss: float, max_norm: float | None) -> StepOutcome:
-        """The norm over all ranks' gradient shards, clipping with it, then the optimizer if loss and norm are
-        finite."""
+        """Unscale (fp16: an overflow in any rank's shard skips the step on all), the norm over all ranks'
+        gradient shards, clipping with it, then the optimizer if the step is usable."""
+        self.precision.unscale(self.optimizer)
         grads = [p.grad for p in self.params if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads, foreach=True)
         total = total.full_tensor() if hasattr(total, "full_tensor") else total
@@ -172,7 +233,7 @@ class FSDPEngine:
 
     @property
     def loss_scale(self) -> float | None:
-        return None
+        return self.precision.loss_scale if self.precision.scaler.is_enabled() else None
 
     def sync_buffers(self) -> None:
         """Buffers are not sharded: give every rank rank 0's (BatchNorm running statistics)."""
@@ -185,8 +246,9 @@ class FSDPEngine:
         return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
 
     def state_dict(self) -> dict[str, Any]:
-        """Nothing for state.pt: model and optimizer go through `save_shards`."""
-        return {}
+        """The loss scaler's state (the same on every rank) for state.pt: model and optimizer go through
+        `save_shards`."""
+        return {"scaler": self.precision.state_dict()}
 
     def _sharded(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -225,6 +287,7 @@ class FSDPEngine:
         )
         for group, setting in zip(self.optimizer.param_groups, settings):
             group.update(setting)
+        self.precision.load_state_dict(state.get("scaler", {}))
 
     def set_plan(self, plan: BatchPlan) -> None:
         """Accumulation is the trainer's alone."""
