@@ -49,7 +49,7 @@ def _user_namespaces() -> bool:
     return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
 
 
-pytestmark = pytest.mark.skipif(
+needs_user_namespaces = pytest.mark.skipif(
     not _user_namespaces(),
     reason="mounting a small tmpfs needs 'unshare -rm' (unprivileged user namespaces), not permitted here",
 )
@@ -101,6 +101,7 @@ def full_disk_runs(tmp_path_factory) -> dict[str, Path]:
     return {"base": base, **found}
 
 
+@needs_user_namespaces
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_full_disk_during_a_checkpoint_stops_every_rank_within_seconds_with_one_line_and_the_rerun_is_exact(
     engine, full_disk_runs
@@ -125,7 +126,68 @@ def test_a_full_disk_during_a_checkpoint_stops_every_rank_within_seconds_with_on
         -1
     ] == 4
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002"]
+    kept = (base / f"{engine}_rerun" / "metrics.jsonl").read_text().splitlines()[:2]
+    assert (
+        kept == (run / "metrics.jsonl").read_text().splitlines()[:2]
+    )  # resumed at step 2, not retrained
     rerun = json.loads((base / f"{engine}_rerun" / "summary.json").read_text())
     reference = json.loads((base / f"{engine}_uninterrupted" / "summary.json").read_text())
     assert rerun["steps"] == 6
     assert rerun["params_sha256"] == reference["params_sha256"]
+
+
+ONE_RANK_FAILS = """
+import errno, os, sys
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+write = TorchCheckpointEngine.save
+def save(self, state_dict, path, **kwargs):
+    if os.environ["RANK"] == "1" and "optim_states" in str(getattr(path, "name", path)):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write(self, state_dict, path, **kwargs)
+TorchCheckpointEngine.save = save
+
+from largebatch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+"""`largebatch` whose rank 1 cannot write its ZeRO shard: rank 0's writes succeed and it goes on to DeepSpeed's
+closing barrier."""
+
+
+def test_a_write_failing_on_one_rank_inside_deepspeeds_save_stops_every_rank_with_its_reason(
+    tmp_path,
+):
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(ONE_RANK_FAILS)
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            "127.0.0.1:0",
+            str(script),
+            "train",
+            f"run.dir={run}",
+            *JOB,
+            *ENGINES["zero2"],
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,  # before, rank 0 waited in DeepSpeed's barrier and rank 1 in ours: a hang
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    ours = [line for line in output.splitlines() if line.startswith("largebatch:")]
+    assert ours == [
+        f"largebatch: stopped: cannot write a checkpoint under {run}/checkpoints: No space left on device; "
+        f"free space or fix the permissions of run.dir"
+    ], output[-3000:]
+    assert "[rank0]:" not in output and "[rank1]:" not in output, output[-3000:]
+    assert list((run / "checkpoints").iterdir()) == []
