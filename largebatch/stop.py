@@ -59,9 +59,8 @@ class StopFlags:
             yield
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
-        except (
-            BaseException
-        ) as exc:  # torch.distributed.checkpoint's CheckpointException is not an Exception
+        # BaseException: torch.distributed.checkpoint's CheckpointException is not an Exception.
+        except BaseException as exc:
             self.fault = self.fault or (
                 f"cannot write {what}: {_reason(exc, self.run_dir)}; "
                 f"free space or fix the permissions of run.dir"

@@ -4,6 +4,7 @@ seconds with one line, the last good checkpoint stays, and a rerun where there i
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, train_in_one_job
+
+from largebatch.stop import StopFlags
 
 ENGINES = {
     "ddp": ("engine.name=ddp",),
@@ -191,3 +194,43 @@ def test_a_write_failing_on_one_rank_inside_deepspeeds_save_stops_every_rank_wit
     ], output[-3000:]
     assert "[rank0]:" not in output and "[rank1]:" not in output, output[-3000:]
     assert list((run / "checkpoints").iterdir()) == []
+
+
+def _full_disk_in_torch_save() -> RuntimeError:
+    """What torch.save into a Python file raises on a full disk: a RuntimeError whose context is the OSError."""
+    try:
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except (
+            OSError
+        ):  # torch raises its own error while handling it, so the OSError is only the context
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")  # noqa: B904
+    except RuntimeError as exc:
+        return exc
+
+
+@pytest.mark.parametrize(
+    "wrapped", [False, True], ids=["torch.save", "torch.distributed.checkpoint"]
+)
+def test_a_full_disk_is_named_whatever_exception_carries_it(tmp_path, wrapped):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    error = _full_disk_in_torch_save()
+    if wrapped:
+        error = CheckpointException("CheckpointException ranks:dict_keys([1])", {1: (error, None)})
+    flags = StopFlags(tmp_path)
+    with flags.guard("a checkpoint"):
+        raise error
+    assert flags.fault == (
+        "cannot write a checkpoint: No space left on device; free space or fix the permissions of run.dir"
+    )
+
+
+def test_a_failed_write_without_an_errno_is_described_with_the_free_space_left(tmp_path):
+    flags = StopFlags(tmp_path)
+    with flags.guard("model.pt"):
+        raise RuntimeError("basic_ios::clear: iostream error")  # a C++ stream keeps no errno
+    assert flags.fault.startswith("cannot write model.pt: basic_ios::clear: iostream error (")
+    assert flags.fault.endswith(
+        " KiB free on run.dir's filesystem); free space or fix the permissions of run.dir"
+    )
