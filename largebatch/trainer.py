@@ -660,7 +660,9 @@ class Trainer:
         if self.info.is_main:
             with self.flags.guard(f"{self.cfg.run_dir}/summary.json and model.pt"):
                 self.tracker.finish(summary)
-                torch.save(weights, self.cfg.run_dir / "model.pt")
+                # Through a Python file: a full disk keeps its errno (torch's C++ writer drops it).
+                with (self.cfg.run_dir / "model.pt").open("wb") as f:
+                    torch.save(weights, f)
         self.flags.agree_now(self.info.device)
         return summary
 
