@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,7 +209,7 @@ class Trainer:
             else None
         )
         self.inject_oom_at = int(os.environ.get("LARGEBATCH_INJECT_OOM_AT_STEP", 0))
-        self.flags = StopFlags()
+        self.flags = StopFlags(self.cfg.run_dir)
         self.batches = Batches(job, info)
         self.target = config.Target.parse(self.cfg.train.target) if self.cfg.train.target else None
         self.reached: dict[str, Any] | None = None
@@ -569,7 +570,8 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         """Every rank writes its shards (if its engine has any) into a directory rank 0 made, then rank 0 adds the
         state and the manifest and renames it into place (with rank 0's buffers on every rank). A failed write on
-        any rank stops all ranks at the next agreement, and leaves no checkpoint."""
+        any rank stops every rank here, before the next step, and rank 0 removes the unfinished directory (the
+        previous checkpoint stays the latest)."""
         self.engine.sync_buffers()
         state, info, where = (
             self.s.state_dict(),
@@ -581,23 +583,26 @@ class Trainer:
             with self.flags.guard(where):
                 tmp = checkpoint.begin(self.cfg.run_dir)
         tmp = broadcast_from_main(tmp)
-        if tmp is None:
-            return
-        with self.flags.guard(where):
-            self.engine.save_shards(tmp)
-        written = all_reduce_sum(
-            torch.tensor([float(self.flags.fault is None)], device=info.device)
-        ).item()
-        if info.is_main and written == info.world_size:
-            with self.flags.guard(where):
-                checkpoint.commit(
-                    tmp,
-                    self.cfg.run_dir,
-                    self.s.step,
-                    state,
-                    self.job.checkpoint_meta(),
-                    self.cfg.train.checkpoint_keep,
-                )
+        try:
+            if tmp is not None:
+                with self.flags.guard(where):
+                    self.engine.save_shards(tmp)
+            self.flags.agree_now(info.device)
+            if info.is_main:
+                with self.flags.guard(where):
+                    checkpoint.commit(
+                        tmp,
+                        self.cfg.run_dir,
+                        self.s.step,
+                        state,
+                        self.job.checkpoint_meta(),
+                        self.cfg.train.checkpoint_keep,
+                    )
+            self.flags.agree_now(info.device)
+        except TrainingStopped:
+            if info.is_main and tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def _warn_batchnorm(self) -> None:
         """BatchNorm normalises per micro-batch, so a changed split changes the gradient: say so once."""
@@ -658,7 +663,9 @@ class Trainer:
         if self.info.is_main:
             with self.flags.guard(f"{self.cfg.run_dir}/summary.json and model.pt"):
                 self.tracker.finish(summary)
-                torch.save(weights, self.cfg.run_dir / "model.pt")
+                # Through a Python file: a full disk keeps its errno (torch's C++ writer drops it).
+                with (self.cfg.run_dir / "model.pt").open("wb") as f:
+                    torch.save(weights, f)
         self.flags.agree_now(self.info.device)
         return summary
 

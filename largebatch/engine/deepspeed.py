@@ -303,18 +303,32 @@ class DeepSpeedEngine:
         return {}
 
     def save_shards(self, directory: Path) -> None:
-        """Every rank writes its part of the model and optimizer state under `directory/deepspeed/` (collective)."""
+        """Every rank writes its part of the model and optimizer state under `directory/deepspeed/` (collective).
+
+        DeepSpeed's save has barriers between its writes (after rank 0 makes the directory, and at the end), so a
+        rank whose write raised would leave its peers waiting in one: each write's failure is recorded instead,
+        every rank runs the save to its end, and the first failure is raised here, for the trainer to agree on."""
         from deepspeed.checkpoint import constants
 
         universal = {
             constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE
         }
-        self.ds.save_checkpoint(
-            str(directory),
-            tag=TAG,
-            client_state={constants.UNIVERSAL_CHECKPOINT_INFO: universal},
-            save_latest=False,
-        )
+        failures: list[Exception] = []
+        writer, recovery_script = self.ds.checkpoint_engine, self.ds._copy_recovery_script
+        self.ds.checkpoint_engine = _RecordingWriter(writer, failures)
+        self.ds._copy_recovery_script = _recorded(recovery_script, failures)
+        try:
+            self.ds.save_checkpoint(
+                str(directory),
+                tag=TAG,
+                client_state={constants.UNIVERSAL_CHECKPOINT_INFO: universal},
+                save_latest=False,
+            )
+        finally:
+            self.ds.checkpoint_engine = writer
+            del self.ds._copy_recovery_script
+        if failures:
+            raise failures[0]
 
     def load_state_dict(self, state: dict[str, Any], directory: Path) -> None:
         """Load this engine's checkpoint; one written by another number of processes goes through DeepSpeed's
@@ -450,3 +464,41 @@ def _to_universal(source: Path, target: Path) -> str | None:
     if done.returncode:
         return (done.stderr.strip().splitlines() or ["ds_to_universal failed"])[-1]
     return None
+
+
+def _recorded(write: Callable[..., Any], failures: list[Exception]) -> Callable[..., Any]:
+    """`write` that appends its exception to `failures` instead of raising it."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return write(*args, **kwargs)
+        except Exception as exc:
+            failures.append(exc)
+            return False
+
+    return run
+
+
+class _RecordingWriter:
+    """DeepSpeed's checkpoint engine with every write's failure recorded, not raised (see `save_shards`). Its own
+    torch.save writes through a Python file, so that a full disk keeps its errno (a path goes to a C++ stream that
+    says only "basic_ios::clear")."""
+
+    def __init__(self, inner: Any, failures: list[Exception]) -> None:
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        self.inner = inner
+        self.by_file = type(inner) is TorchCheckpointEngine
+        for name in ("create", "makedirs", "commit"):
+            setattr(self, name, _recorded(getattr(inner, name), failures))
+        self.save = _recorded(self._save, failures)
+
+    def _save(self, state_dict: dict[str, Any], path: str) -> None:
+        if not self.by_file:
+            self.inner.save(state_dict, path)
+            return
+        with open(path, "wb") as f:
+            self.inner.save(state_dict, f)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
