@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli, metrics, train, train_in_one_job
+from conftest import ROOT, cli, cli_in_process, metrics, train, train_in_one_job
 
 from largebatch.noise import NoiseScale, estimate
 
@@ -33,10 +34,13 @@ def test_the_estimator_recovers_a_known_noise_scale():
 
 def test_smoothing_is_an_exponential_moving_average_of_both_estimates():
     gns = NoiseScale(decay=0.5)
-    first = gns.update(2.0, 1, 1.0, 3)
+    assert gns.record() == {}
+    gns.update(2.0, 1, 1.0, 3)
+    first = gns.record()
     assert first["gns"] == pytest.approx(first["gns/trace"] / first["gns/grad_sq"])
     g2, trace = estimate(3.0, 1, 1.0, 3)
-    second = gns.update(3.0, 1, 1.0, 3)
+    gns.update(3.0, 1, 1.0, 3)
+    second = gns.record()
     assert second["gns/grad_sq"] == pytest.approx(0.5 * first["gns/grad_sq"] + 0.5 * g2)
     assert second["gns/trace"] == pytest.approx(0.5 * first["gns/trace"] + 0.5 * trace)
 
@@ -125,3 +129,65 @@ def test_the_measured_noise_scale_is_the_true_one_within_10_percent(
         r["gns/grad_sq"] for r in records
     )
     assert measured == pytest.approx(simple_noise_scale(*GROUND_TRUTH[name]), rel=0.10)
+
+
+CADENCE_LINREG = (
+    f"--config={ROOT / 'tests/tasks/linreg.yaml'}",
+    "data.args={sigma: 2.0, size: 2048}",
+    "optim.lr=0.05",
+    "batch.global_size=96",
+    "batch.micro_size=8",
+)
+"""Linear regression on 3 processes, where dividing the gradients by 3 before or after their sum rounds differently."""
+
+
+@pytest.fixture(scope="module")
+def cadence_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """In one 3-process job: a gns run (batch 24 → 96 in quanta of 3 × 8, the noise scale measured on every step)
+    and a noise-measuring constant run, each at two log cadences, a constant run measuring every 3rd step and one
+    not measuring at all."""
+    base = tmp_path_factory.mktemp("cadence")
+    gns = (*CADENCE_LINREG, "batch.schedule=gns", "batch.start_size=24", "train.steps=8")
+    measuring = (*CADENCE_LINREG, "train.steps=12")
+    train_in_one_job(
+        base,
+        {
+            "gns-log1": (*gns, "train.log_every=1"),
+            "gns-log4": (*gns, "train.log_every=4"),
+            "measure-log1": (*measuring, "train.log_every=1"),
+            "measure-log4": (*measuring, "train.log_every=4"),
+            "measure-every3": (*measuring, "train.log_every=4", "train.noise_every=3"),
+            "plain": (*measuring, "train.noise_scale=false"),
+        },
+        nproc=3,
+    )
+    return base
+
+
+def _sha(run: Path) -> str:
+    return json.loads((run / "summary.json").read_text())["params_sha256"]
+
+
+def test_log_every_does_not_change_a_gns_run(cadence_runs: Path):
+    """The batch follows a noise scale measured on its own cadence (every step under gns), not on log steps."""
+    sizes = [r["global_batch"] for r in metrics(cadence_runs / "gns-log1")]
+    assert sizes[0] == 24 and len(set(sizes)) > 1
+    assert _sha(cadence_runs / "gns-log1") == _sha(cadence_runs / "gns-log4")
+
+
+def test_measuring_the_noise_scale_leaves_the_gradients_bit_identical_on_three_processes(
+    cadence_runs: Path,
+):
+    """DDP's comm hook takes each bucket's local norm and reduces it as DDP does without one, so neither the log
+    cadence, nor the measuring cadence, nor measuring at all changes the parameters."""
+    assert all("gns/trace" in r for r in metrics(cadence_runs / "measure-log4"))
+    shas = {
+        _sha(cadence_runs / name) for name in ("measure-log1", "measure-log4", "measure-every3")
+    }
+    assert shas == {_sha(cadence_runs / "plain")}
+
+
+def test_noise_every_without_the_noise_scale_is_a_one_line_error():
+    result = cli_in_process("train", "train.noise_every=5")
+    assert result.returncode == 2
+    assert "train.noise_every=5 sets how often the noise scale is measured" in result.stderr

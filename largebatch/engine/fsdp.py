@@ -72,6 +72,7 @@ class FSDPEngine:
 
     needs_process_group = True
     """fully_shard needs a device mesh, also for one process."""
+    measures_in_reduction = False
 
     @staticmethod
     def check(cfg: Config, plan: BatchPlan, model: nn.Module | None) -> None:
