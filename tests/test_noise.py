@@ -144,8 +144,8 @@ CADENCE_LINREG = (
 @pytest.fixture(scope="module")
 def cadence_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """In one 3-process job: a gns run (batch 24 → 96 in quanta of 3 × 8, the noise scale measured on every step)
-    and a noise-measuring constant run, each at two log cadences, a constant run measuring every 3rd step and one
-    not measuring at all."""
+    and a noise-measuring constant run, each at two log cadences, a constant run measuring every 3rd step, one not
+    measuring at all, and a model with dropout evaluated at the end only or every 2nd step."""
     base = tmp_path_factory.mktemp("cadence")
     gns = (*CADENCE_LINREG, "batch.schedule=gns", "batch.start_size=24", "train.steps=8")
     measuring = (*CADENCE_LINREG, "train.steps=12")
@@ -158,6 +158,16 @@ def cadence_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "measure-log4": (*measuring, "train.log_every=4"),
             "measure-every3": (*measuring, "train.log_every=4", "train.noise_every=3"),
             "plain": (*measuring, "train.noise_scale=false"),
+            **{
+                f"dropout-eval{every}": (
+                    *measuring,
+                    "model.name=linreg:dropout_model",
+                    "model.args={delta: 1.0, p: 0.5}",
+                    "train.noise_scale=false",
+                    f"train.eval_every={every}",
+                )
+                for every in (0, 2)
+            },
         },
         nproc=3,
     )
@@ -185,6 +195,11 @@ def test_measuring_the_noise_scale_leaves_the_gradients_bit_identical_on_three_p
         _sha(cadence_runs / name) for name in ("measure-log1", "measure-log4", "measure-every3")
     }
     assert shas == {_sha(cadence_runs / "plain")}
+
+
+def test_eval_every_does_not_change_a_run_with_dropout(cadence_runs: Path):
+    """Evaluation reads its data through its own generator, so the dropout masks training draws stay the same."""
+    assert _sha(cadence_runs / "dropout-eval0") == _sha(cadence_runs / "dropout-eval2")
 
 
 def test_noise_every_without_the_noise_scale_is_a_one_line_error():
