@@ -128,6 +128,7 @@ class Job:
             "eval_examples": len(self.task.eval)
             if self.task and self.task.eval is not None
             else None,
+            **({"noise_every": self.noise_every} if self.cfg.train.noise_scale else {}),
         }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, cli, cli_in_process, metrics, train, train_in_one_job
 
 from largebatch.noise import NoiseScale, estimate
@@ -174,12 +175,17 @@ def cadence_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
+def _derived(run: Path) -> dict:
+    return yaml.safe_load((run / "config.yaml").read_text())["derived"]
+
+
 def _sha(run: Path) -> str:
     return json.loads((run / "summary.json").read_text())["params_sha256"]
 
 
 def test_log_every_does_not_change_a_gns_run(cadence_runs: Path):
     """The batch follows a noise scale measured on its own cadence (every step under gns), not on log steps."""
+    assert _derived(cadence_runs / "gns-log4")["noise_every"] == 1
     sizes = [r["global_batch"] for r in metrics(cadence_runs / "gns-log1")]
     assert sizes[0] == 24 and len(set(sizes)) > 1
     assert _sha(cadence_runs / "gns-log1") == _sha(cadence_runs / "gns-log4")
@@ -190,6 +196,7 @@ def test_measuring_the_noise_scale_leaves_the_gradients_bit_identical_on_three_p
 ):
     """DDP's comm hook takes each bucket's local norm and reduces it as DDP does without one, so neither the log
     cadence, nor the measuring cadence, nor measuring at all changes the parameters."""
+    assert _derived(cadence_runs / "measure-log4")["noise_every"] == 4
     assert all("gns/trace" in r for r in metrics(cadence_runs / "measure-log4"))
     shas = {
         _sha(cadence_runs / name) for name in ("measure-log1", "measure-log4", "measure-every3")
