@@ -202,7 +202,12 @@ class TrainConfig:
     fp16_init_scale: float = 65536.0
     """fp16: initial loss scale of the GradScaler (halved on overflow, doubled after 2000 good steps)."""
     noise_scale: bool = False
-    """Estimate the gradient noise scale (≈ critical batch size) on log steps; needs 2+ processes or accumulation."""
+    """Estimate the gradient noise scale (≈ critical batch size) every train.noise_every steps; needs 2+ processes or
+    accumulation. The metrics records carry the latest smoothed estimate (gns, gns/grad_sq, gns/trace)."""
+    noise_every: int | None = None
+    """Measure the noise scale every N steps. Default: every step under batch.schedule=gns (the schedule follows
+    it, so its cadence is part of the trajectory), else train.log_every (measured where logged: on DDP, measuring
+    leaves the gradients bit-identical, so neither cadence changes the trajectory)."""
     nonfinite: str = "skip"
     """A NaN/inf loss or gradient: skip the step (counted and logged) or stop the run."""
     target: str | None = None
@@ -372,6 +377,11 @@ def validate(cfg: Config) -> None:
             raise UserError(
                 "train.target is checked on eval steps: set train.eval_every (e.g. a hundredth of the run)"
             )
+    if cfg.train.noise_every is not None and not cfg.train.noise_scale:
+        raise UserError(
+            f"train.noise_every={cfg.train.noise_every} sets how often the noise scale is measured: "
+            f"set train.noise_scale=true, or drop train.noise_every"
+        )
     if cfg.batch.schedule == "gns" and not cfg.train.noise_scale:
         raise UserError(
             "batch.schedule=gns follows the measured noise scale: set train.noise_scale=true"
@@ -395,6 +405,7 @@ def validate(cfg: Config) -> None:
         "train.steps": cfg.train.steps,
         "train.epochs": cfg.train.epochs,
         "train.log_every": cfg.train.log_every,
+        "train.noise_every": cfg.train.noise_every,
         "train.clip_grad_norm": cfg.train.clip_grad_norm,
         "schedule.power": cfg.schedule.power,
         "train.checkpoint_keep": cfg.train.checkpoint_keep,

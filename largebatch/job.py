@@ -24,7 +24,8 @@ CHECKPOINT_FORMAT = 6
 5: the data position, examples trained and current global batch in the state, for batch-size schedules;
 6: train.ignore_index in the identity: it decides which targets are loss terms)."""
 CADENCE = ("log_every", "eval_every", "checkpoint_every", "checkpoint_keep")
-"""train.* keys that only change how often things happen, not the trajectory; not reported on resume."""
+"""train.* keys that only change how often things happen, not the trajectory; not reported on resume. Not
+train.noise_every: under batch.schedule=gns the batch follows what it measures."""
 
 
 @dataclass
@@ -56,6 +57,15 @@ class Job:
     def total_samples(self) -> int:
         """The run's length in examples: total_steps global batches of batch.global_size, whatever the schedule."""
         return self.total_steps * self.plan.global_batch
+
+    @property
+    def noise_every(self) -> int:
+        """Steps between noise-scale measurements: train.noise_every, else 1 under batch.schedule=gns (the schedule
+        follows the measurement), else train.log_every (measured where logged)."""
+        train = self.cfg.train
+        if train.noise_every is not None:
+            return train.noise_every
+        return 1 if self.cfg.batch.schedule == "gns" else train.log_every
 
     @property
     def auto_micro(self) -> bool:
@@ -118,6 +128,7 @@ class Job:
             "eval_examples": len(self.task.eval)
             if self.task and self.task.eval is not None
             else None,
+            **({"noise_every": self.noise_every} if self.cfg.train.noise_scale else {}),
         }
 
 

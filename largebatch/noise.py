@@ -27,7 +27,7 @@ def estimate(sq_small: float, b_small: int, sq_big: float, b_big: int) -> tuple[
 
 @dataclass
 class NoiseScale:
-    """Smoothed |G|² and S, and their ratio B_noise, updated on log steps."""
+    """Smoothed |G|² and S, and their ratio B_noise, updated every train.noise_every steps."""
 
     decay: float = 0.9
     g2: float | None = None
@@ -43,13 +43,18 @@ class NoiseScale:
             return None
         return self.trace / self.g2
 
-    def update(self, sq_small: float, b_small: int, sq_big: float, b_big: int) -> dict[str, float]:
+    def update(self, sq_small: float, b_small: int, sq_big: float, b_big: int) -> None:
         g2, trace = estimate(sq_small, b_small, sq_big, b_big)
         self.g2 = g2 if self.g2 is None else self.decay * self.g2 + (1 - self.decay) * g2
         self.trace = (
             trace if self.trace is None else self.decay * self.trace + (1 - self.decay) * trace
         )
         self.count += 1
+
+    def record(self) -> dict[str, float]:
+        """The latest smoothed values, for a metrics record ({} before the first measurement)."""
+        if self.g2 is None:
+            return {}
         out = {"gns/grad_sq": self.g2, "gns/trace": self.trace}
         if self.g2 > 0:
             out["gns"] = self.trace / self.g2

@@ -174,7 +174,8 @@ class StepResult:
     lr: float
     outcome: StepOutcome
     small_batch: tuple[float, int] | None
-    """(squared gradient norm, batch size) of the smaller batch for the noise scale, on measuring steps."""
+    """(squared gradient norm, batch size) of the noise scale's small batch, on measuring steps (every
+    job.noise_every steps)."""
     stop_signal: int
 
 
@@ -222,6 +223,7 @@ class Trainer:
         try:
             while self.s.samples < self.job.total_samples and self.reached is None:
                 result = self.train_step()
+                self._update_noise(result)
                 self._after_step(result)
                 self._follow_batch_schedule()
         finally:
@@ -342,27 +344,32 @@ class Trainer:
         """One optimizer step over one global batch: micro-steps, gradient sync, one agreement, clip, step, LR."""
         s, info = self.s, self.info
         self.engine.model.train()
-        measuring = s.noise is not None and (s.step + 1) % self.cfg.train.log_every == 0
+        measuring = s.noise is not None and (s.step + 1) % self.job.noise_every == 0
+        across_ranks = measuring and info.world_size > 1
         manual_sync = self.job.auto_micro or (
-            measuring and info.world_size > 1 and self.engine.reduce_gradients is not None
-        )  # an engine that reduces only in backward (FSDP) measures its local gradient there
+            across_ranks and not self.engine.measures_in_reduction
+        )
         if self.job.auto_micro:
             sums = self._accumulate_or_shrink(measuring)
         else:
             sums = self.accumulate(manual_sync, measuring)
-        small = self._small_batch(sums) if measuring else None
+        local_sq = self._local_sq(sums) if across_ranks else 0.0
         if manual_sync:
             self.engine.reduce_gradients()
         summed = all_reduce_sum(
             torch.cat(
                 [
                     torch.stack([sums.loss, sums.count]).double(),
+                    torch.tensor([local_sq], dtype=torch.float64, device=info.device),
                     self.flags.as_tensor(info.device).double(),
                 ]
             )
         )
-        stop_signal = self.flags.agree(summed[2:])
-        loss_sum, count = summed[:2].tolist()
+        stop_signal = self.flags.agree(summed[3:])
+        loss_sum, count, sq_sum = summed[:3].tolist()
+        small = None
+        if measuring:
+            small = (sq_sum / info.world_size, self.plan.per_rank) if across_ranks else sums.first
         loss = self._normalise(loss_sum, count)
         lr = self.optimizer.param_groups[0]["lr"]
         outcome = self.engine.step(loss, self.cfg.train.clip_grad_norm)
@@ -414,14 +421,25 @@ class Trainer:
                 first = (self.engine.local_grad_sq() * scale**2, plan.micro_batch)
         return Sums(loss_sum, count, first)
 
-    def _small_batch(self, sums: Sums) -> tuple[float, int] | None:
-        """The noise scale's small batch (squared gradient norm, size): each rank's own unsynced gradient over its
-        own count of terms, averaged over ranks; on one process, the first micro-batch's."""
-        if self.info.world_size == 1:
-            return sums.first
+    def _local_sq(self, sums: Sums) -> float:
+        """This rank's share of the noise scale's small batch: the squared norm of its own gradient before the
+        reduction, over its own count of terms (the train step averages it over ranks in its one all-reduce)."""
         count = float(sums.count)
-        sq = self.engine.local_grad_sq() * (self.plan.per_rank / count) ** 2 if count else math.nan
-        return _mean_over_ranks(sq, self.info), self.plan.per_rank
+        return (
+            self.engine.local_grad_sq() * (self.plan.per_rank / count) ** 2 if count else math.nan
+        )
+
+    def _update_noise(self, result: StepResult) -> None:
+        """Fold a measuring step's small and global batch into the smoothed noise scale (what batch.schedule=gns
+        follows): on its own cadence, so that logging never changes the trajectory."""
+        small, plan = result.small_batch, self.plan
+        if (
+            small is not None
+            and math.isfinite(result.grad_norm)
+            and math.isfinite(small[0])
+            and small[1] < plan.global_batch
+        ):
+            self.s.noise.update(*small, result.grad_norm**2, plan.global_batch)
 
     def _normalise(self, loss_sum: float, count: float) -> float:
         """Turn the synced gradient Σ terms ÷ global batch into Σ terms ÷ count; returns the step's mean loss."""
@@ -520,15 +538,8 @@ class Trainer:
         }
         if self.engine.loss_scale is not None:
             record["loss_scale"] = self.engine.loss_scale
-        if (
-            result.small_batch is not None
-            and math.isfinite(result.grad_norm)
-            and math.isfinite(result.small_batch[0])
-            and result.small_batch[1] < plan.global_batch
-        ):
-            record.update(
-                s.noise.update(*result.small_batch, result.grad_norm**2, plan.global_batch)
-            )
+        if s.noise is not None:
+            record.update(s.noise.record())
         if eval_now:
             self.engine.sync_buffers()
             metrics = evaluate(
@@ -670,13 +681,6 @@ class Trainer:
         return summary
 
 
-def _mean_over_ranks(value: float, info: DistInfo) -> float:
-    return (
-        all_reduce_sum(torch.tensor(value, dtype=torch.float64, device=info.device)).item()
-        / info.world_size
-    )
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module, task: Task, info: DistInfo, batch_size: int, workers: int = 0
@@ -694,8 +698,12 @@ def evaluate(
     rounds = math.ceil(math.ceil(len(task.eval) / info.world_size) / batch_size)
     counted_chunks = len(chunks)
     chunks += [chunks[0] if chunks else [0]] * (rounds - counted_chunks)
-    loader = torch.utils.data.DataLoader(
-        task.eval, batch_sampler=chunks, collate_fn=collate_of(task.eval), num_workers=workers
+    loader = torch.utils.data.DataLoader(  # its own generator: eval leaves training's (dropout) untouched
+        task.eval,
+        batch_sampler=chunks,
+        collate_fn=collate_of(task.eval),
+        num_workers=workers,
+        generator=torch.Generator(),
     )
     for i, batch in enumerate(loader):
         inputs, targets = to_device(batch, info.device)

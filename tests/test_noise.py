@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli, metrics, train, train_in_one_job
+import yaml
+from conftest import ROOT, cli, cli_in_process, metrics, train, train_in_one_job
 
 from largebatch.noise import NoiseScale, estimate
 
@@ -33,10 +35,13 @@ def test_the_estimator_recovers_a_known_noise_scale():
 
 def test_smoothing_is_an_exponential_moving_average_of_both_estimates():
     gns = NoiseScale(decay=0.5)
-    first = gns.update(2.0, 1, 1.0, 3)
+    assert gns.record() == {}
+    gns.update(2.0, 1, 1.0, 3)
+    first = gns.record()
     assert first["gns"] == pytest.approx(first["gns/trace"] / first["gns/grad_sq"])
     g2, trace = estimate(3.0, 1, 1.0, 3)
-    second = gns.update(3.0, 1, 1.0, 3)
+    gns.update(3.0, 1, 1.0, 3)
+    second = gns.record()
     assert second["gns/grad_sq"] == pytest.approx(0.5 * first["gns/grad_sq"] + 0.5 * g2)
     assert second["gns/trace"] == pytest.approx(0.5 * first["gns/trace"] + 0.5 * trace)
 
@@ -125,3 +130,86 @@ def test_the_measured_noise_scale_is_the_true_one_within_10_percent(
         r["gns/grad_sq"] for r in records
     )
     assert measured == pytest.approx(simple_noise_scale(*GROUND_TRUTH[name]), rel=0.10)
+
+
+CADENCE_LINREG = (
+    f"--config={ROOT / 'tests/tasks/linreg.yaml'}",
+    "data.args={sigma: 2.0, size: 2048}",
+    "optim.lr=0.05",
+    "batch.global_size=96",
+    "batch.micro_size=8",
+)
+"""Linear regression on 3 processes, where dividing the gradients by 3 before or after their sum rounds differently."""
+
+
+@pytest.fixture(scope="module")
+def cadence_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """In one 3-process job: a gns run (batch 24 → 96 in quanta of 3 × 8, the noise scale measured on every step)
+    and a noise-measuring constant run, each at two log cadences, a constant run measuring every 3rd step, one not
+    measuring at all, and a model with dropout evaluated at the end only or every 2nd step."""
+    base = tmp_path_factory.mktemp("cadence")
+    gns = (*CADENCE_LINREG, "batch.schedule=gns", "batch.start_size=24", "train.steps=8")
+    measuring = (*CADENCE_LINREG, "train.steps=12")
+    train_in_one_job(
+        base,
+        {
+            "gns-log1": (*gns, "train.log_every=1"),
+            "gns-log4": (*gns, "train.log_every=4"),
+            "measure-log1": (*measuring, "train.log_every=1"),
+            "measure-log4": (*measuring, "train.log_every=4"),
+            "measure-every3": (*measuring, "train.log_every=4", "train.noise_every=3"),
+            "plain": (*measuring, "train.noise_scale=false"),
+            **{
+                f"dropout-eval{every}": (
+                    *measuring,
+                    "model.name=linreg:dropout_model",
+                    "model.args={delta: 1.0, p: 0.5}",
+                    "train.noise_scale=false",
+                    f"train.eval_every={every}",
+                )
+                for every in (0, 2)
+            },
+        },
+        nproc=3,
+    )
+    return base
+
+
+def _derived(run: Path) -> dict:
+    return yaml.safe_load((run / "config.yaml").read_text())["derived"]
+
+
+def _sha(run: Path) -> str:
+    return json.loads((run / "summary.json").read_text())["params_sha256"]
+
+
+def test_log_every_does_not_change_a_gns_run(cadence_runs: Path):
+    """The batch follows a noise scale measured on its own cadence (every step under gns), not on log steps."""
+    assert _derived(cadence_runs / "gns-log4")["noise_every"] == 1
+    sizes = [r["global_batch"] for r in metrics(cadence_runs / "gns-log1")]
+    assert sizes[0] == 24 and len(set(sizes)) > 1
+    assert _sha(cadence_runs / "gns-log1") == _sha(cadence_runs / "gns-log4")
+
+
+def test_measuring_the_noise_scale_leaves_the_gradients_bit_identical_on_three_processes(
+    cadence_runs: Path,
+):
+    """DDP's comm hook takes each bucket's local norm and reduces it as DDP does without one, so neither the log
+    cadence, nor the measuring cadence, nor measuring at all changes the parameters."""
+    assert _derived(cadence_runs / "measure-log4")["noise_every"] == 4
+    assert all("gns/trace" in r for r in metrics(cadence_runs / "measure-log4"))
+    shas = {
+        _sha(cadence_runs / name) for name in ("measure-log1", "measure-log4", "measure-every3")
+    }
+    assert shas == {_sha(cadence_runs / "plain")}
+
+
+def test_eval_every_does_not_change_a_run_with_dropout(cadence_runs: Path):
+    """Evaluation reads its data through its own generator, so the dropout masks training draws stay the same."""
+    assert _sha(cadence_runs / "dropout-eval0") == _sha(cadence_runs / "dropout-eval2")
+
+
+def test_noise_every_without_the_noise_scale_is_a_one_line_error():
+    result = cli_in_process("train", "train.noise_every=5")
+    assert result.returncode == 2
+    assert "train.noise_every=5 sets how often the noise scale is measured" in result.stderr

@@ -1,11 +1,11 @@
 """Gradient noise scale overhead: samples/s of `trainer.fit` measuring it on every step vs not measuring it.
 
-Both sides log every step (`train.log_every=1`), so only the measurement differs: on a measuring step with 2+
-processes the trainer runs the last micro-step's backward without DDP's all-reduce, takes each rank's local
-squared gradient norm, averages it over ranks, then all-reduces the gradients itself, no longer overlapped with
-backward. The variants alternate in one torchrun job, as in `bench loop`; the ratio of medians is printed (goal
-≥ 0.98). `--hook` runs a hand-written loop on the DDP engine three ways instead (no measurement, the trainer's
-way, a DDP communication hook that takes each bucket's local squared norm before its all-reduce) and times the
+Both sides log every step (`train.log_every=1`), so only the measurement differs: with 2+ processes the DDP
+engine's communication hook takes each gradient bucket's local squared norm before DDP's all-reduce (which it
+does unchanged, still overlapped with backward), and the rank mean rides in the step's one all-reduce. The
+variants alternate in one torchrun job, as in `bench loop`; the ratio of medians is printed (goal ≥ 0.98).
+`--hook` runs a hand-written loop on the DDP engine three ways instead (no measurement; all-reducing by hand after
+an unsynced backward, as the trainer did before it measured in the hook; the communication hook) and times the
 pieces of the step that differ.
 """
 
@@ -56,8 +56,8 @@ def handwritten(job, info, how: str) -> tuple[float, dict[str, list[float]], flo
     import torch.distributed as dist
 
     from largebatch import optim
+    from largebatch.dist import all_reduce_sum
     from largebatch.engine.ddp import DDPEngine
-    from largebatch.trainer import _mean_over_ranks
 
     torch.manual_seed(job.cfg.run.seed)
     engine = DDPEngine(
@@ -94,7 +94,7 @@ def handwritten(job, info, how: str) -> tuple[float, dict[str, list[float]], flo
         if how == "after":
             sq = engine.local_grad_sq()
             t2 = time.perf_counter()
-            sq = _mean_over_ranks(sq, info)
+            sq = all_reduce_sum(torch.tensor(sq, dtype=torch.float64)).item() / info.world_size
             t3 = time.perf_counter()
             engine.reduce_gradients()
             ms["local_sq"].append(1e3 * (t2 - t1))

@@ -28,6 +28,10 @@ from largebatch.precision import StepOutcome
 class Engine(Protocol):
     needs_process_group: bool
     """Join a process group also when there is one process."""
+    measures_in_reduction: bool
+    """With train.noise_scale, `local_grad_sq()` after a synced step gives what the step's reduction saw (measured
+    inside it, so a measuring step reduces its gradients exactly as any other). False: the trainer runs a measuring
+    step's micro-steps unsynced, asks `local_grad_sq()`, then calls `reduce_gradients()`."""
     module: nn.Module
     """The bare model, for eval (`full_state_dict` for its weights: ZeRO-3 partitions them)."""
     model: nn.Module
@@ -72,7 +76,8 @@ class Engine(Protocol):
         trainer sets each step's boundary, so only an engine that keeps its own count of it has work here)."""
 
     def local_grad_sq(self) -> float:
-        """This rank's squared gradient norm before any reduction (unscaled): the noise scale's small batch."""
+        """This rank's squared gradient norm before any reduction (unscaled): the noise scale's small batch. Called
+        before the step's reduction, or after it where `measures_in_reduction`."""
 
     def step(self, loss: float, max_norm: float | None) -> StepOutcome:
         """Unscale and clip the reduced gradients to `max_norm`, step the optimizer if the step is usable (loss

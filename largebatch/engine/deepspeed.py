@@ -159,6 +159,7 @@ class DeepSpeedEngine:
 
     needs_process_group = True
     """deepspeed.initialize wants a process group, also for one process."""
+    measures_in_reduction = False
 
     @staticmethod
     def check(cfg: Config, plan: BatchPlan, model: nn.Module | None) -> None:

@@ -122,6 +122,8 @@ class FSDPEngine:
 
     needs_process_group = True
     """fully_shard needs a device mesh, also for one process."""
+    measures_in_reduction = True
+    """Each rank's reduce-scatters see its whole local gradient of the step (MeasuredReduceScatter)."""
 
     @staticmethod
     def check(cfg: Config, plan: BatchPlan, model: nn.Module | None) -> None:

@@ -69,3 +69,8 @@ def loss(output: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int
 
 def simple_noise_scale(sigma: float, delta: float) -> float:
     return DIM * (1 + sigma**2 / delta**2) + 1
+
+
+def dropout_model(delta: float, p: float) -> nn.Module:
+    """`model` behind a dropout of its inputs: training draws from torch's CPU generator (tests/test_noise.py)."""
+    return nn.Sequential(nn.Dropout(p), model(delta))
