@@ -282,7 +282,8 @@ class Trainer:
         self.batches.restart(self.plan, s.position, s.samples)
         self.start = self.last_log = time.perf_counter()
         self.first_samples = self.last_logged_samples = s.samples
-        self.tokens = self.first_tokens = self.last_logged_tokens = 0.0
+        # valid targets since this start, for tokens/s (not checkpointed: a resumed run counts afresh)
+        self.tokens = self.last_logged_tokens = 0.0
         self.eval_s = 0.0
 
     def _derived(self) -> dict[str, Any]:
@@ -651,7 +652,7 @@ class Trainer:
             "samples_per_s": (s.samples - self.first_samples) / max(wall_s - self.eval_s, 1e-9),
             **self.throughput.rates(
                 s.samples - self.first_samples,
-                self.tokens - self.first_tokens,
+                self.tokens,
                 wall_s - self.eval_s,
             ),
             "world_size": plan.world_size,

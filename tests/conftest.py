@@ -23,6 +23,22 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def torchrun(nproc: int, *options: str) -> list[str]:
+    """The tests' torchrun command line: `nproc` processes on 127.0.0.1, rendezvous on a free port."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        *options,
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "127.0.0.1:0",
+    ]
+
+
 def cli(
     *args: str, nproc: int = 1, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
@@ -30,15 +46,7 @@ def cli(
     launcher = [sys.executable, "-m", "largebatch"]
     if nproc > 1:
         launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(nproc),
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            "127.0.0.1:0",
+            *torchrun(nproc),
             "-m",
             "largebatch",
         ]
@@ -103,15 +111,7 @@ def train_in_one_job(base: Path, runs: dict[str, tuple[str, ...]], nproc: int = 
     table = json.dumps({str(base / name): args for name, args in runs.items()})
     done = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(nproc),
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            "127.0.0.1:0",
+            *torchrun(nproc),
             str(script),
             table,
         ],
@@ -147,17 +147,7 @@ def kill_one_worker_mid_run(
     import psutil
 
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--max-restarts",
-        "1",
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        "127.0.0.1:0",
+        *torchrun(2, "--max-restarts", "1"),
         "-m",
         "largebatch",
         "train",

@@ -9,11 +9,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, train_in_one_job
+from conftest import ROOT, torchrun, train_in_one_job
 
 from largebatch.stop import StopFlags
 
@@ -68,16 +67,8 @@ def full_disk_runs(tmp_path_factory) -> dict[str, Path]:
         out, mount = base / f"{engine}_out", base / f"{engine}_tmpfs"
         out.mkdir()
         mount.mkdir()
-        torchrun = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            "127.0.0.1:0",
+        command = [
+            *torchrun(2),
             "-m",
             "largebatch",
             "train",
@@ -86,7 +77,7 @@ def full_disk_runs(tmp_path_factory) -> dict[str, Path]:
             *args,
         ]
         subprocess.run(
-            ["unshare", "-rm", "sh", "-c", FULL_DISK, "sh", DISK[engine], str(mount), *torchrun],
+            ["unshare", "-rm", "sh", "-c", FULL_DISK, "sh", DISK[engine], str(mount), *command],
             env={**os.environ, "OUT": str(out), "MNT": str(mount), "PYTHONUNBUFFERED": "1"},
             cwd=ROOT,
             timeout=300,
@@ -165,15 +156,7 @@ def test_a_write_failing_on_one_rank_inside_deepspeeds_save_stops_every_rank_wit
     run = tmp_path / "run"
     done = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            "127.0.0.1:0",
+            *torchrun(2),
             str(script),
             "train",
             f"run.dir={run}",

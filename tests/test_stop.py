@@ -9,7 +9,7 @@ import sys
 import time
 
 import torch
-from conftest import ROOT, metrics, train
+from conftest import ROOT, metrics, torchrun, train
 
 from largebatch import checkpoint
 
@@ -31,15 +31,7 @@ def _start(run, *overrides: str, nproc: int = 1) -> subprocess.Popen:
     launcher = [sys.executable, "-m", "largebatch"]
     if nproc > 1:
         launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(nproc),
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            "127.0.0.1:0",
+            *torchrun(nproc),
             "-m",
             "largebatch",
         ]

@@ -9,10 +9,9 @@ group when first imported after init (DDP imports it); dist.init imports it firs
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import ROOT, torchrun
 
 WORKER = """
 import os
@@ -33,15 +32,7 @@ def test_a_finished_training_run_leaves_no_gloo_threads(tmp_path: Path):
     script.write_text(WORKER)
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            "127.0.0.1:0",
+            *torchrun(2),
             str(script),
             "train",
             f"run.dir={tmp_path}",

@@ -20,6 +20,7 @@ from conftest import (
     cli_in_process,
     kill_one_worker_mid_run,
     metrics,
+    torchrun,
     train,
     write_jsonl,
     write_tiny_gpt2,
@@ -251,15 +252,7 @@ def test_a_user_module_trains_the_same_through_the_cli_and_the_python_api(user_t
     assert losses(run_dirs("api")) == losses(run_dirs("cli"))
     two = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            "127.0.0.1:0",
+            *torchrun(2),
             str(user_task / "train_api.py"),
             str(user_task / "api.yaml"),
             str(run_dirs("api2")),
