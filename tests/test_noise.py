@@ -80,9 +80,13 @@ def test_noise_scale_without_two_batch_sizes_is_a_one_line_error():
     assert result.returncode == 2 and "train.noise_scale compares two batch sizes" in result.stderr
 
 
-def test_bench_gns_prints_both_rates_and_their_ratio():
-    result = cli("bench", "gns", "--steps", "1", "--repeats", "1", "data.size=1024")
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_bench_gns_prints_both_rates_and_their_ratio(engine: str):
+    result = cli(
+        "bench", "gns", "--engine", engine, "--steps", "1", "--repeats", "1", "data.size=1024"
+    )
     assert result.returncode == 0, result.stderr
+    assert f", engine {engine}, 2 processes" in result.stdout
     rates = re.findall(r"^noise scale (?:off|every step)\s+(\d+)$", result.stdout, re.M)
     assert len(rates) == 2 and all(int(rate) > 0 for rate in rates)
     assert re.search(r"^ratio on / off = \d+\.\d{3} \(goal ≥ 0\.98\)$", result.stdout, re.M)

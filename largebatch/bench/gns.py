@@ -4,11 +4,15 @@ Both sides log every step (`train.log_every=1`), so only the measurement differs
 engine's communication hook takes each gradient bucket's local squared norm before DDP's all-reduce (which it
 does unchanged, still overlapped with backward), and the rank mean rides in the step's one all-reduce. The
 variants alternate in one torchrun job, as in `bench loop`; the ratio of medians is printed (goal ≥ 0.98).
+`--engine fsdp` runs both variants on FSDP2 instead, which measures in its reduce-scatter. Every run trains a fresh
+copy of the built model (FSDP2 shards a module once).
 `--hook` runs a hand-written loop on the DDP engine three ways instead (no measurement; all-reducing by hand after
 an unsynced backward, as the trainer did before it measured in the hook; the communication hook) and times the
 pieces of the step that differ.
 """
 
+import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -27,6 +31,8 @@ VARIANTS = {
 """The trainer's variants, baseline first: name → (label, override)."""
 LOOPS = {"none": "no measurement", "after": "sync after backward", "hook": "comm hook"}
 """--hook: the hand-written loop's ways to measure the local squared norm, baseline first."""
+ENGINES = ("ddp", "fsdp")
+"""--engine: the engines whose trainer the variants compare on."""
 PIECES = ("backward", "local_sq", "rank_mean", "all_reduce")
 """The timed parts of the step's last micro-step and sync, in ms (`backward` includes DDP's overlapped all-reduce)."""
 
@@ -143,10 +149,16 @@ def worker(hook: bool, steps: int, repeats: int, path: str | None, overrides: li
             )
             for name in names
         }
+        built = {name: copy.deepcopy(prepared.model) for name, prepared in jobs.items()}
+
+        def fresh(name: str):
+            """The job with an untouched copy of its built model: each run starts from the same weights."""
+            return dataclasses.replace(jobs[name], model=copy.deepcopy(built[name]))
+
         run = (
-            (lambda name: handwritten(jobs[name], info, name))
+            (lambda name: handwritten(fresh(name), info, name))
             if hook
-            else (lambda name: (loop.measure(jobs[name], info, False), {}, 0.0))
+            else (lambda name: (loop.measure(fresh(name), info, False), {}, 0.0))
         )
         run(names[-1])  # warm-up: allocator, thread pools, gloo buffers
         for _ in range(repeats):
@@ -162,6 +174,7 @@ def worker(hook: bool, steps: int, repeats: int, path: str | None, overrides: li
                 {
                     "samples_per_s": samples_per_s,
                     "plan": jobs[names[0]].plan.describe(),
+                    "engine": jobs[names[0]].cfg.engine.name,
                     "ms": {
                         name: {p: statistics.median(v) for p, v in ms.items()}
                         for name, ms in pieces.items()
@@ -181,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=9, help="alternating measurements of each variant"
     )
     parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="ddp",
+        help="the engine both variants train on (default ddp; fsdp: FSDP2, measuring in its reduce-scatter); "
+        "same as the override engine.name=...",
+    )
+    parser.add_argument(
         "--hook",
         action="store_true",
         help="a hand-written loop: no measurement, sync after backward, and a DDP communication hook",
@@ -189,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.hook and args.nproc < 2:
         parser.error(f"--hook needs DDP: --nproc={args.nproc}; use --nproc 2 or more")
+    if args.hook and args.engine != "ddp":
+        parser.error(f"--hook times the DDP engine's loop: drop --engine {args.engine} or --hook")
     res = bench.run_workers(
         "largebatch.bench.gns",
         args.nproc,
@@ -196,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         str(args.steps),
         str(args.repeats),
         args.config or "",
+        f"engine.name={args.engine}",
         *args.overrides,
     )
     if res is None:
@@ -203,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     labels = dict(LOOPS) if args.hook else {name: label for name, (label, _) in VARIANTS.items()}
     median = {name: statistics.median(values) for name, values in res["samples_per_s"].items()}
     print(
-        f"{res['plan']}, {args.nproc} processes, every step measured and logged, {args.steps} steps × "
-        f"{args.repeats} repeats (median)"
+        f"{res['plan']}, engine {res['engine']}, {args.nproc} processes, every step measured and logged, "
+        f"{args.steps} steps × {args.repeats} repeats (median)"
     )
     if args.hook:
         print(
