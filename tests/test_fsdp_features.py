@@ -45,6 +45,14 @@ FSDP = ("engine.name=fsdp",)
 GROUND_TRUTH = {"sigma0": (0.0, 1.0), "sigma2": (2.0, 1.0)}
 """(σ, |w − w*|) of the linear-regression task (tests/tasks/linreg.py): B_simple = 17 and 81."""
 
+GNS = (
+    *(f"--config={ROOT / 'tests/tasks/linreg.yaml'}", "data.args={sigma: 2.0}"),
+    *("batch.schedule=gns", "batch.start_size=16", "batch.micro_size=8", "batch.global_size=256"),
+    "train.steps=20",
+)
+"""batch.schedule=gns on linear regression at B_simple = 81, from 16 in quanta of world 2 × micro 8, capped at 256
+(above 2 × 81, so the cap does not decide where it settles); 20 × 256 examples, about 65 steps."""
+
 
 def linreg(name: str, micro: int, steps: int) -> tuple[str, ...]:
     sigma, delta = GROUND_TRUTH[name]
@@ -72,6 +80,8 @@ def trained(tmp_path_factory) -> Path:
         for name in GROUND_TRUTH:
             runs[f"fsdp-{name}-{micro}"] = (*linreg(name, micro, 200), *FSDP)
         runs[f"ddp-sigma2-{micro}"] = linreg("sigma2", micro, 200)
+    for e in ("ddp", "fsdp"):
+        runs[f"{e}-gns"] = (*GNS, f"engine.name={e}")
     train_in_one_job(base, runs)
     one = base / "one-process"
     one.mkdir()
@@ -148,3 +158,18 @@ def test_the_noise_scale_on_fsdp_is_the_ddp_engines(trained: Path, run: str) -> 
     assert len(ours) == len(reference) and all("gns/trace" in r for r in ours)
     assert relative(ours, reference, "gns/grad_sq") < 1e-4
     assert relative(ours, reference, "gns/trace") < 1e-4
+
+
+def test_gns_on_fsdp_settles_within_2x_of_b_simple_as_on_ddp(trained: Path) -> None:
+    """The batch follows the measured noise scale, never shrinking, rounded down to a quantum (16): it ends within
+    [B/2, 2B] of B_simple = 81 widened to the quanta around it ([32, 176]), unchanged over the last 10 steps, and
+    FSDP takes the DDP engine's batch sequence step for step."""
+    from tasks.linreg import simple_noise_scale
+
+    ours, reference = (metrics(trained / f"{e}-gns") for e in ("fsdp", "ddp"))
+    sizes = [r["global_batch"] for r in ours]
+    assert sizes == [r["global_batch"] for r in reference]
+    b_simple, quantum = simple_noise_scale(2.0, 1.0), 16
+    low, high = b_simple / 2 // quantum * quantum, -(-2 * b_simple // quantum) * quantum
+    assert sizes[0] == 16 and low <= sizes[-1] <= high < 256
+    assert len(sizes) > 20 and len(set(sizes[-10:])) == 1
