@@ -4,8 +4,8 @@ Both sides log every step (`train.log_every=1`), so only the measurement differs
 engine's communication hook takes each gradient bucket's local squared norm before DDP's all-reduce (which it
 does unchanged, still overlapped with backward), and the rank mean rides in the step's one all-reduce. The
 variants alternate in one torchrun job, as in `bench loop`; the ratio of medians is printed (goal ≥ 0.98).
-`--engine fsdp` runs both variants on FSDP2 instead, which measures in its reduce-scatter. Every run trains a fresh
-copy of the built model (FSDP2 shards a module once).
+`--engine fsdp` runs both variants on FSDP2 instead, which measures in its reduce-scatter. Every trainer run trains a
+fresh copy of the built model (FSDP2 shards a module once).
 `--hook` runs a hand-written loop on the DDP engine three ways instead (no measurement; all-reducing by hand after
 an unsynced backward, as the trainer did before it measured in the hook; the communication hook) and times the
 pieces of the step that differ.
@@ -151,12 +151,12 @@ def worker(hook: bool, steps: int, repeats: int, path: str | None, overrides: li
         }
         built = {name: copy.deepcopy(prepared.model) for name, prepared in jobs.items()}
 
-        def fresh(name: str):
+        def fresh(name: str) -> "job.Job":
             """The job with an untouched copy of its built model: each run starts from the same weights."""
             return dataclasses.replace(jobs[name], model=copy.deepcopy(built[name]))
 
         run = (
-            (lambda name: handwritten(fresh(name), info, name))
+            (lambda name: handwritten(jobs[name], info, name))
             if hook
             else (lambda name: (loop.measure(fresh(name), info, False), {}, 0.0))
         )
