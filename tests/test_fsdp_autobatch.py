@@ -54,4 +54,6 @@ def test_an_out_of_memory_error_on_one_fsdp_rank_mid_run_stops_every_rank_in_one
     )
     assert "[rank0]:" not in output and "[rank1]:" not in output, output[-3000:]
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
-    assert ended - (tmp_path / "metrics.jsonl").stat().st_mtime < 30  # step 2 logged → every rank out
+    assert (
+        ended - (tmp_path / "metrics.jsonl").stat().st_mtime < 30
+    )  # step 2 logged → every rank out
