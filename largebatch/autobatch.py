@@ -1,5 +1,10 @@
 """`batch.micro_size: auto`: the largest micro-batch that fits, agreed by all ranks, halved on out-of-memory.
 
+The search runs before the first step, every rank probing the same sizes in the same order and agreeing after
+each probe, so it also suits an engine whose forward is collective (FSDP2). A mid-run out-of-memory error is redone
+at half the micro-batch only on an engine whose micro-steps can be thrown away (`redoes_micro_steps`); elsewhere
+the rank that hit it ends the job in one line (`stop_alone`), since its peers may be waiting inside a collective.
+
 The global batch never changes: a smaller micro-batch means more accumulation steps over the same
 examples. On CUDA "fits" means under the device memory (or `batch.memory_limit`); on CPU it means
 under `batch.memory_limit`, counted as in `largebatch.memory`, and no limit means the whole per-rank share.
@@ -8,7 +13,10 @@ under `batch.memory_limit`, counted as in `largebatch.memory`, and no limit mean
 from __future__ import annotations
 
 import gc
+import os
+import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -112,13 +120,48 @@ def fit(
     device: torch.device,
     largest: int | None = None,
 ) -> BatchPlan:
-    """The largest micro-batch dividing the per-rank share (and at most `largest`) that fits on every rank."""
+    """The largest micro-batch dividing the per-rank share (and at most `largest`) that fits on every rank: every
+    rank probes the same candidates, largest first, and all agree after each probe (a collective forward stays in
+    lockstep)."""
     candidates = [
         m
-        for m in range(min(plan.per_rank, largest or plan.per_rank), 0, -1)
+        for m in range(min(plan.per_rank, largest or plan.per_rank), 1, -1)
         if plan.per_rank % m == 0
     ]
-    mine = next(
-        (m for m in candidates if fits(model, optimizer, run_micro_step, m, budget, device)), 1
+    chosen = next(
+        (
+            m
+            for m in candidates
+            if agree_min(int(fits(model, optimizer, run_micro_step, m, budget, device)), device)
+        ),
+        1,
     )
-    return with_micro(plan, agree_min(mine, device))
+    return with_micro(plan, chosen)
+
+
+STOPPED_KEY = "largebatch/stopped_alone"
+
+
+def stop_alone(reason: str) -> NoReturn:
+    """End this process now with `reason` as the job's one line, without waiting for peers that may sit inside a
+    collective: the first rank to stop prints it and marks the store, so that a peer whose collective then fails
+    on the lost connection exits quietly (`peer_stopped`)."""
+    first = True
+    if dist.is_initialized():
+        try:
+            first = dist.distributed_c10d._get_default_store().add(STOPPED_KEY, 1) == 1
+        except RuntimeError:  # the store is gone: a peer is already on its way out
+            first = False
+    if first:
+        print(f"largebatch: stopped: {reason}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def peer_stopped() -> bool:
+    """Whether a peer ended the job with `stop_alone` (then a failed collective here is its consequence)."""
+    if not dist.is_initialized():
+        return False
+    try:
+        return dist.distributed_c10d._get_default_store().check([STOPPED_KEY])
+    except RuntimeError:
+        return False

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from largebatch.errors import UserError
 
@@ -92,13 +93,14 @@ class ActivationMeter:
     @contextlib.contextmanager
     def track(self, model: nn.Module) -> Iterator[ActivationMeter]:
         self.bytes = 0
-        self._seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._seen = {_local(p).untyped_storage().data_ptr() for p in model.parameters()}
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield self
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self._seen:
+        # A Parameter not seen at the start is FSDP's all-gathered copy of a shard: state, not an activation.
+        if storage.data_ptr() not in self._seen and not isinstance(tensor, nn.Parameter):
             self._seen.add(storage.data_ptr())
             self.bytes += storage.nbytes()
             if self.limit is not None and self.bytes > self.limit:
@@ -106,6 +108,11 @@ class ActivationMeter:
         # Detached: the saved object must not reference its own graph (tensor → grad_fn → saved tensor), a cycle
         # through C++ that gc cannot see, which kept a failed step's activations alive after an out-of-memory error.
         return tensor.detach()
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's own tensor of a parameter (FSDP2's are DTensors, whose wrapper has no storage)."""
+    return param.to_local() if isinstance(param, DTensor) else param
 
 
 def peak_bytes(

@@ -210,6 +210,9 @@ class Trainer:
             else None
         )
         self.inject_oom_at = int(os.environ.get("LARGEBATCH_INJECT_OOM_AT_STEP", 0))
+        self.inject_oom_here = os.environ.get("LARGEBATCH_INJECT_OOM_RANK", str(info.rank)) == str(
+            info.rank
+        )
         self.flags = StopFlags(self.cfg.run_dir)
         self.batches = Batches(job, info)
         self.target = config.Target.parse(self.cfg.train.target) if self.cfg.train.target else None
@@ -347,11 +350,12 @@ class Trainer:
         self.engine.model.train()
         measuring = s.noise is not None and (s.step + 1) % self.job.noise_every == 0
         across_ranks = measuring and info.world_size > 1
-        manual_sync = self.job.auto_micro or (
-            across_ranks and not self.engine.measures_in_reduction
-        )
-        if self.job.auto_micro:
+        redo = self.job.auto_micro and self.engine.redoes_micro_steps
+        manual_sync = redo or (across_ranks and not self.engine.measures_in_reduction)
+        if redo:
             sums = self._accumulate_or_shrink(measuring)
+        elif self.job.auto_micro:
+            sums = self._accumulate_or_stop(manual_sync, measuring)
         else:
             sums = self.accumulate(manual_sync, measuring)
         local_sq = self._local_sq(sums) if across_ranks else 0.0
@@ -402,7 +406,7 @@ class Trainer:
         for micro_step in range(plan.accum_steps):
             inputs, targets = self.batches.next()
             last = micro_step == plan.accum_steps - 1
-            if self.inject_oom_at == self.s.step + 1 and last:
+            if self.inject_oom_at == self.s.step + 1 and last and self.inject_oom_here:
                 self.inject_oom_at = 0
                 raise torch.OutOfMemoryError("injected by LARGEBATCH_INJECT_OOM_AT_STEP")
             with self.engine.micro_step(not manual_sync and last):
@@ -481,6 +485,24 @@ class Trainer:
                 with self.flags.guard(str(self.cfg.run_dir / "config.yaml")):
                     config.dump(self.cfg, self._derived(), self.cfg.run_dir / "config.yaml")
             self.batches.restart(self.plan, self.s.position, self.s.samples)
+
+    def _accumulate_or_stop(self, manual_sync: bool, measuring: bool) -> Sums:
+        """`accumulate` on an engine that cannot redo a step (its micro-steps are collective): an out-of-memory error
+        ends every rank in one line, from the rank that hit it, since its peers may be inside a collective."""
+        try:
+            return self.accumulate(manual_sync, measuring)
+        except torch.OutOfMemoryError:
+            autobatch.stop_alone(
+                f"out of memory at step {self.s.step + 1} on engine.name={self.cfg.engine.name}, which cannot "
+                f"redo a step; set batch.micro_size={max(1, self.plan.micro_batch // 2)} "
+                f"or raise batch.memory_limit"
+            )
+        except RuntimeError:
+            if (
+                autobatch.peer_stopped()
+            ):  # a collective failed as a peer stopped alone: it printed the line
+                os._exit(1)
+            raise
 
     def _probe(self, micro: int) -> None:
         """One forward and backward of `micro` training examples, for autobatch to measure."""

@@ -221,10 +221,6 @@ def test_resume_continues_exactly_also_on_another_world_size(
     "overrides, says",
     [
         (
-            ("batch.micro_size=auto",),
-            "batch.micro_size=auto is not supported with engine.name=fsdp",
-        ),
-        (
             ("engine.shard_blocks=[Nope]",),
             "engine.shard_blocks names Nope, which the model does not have; its module "
             "classes with children: Block, Sequential",

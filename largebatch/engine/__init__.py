@@ -32,6 +32,10 @@ class Engine(Protocol):
     """With train.noise_scale, `local_grad_sq()` after a synced step gives what the step's reduction saw (measured
     inside it, so a measuring step reduces its gradients exactly as any other). False: the trainer runs a measuring
     step's micro-steps unsynced, asks `local_grad_sq()`, then calls `reduce_gradients()`."""
+    redoes_micro_steps: bool
+    """A step's micro-steps can be thrown away and redone (they run unsynced, no collective inside), so
+    batch.micro_size=auto halves the micro-batch on a mid-run out-of-memory error. False (FSDP2: every micro-step
+    all-gathers parameters): the micro-batch is found before the first step only, and such an error stops the job."""
     module: nn.Module
     """The bare model, for eval (`full_state_dict` for its weights: ZeRO-3 partitions them)."""
     model: nn.Module

@@ -26,6 +26,7 @@ class DDPEngine:
 
     needs_process_group = False
     measures_in_reduction = True
+    redoes_micro_steps = True
 
     @staticmethod
     def check(cfg: Config, plan: BatchPlan, model: nn.Module | None) -> None:

@@ -160,6 +160,7 @@ class DeepSpeedEngine:
     needs_process_group = True
     """deepspeed.initialize wants a process group, also for one process."""
     measures_in_reduction = False
+    redoes_micro_steps = False  # micro_size=auto is refused in check
 
     @staticmethod
     def check(cfg: Config, plan: BatchPlan, model: nn.Module | None) -> None:

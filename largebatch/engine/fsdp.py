@@ -124,15 +124,12 @@ class FSDPEngine:
     """fully_shard needs a device mesh, also for one process."""
     measures_in_reduction = True
     """Each rank's reduce-scatters see its whole local gradient of the step (MeasuredReduceScatter)."""
+    redoes_micro_steps = False
+    """Unsynced micro-steps still all-gather each block's parameters: an out-of-memory error on one rank leaves the
+    others inside a collective, so micro_size=auto is found before the first step and a mid-run one stops the job."""
 
     @staticmethod
     def check(cfg: Config, plan: BatchPlan, model: nn.Module | None) -> None:
-        if cfg.batch.micro_size == "auto":
-            raise UserError(
-                "batch.micro_size=auto is not supported with engine.name=fsdp (its out-of-memory redo "
-                "needs gradients that are not yet reduced); set batch.micro_size (largebatch find-batch "
-                "measures it)"
-            )
         if cfg.model.norm == "syncbatch":
             raise UserError(
                 "model.norm=syncbatch is not supported with engine.name=fsdp; use model.norm=group or "
