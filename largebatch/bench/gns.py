@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=ENGINES,
         default="ddp",
         help="the engine both variants train on (default ddp; fsdp: FSDP2, measuring in its reduce-scatter); "
-        "same as the override engine.name=...",
+        "same as the override engine.name=fsdp (or ddp)",
     )
     parser.add_argument(
         "--hook",
