@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -127,9 +128,12 @@ def teardown() -> None:
     group that outlives this (still referenced, e.g. by a live DDP model) keeps them running into interpreter
     finalization, where a worker that drops a finished collective's Python-owned tensor needs the GIL, is made
     to exit, and aborts the process after the run succeeded: "terminate called without an active exception".
-    The torch.distributed.nn import in `init` removes the references torch itself would keep.
+    The torch.distributed.nn import in `init` removes the references torch itself would keep; collecting garbage
+    first frees a finished run's objects that only a reference cycle keeps alive (a model, its DDP wrapper and the
+    hooks or bound methods that point back at them), so no DDP model holds the group past this point.
     """
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
