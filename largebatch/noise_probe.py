@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(prepared.threads)
-    torch.manual_seed(cfg.run.seed)
-    model = prepared.task.build_model()
+    # job.prepare built and checked the model once; the checkpoint's weights replace its own
+    model = prepared.model
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
