@@ -14,7 +14,8 @@
 #                      (set TORCH_INDEX=https://download.pytorch.org/whl/cpu where PyPI's torch would be a CUDA build);
 #                      the image's Python must be PYTHON's version (3.11 for the bookworm base and python:3.11-slim)
 # Environment: PYTHON (host interpreter with largebatch; default .venv/bin/python), CACHE (default ~/.cache/largebatch),
-#   IMAGE (default largebatch:test-cluster), TORCH (default 2.13.0), EPOCHS (default 20), DEBIAN_MIRROR,
+#   IMAGE (default largebatch:test-cluster), TORCH (default: the host interpreter's torch version, so both jobs
+#   train alike), EPOCHS (default 20), DEBIAN_MIRROR,
 #   WHEEL_PORT (loopback port the wheels are served on during the build; default 38641).
 # Logs and both run directories are left in runs/test-cluster/.
 set -euo pipefail
@@ -23,7 +24,6 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 CACHE=${CACHE:-$HOME/.cache/largebatch}
 IMAGE=${IMAGE:-largebatch:test-cluster}
-TORCH=${TORCH:-2.13.0}
 EPOCHS=${EPOCHS:-20}
 NPROC=2
 # Both jobs take their threads by the same rule on this machine (compose does not pass the caller's OMP_NUM_THREADS).
@@ -33,6 +33,7 @@ if [ -z "${PYTHON:-}" ]; then
   PYTHON=python3
   [ -x "$here/.venv/bin/python" ] && PYTHON="$here/.venv/bin/python"
 fi
+TORCH=${TORCH:-$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])')}
 out=$here/runs/test-cluster
 work=$(mktemp -d /tmp/largebatch-cluster.XXXXXX)
 daemon_pid="" server_pid="" compose_started="" agent_pids=()  # agent_pids: background jobs to stop on exit
