@@ -59,11 +59,3 @@ def announced(what: str, name: str, sources: list[Path]) -> Iterator[None]:
 def _say(line: str) -> None:
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(line, flush=True)
-
-
-def build_all() -> list[tuple[str, str]]:
-    """Build (or find) every extension a run on this machine may use: (what, where or why not) for each."""
-    from largebatch.engine import deepspeed
-    from largebatch.optim import fused
-
-    return [fused.build_ahead(), deepspeed.build_ahead()]

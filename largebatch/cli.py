@@ -68,9 +68,11 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from largebatch import builds
+    """Build (or find) every extension a run on this machine may use, and say where each is or why there is none."""
+    from largebatch.engine import deepspeed
+    from largebatch.optim import fused
 
-    for what, where in builds.build_all():
+    for what, where in (fused.build_ahead(), deepspeed.build_ahead()):
         print(f"{what}: {where}")
     return 0
 
