@@ -26,7 +26,7 @@ from largebatch.job import Job
 from largebatch.memory import process_peak_mib
 from largebatch.noise import NoiseScale
 from largebatch.optim import fused
-from largebatch.optim.scaling import describe_peak_lr, peak_lr
+from largebatch.optim.hyper import Hyperparameters
 from largebatch.optim.schedules import Schedule
 from largebatch.precision import StepOutcome
 from largebatch.stop import StopFlags
@@ -196,11 +196,12 @@ class Trainer:
             )  # its call imports torch._inductor: 2 s
         self.s = build_state(job, info)
         self.engine, self.optimizer = self.s.engine, self.s.engine.optimizer
-        self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.beta2s = [
-            group["betas"][1] for group in self.optimizer.param_groups if "betas" in group
-        ]
-        self.schedule = Schedule(self.cfg.schedule, job.total_steps, job.warmup_steps)
+        self.hyper = Hyperparameters(
+            self.optimizer,
+            self.cfg.optim,
+            Schedule(self.cfg.schedule, job.total_steps, job.warmup_steps),
+            job.plan.global_batch,
+        )
         self.batch_schedule = batch_schedule.build(self.cfg.batch, job.plan)
         self.plan = batch_schedule.at(job.plan, self.s.global_batch)
         self.budget = autobatch.budget_bytes(job.memory_limit, info.device)
@@ -259,10 +260,8 @@ class Trainer:
             self.engine.module, job.task, self.plan.micro_batch, self.cfg.train.precision, info
         )
         if info.is_main:
-            o = self.cfg.optim
-            lr = describe_peak_lr(o.lr, job.plan.global_batch, o.reference_batch, o.scaling)
             print(
-                f"{job.plan.describe()}; {lr}; {job.total_steps} steps "
+                f"{job.plan.describe()}; {self.hyper.describe()}; {job.total_steps} steps "
                 f"({job.steps_per_epoch} per epoch), warmup {job.warmup_steps}; {job.threads} threads",
                 flush=True,
             )
@@ -302,13 +301,14 @@ class Trainer:
         size = self.batch_schedule.size(self.s.global_batch, self.s.samples, self._noise_scale())
         if size == self.plan.global_batch:
             return
-        before, lr_before = self.plan, self.peak_lrs[0] * self._batch_lr_ratio()
+        before = self.plan
         self._set_batch(size)
         self.batches.restart(self.plan, self.s.position, self.s.samples)
         if self.info.is_main:
             print(
                 f"step {self.s.step}: global batch {before.global_batch} → {self.plan.global_batch} "
-                f"({self.plan.describe()}); peak lr {lr_before:.6g} → {self.peak_lrs[0] * self._batch_lr_ratio():.6g}",
+                f"({self.plan.describe()}); peak lr {self.hyper.peak_lr(before.global_batch):.6g} → "
+                f"{self.hyper.peak_lr(self.plan.global_batch):.6g}",
                 flush=True,
             )
 
@@ -319,20 +319,7 @@ class Trainer:
         )
         self.s.global_batch = self.plan.global_batch
         self.engine.set_plan(self.plan)
-        if self.cfg.optim.scale_beta2:
-            ratio = self.plan.global_batch / self.cfg.optim.reference_batch
-            for group, beta2 in zip(
-                (g for g in self.optimizer.param_groups if "betas" in g), self.beta2s
-            ):
-                group["betas"] = (group["betas"][0], beta2**ratio)
-        self._set_lr()
-
-    def _batch_lr_ratio(self) -> float:
-        """The scaling rule's peak LR at the current global batch over the one at batch.global_size."""
-        o = self.cfg.optim
-        return (
-            peak_lr(o.lr, self.plan.global_batch, o.reference_batch, o.scaling) / self.job.peak_lr
-        )
+        self.hyper.set(self.plan.global_batch, self.s.applied_samples)
 
     def _check_same_data(self) -> None:
         """Every rank must read the same data: a node with another copy would take other steps, or hang."""
@@ -390,7 +377,7 @@ class Trainer:
                 f"non-finite loss or gradient at step {s.step} (train.nonfinite=stop); "
                 f"lower optim.lr, set train.clip_grad_norm or use train.precision=fp32"
             )
-        self._set_lr()
+        self.hyper.set(self.plan.global_batch, s.applied_samples)
         return StepResult(loss, outcome.grad_norm, lr, outcome, small, stop_signal)
 
     def accumulate(self, manual_sync: bool, measuring: bool) -> Sums:
@@ -511,16 +498,6 @@ class Trainer:
         with self.engine.autocast():
             total, _, _ = task.score(self.engine.module, inputs, targets)
         total.backward()
-
-    def _set_lr(self) -> None:
-        """The LR of the next step: the scaling rule at the current global batch × the LR schedule at the examples
-        of applied steps (in steps of batch.global_size), so skipped steps do not eat warmup."""
-        factor = (
-            self.schedule.factor(self.s.applied_samples / self.job.plan.global_batch)
-            * self._batch_lr_ratio()
-        )
-        for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
-            group["lr"] = peak * factor
 
     def _after_step(self, result: StepResult) -> None:
         """Log, evaluate and checkpoint on their cadence; on an agreed signal, checkpoint and stop."""
