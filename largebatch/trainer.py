@@ -8,7 +8,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from largebatch import autobatch, batch_schedule, checkpoint, config, flops, optim
+from largebatch import autobatch, batch_schedule, checkpoint, config, counted_loss, flops, optim
 from largebatch.batch import BatchPlan, GlobalBatchSampler, Position, advance
 from largebatch.dist import DistInfo, all_reduce_sum, broadcast_from_main
 from largebatch.engine import Engine, engines
@@ -362,7 +361,7 @@ class Trainer:
         small = None
         if measuring:
             small = (sq_sum / info.world_size, self.plan.per_rank) if across_ranks else sums.first
-        loss = self._normalise(loss_sum, count)
+        loss = counted_loss.normalise(self.engine, self.plan, loss_sum, count)
         lr = self.optimizer.param_groups[0]["lr"]
         outcome = self.engine.step(loss, self.cfg.train.clip_grad_norm)
         s.step += 1
@@ -384,9 +383,7 @@ class Trainer:
         """Forward and backward over this rank's micro-batches of the step; gradients sync on the last one (or,
         with `manual_sync`, not at all: the caller all-reduces once every rank got through).
 
-        Each micro-step back-propagates its summed loss ÷ the per-rank share of examples, the same divisor on
-        every rank, so DDP's mean over ranks gives Σ terms' gradients ÷ global batch; `_normalise` then rescales
-        to ÷ the all-reduced count of loss terms."""
+        Each micro-step back-propagates `counted_loss.micro_loss`; `train_step` normalises after its all-reduce."""
         plan, info = self.plan, self.info
         loss_sum, count = torch.zeros((), device=info.device), torch.zeros((), device=info.device)
         first = None
@@ -404,21 +401,19 @@ class Trainer:
                     self.engine.autocast(),
                 ):
                     total, terms, _ = self.job.task.score(self.engine.model, inputs, targets)
-                self.engine.backward(total / plan.per_rank)
+                self.engine.backward(counted_loss.micro_loss(total, plan))
             loss_sum += total.detach().float()
             count += terms
             if micro_step == 0 and measuring and info.world_size == 1:
-                terms = float(terms)
-                scale = plan.per_rank / terms if terms else math.nan  # no terms: no measurement
-                first = (self.engine.local_grad_sq() * scale**2, plan.micro_batch)
+                sq = counted_loss.small_batch_sq(self.engine.local_grad_sq(), plan, float(terms))
+                first = (sq, plan.micro_batch)
         return Sums(loss_sum, count, first)
 
     def _local_sq(self, sums: Sums) -> float:
         """This rank's share of the noise scale's small batch: the squared norm of its own gradient before the
         reduction, over its own count of terms (the train step averages it over ranks in its one all-reduce)."""
-        count = float(sums.count)
-        return (
-            self.engine.local_grad_sq() * (self.plan.per_rank / count) ** 2 if count else math.nan
+        return counted_loss.small_batch_sq(
+            self.engine.local_grad_sq(), self.plan, float(sums.count)
         )
 
     def _update_noise(self, result: StepResult) -> None:
@@ -432,16 +427,6 @@ class Trainer:
             and small[1] < plan.global_batch
         ):
             self.s.noise.update(*small, result.grad_norm**2, plan.global_batch)
-
-    def _normalise(self, loss_sum: float, count: float) -> float:
-        """Turn the synced gradient Σ terms ÷ global batch into Σ terms ÷ count; returns the step's mean loss."""
-        if count == 0:  # a global batch of padding only: no update (counted as a non-finite step)
-            self.engine.scale_gradients(0.0)
-            return math.nan
-        factor = self.plan.global_batch / count
-        if factor != 1.0:
-            self.engine.scale_gradients(factor)
-        return loss_sum / count
 
     def _accumulate_or_shrink(self, measuring: bool) -> Sums:
         """Run the step's micro-steps unsynchronised; if any rank ran out of memory, all halve the micro-batch
@@ -579,41 +564,18 @@ class Trainer:
         return epoch + offset / (self.job.steps_per_epoch * self.job.plan.global_batch)
 
     def _save_checkpoint(self) -> None:
-        """Every rank writes its shards (if its engine has any) into a directory rank 0 made, then rank 0 adds the
-        state and the manifest and renames it into place (with rank 0's buffers on every rank). A failed write on
-        any rank stops every rank here, before the next step, and rank 0 removes the unfinished directory (the
-        previous checkpoint stays the latest)."""
+        """A checkpoint of this step, with rank 0's buffers on every rank (collective; a failed write stops all)."""
         self.engine.sync_buffers()
-        state, info, where = (
+        checkpoint.save_collective(
+            self.engine,
+            self.cfg.run_dir,
+            self.s.step,
             self.s.state_dict(),
+            self.job.checkpoint_meta(),
+            self.cfg.train.checkpoint_keep,
+            self.flags,
             self.info,
-            f"a checkpoint under {checkpoint.directory(self.cfg.run_dir)}",
         )
-        tmp = None
-        if info.is_main:
-            with self.flags.guard(where):
-                tmp = checkpoint.begin(self.cfg.run_dir)
-        tmp = broadcast_from_main(tmp)
-        try:
-            if tmp is not None:
-                with self.flags.guard(where):
-                    self.engine.save_shards(tmp)
-            self.flags.agree_now(info.device)
-            if info.is_main:
-                with self.flags.guard(where):
-                    checkpoint.commit(
-                        tmp,
-                        self.cfg.run_dir,
-                        self.s.step,
-                        state,
-                        self.job.checkpoint_meta(),
-                        self.cfg.train.checkpoint_keep,
-                    )
-            self.flags.agree_now(info.device)
-        except TrainingStopped:
-            if info.is_main and tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def _warn_batchnorm(self) -> None:
         """BatchNorm normalises per micro-batch, so a changed split changes the gradient: say so once."""
