@@ -209,10 +209,7 @@ class Trainer:
             if job.auto_micro
             else None
         )
-        self.inject_oom_at = int(os.environ.get("LARGEBATCH_INJECT_OOM_AT_STEP", 0))
-        self.inject_oom_here = os.environ.get("LARGEBATCH_INJECT_OOM_RANK", str(info.rank)) == str(
-            info.rank
-        )
+        self.injected_oom = autobatch.InjectedOutOfMemory(self.engine.module, info.rank)
         self.flags = StopFlags(self.cfg.run_dir)
         self.batches = Batches(job, info)
         self.target = config.Target.parse(self.cfg.train.target) if self.cfg.train.target else None
@@ -390,9 +387,7 @@ class Trainer:
         for micro_step in range(plan.accum_steps):
             inputs, targets = self.batches.next()
             last = micro_step == plan.accum_steps - 1
-            if self.inject_oom_at == self.s.step + 1 and last and self.inject_oom_here:
-                self.inject_oom_at = 0
-                raise torch.OutOfMemoryError("injected by LARGEBATCH_INJECT_OOM_AT_STEP")
+            self.injected_oom.arm(self.s.step + 1, last)
             with self.engine.micro_step(not manual_sync and last):
                 with (
                     self.meter.track(self.engine.module)
