@@ -28,17 +28,17 @@ class Hyperparameters:
         full_batch: int,
     ) -> None:
         """`optimizer`'s groups hold their peak LRs at `full_batch` (batch.global_size), as optim.build left them."""
-        self.optimizer, self.cfg, self.schedule, self.full_batch = (
-            optimizer,
-            cfg,
-            schedule,
-            full_batch,
-        )
+        self.optimizer = optimizer
+        self.cfg = cfg
+        self.schedule = schedule
+        self.full_batch = full_batch
         self.full_peak_lr = peak_lr(cfg.lr, full_batch, cfg.reference_batch, cfg.scaling)
         self.peaks: list[dict[str, Any]] = [
-            {"lr": group["lr"], "betas": group.get("betas")} for group in optimizer.param_groups
+            {key: value for key, value in group.items() if key != "params"}
+            for group in optimizer.param_groups
         ]
-        """Each group's values at batch.global_size and the schedule's peak, which the set values scale."""
+        """Each group's hyperparameters as optim.build set them (at batch.global_size and the LR schedule's peak):
+        what `set` scales."""
 
     def batch_ratio(self, global_batch: int) -> float:
         """The scaling rule's peak LR at `global_batch` over the one at batch.global_size."""
@@ -46,7 +46,7 @@ class Hyperparameters:
         return peak_lr(cfg.lr, global_batch, cfg.reference_batch, cfg.scaling) / self.full_peak_lr
 
     def peak_lr(self, global_batch: int) -> float:
-        """The first group's peak LR at `global_batch` (what the start and batch-change lines print)."""
+        """The first group's peak LR at `global_batch` (what a batch change prints)."""
         return self.peaks[0]["lr"] * self.batch_ratio(global_batch)
 
     def describe(self) -> str:
@@ -57,11 +57,10 @@ class Hyperparameters:
     def set(self, global_batch: int, applied_samples: int) -> None:
         """Set the hyperparameters of the next step, at `global_batch`, after `applied_samples` examples of
         applied steps."""
-        lr_factor = self.schedule.factor(applied_samples / self.full_batch) * self.batch_ratio(
-            global_batch
-        )
+        position = applied_samples / self.full_batch  # in steps of batch.global_size
+        lr_factor = self.schedule.factor(position) * self.batch_ratio(global_batch)
         beta2_power = global_batch / self.cfg.reference_batch
         for group, peak in zip(self.optimizer.param_groups, self.peaks):
             group["lr"] = peak["lr"] * lr_factor
-            if self.cfg.scale_beta2 and peak["betas"] is not None:
+            if self.cfg.scale_beta2 and "betas" in peak:
                 group["betas"] = (group["betas"][0], peak["betas"][1] ** beta2_power)
