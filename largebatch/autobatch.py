@@ -16,7 +16,7 @@ import gc
 import os
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -165,3 +165,49 @@ def peer_stopped() -> bool:
         return dist.distributed_c10d._get_default_store().check([STOPPED_KEY])
     except RuntimeError:
         return False
+
+
+INJECT_STEP = "LARGEBATCH_INJECT_OOM_AT_STEP"
+INJECT_RANK = "LARGEBATCH_INJECT_OOM_RANK"
+
+
+class InjectedOutOfMemory:
+    """Test seam: with LARGEBATCH_INJECT_OOM_AT_STEP=n (and LARGEBATCH_INJECT_OOM_RANK=r: on that rank only, else
+    on every rank) raise torch.OutOfMemoryError once, inside the backward of the last micro-step of step n, where a
+    real one strikes: from a gradient hook on the output of the model's first sharded block (FSDP2; after FSDP's
+    own pre-backward hook there, so its peers go on into that backward's collectives), else of its first module
+    with parameters of its own. Without the variable it registers nothing."""
+
+    def __init__(self, module: nn.Module, rank: int) -> None:
+        self.step = int(os.environ.get(INJECT_STEP, 0))
+        if os.environ.get(INJECT_RANK, str(rank)) != str(rank):
+            self.step = 0
+        self.armed = False
+        if self.step:
+            _first_block(module).register_forward_hook(self._hook_output)
+
+    def arm(self, step: int, last_micro_step: bool) -> None:
+        """Before each micro-step's forward: whether its backward is the one to fail."""
+        self.armed = bool(self.step) and step == self.step and last_micro_step
+
+    def _hook_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        grads = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        if self.armed and grads:
+            self.armed, self.step = False, 0
+            name = type(module).__name__
+            grads[0].register_hook(lambda grad: _raise_injected(name))
+
+
+def _raise_injected(block: str) -> NoReturn:
+    raise torch.OutOfMemoryError(f"injected by {INJECT_STEP} in the backward of {block}")
+
+
+def _first_block(module: nn.Module) -> nn.Module:
+    """The first FSDP2 unit inside `module` (not the root), else its first module with parameters of its own."""
+    from torch.distributed.fsdp import FSDPModule
+
+    inner = [m for m in module.modules() if m is not module]
+    sharded = [m for m in inner if isinstance(m, FSDPModule)]
+    owning = [m for m in inner if next(m.parameters(recurse=False), None) is not None]
+    return (sharded or owning or [module])[0]

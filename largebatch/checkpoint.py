@@ -15,11 +15,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from largebatch.errors import UserError, warn
+from largebatch.dist import DistInfo, broadcast_from_main
+from largebatch.errors import TrainingStopped, UserError, warn
+from largebatch.stop import StopFlags
+
+if TYPE_CHECKING:
+    from largebatch.engine import Engine
 
 STATE = "state.pt"
 MANIFEST = "manifest.json"
@@ -72,6 +77,41 @@ def commit(
     for old in sorted(parent.glob(f"{PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_collective(
+    engine: Engine,
+    run_dir: Path,
+    step: int,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int,
+    flags: StopFlags,
+    info: DistInfo,
+) -> None:
+    """Every rank writes its engine's shards (if it has any) into a directory rank 0 made, then rank 0 adds `state`
+    and the manifest and renames it into place (collective). A failed write on any rank becomes a fault in `flags`
+    that stops every rank here, at one of two agreements; rank 0 then removes the unfinished directory (the previous
+    checkpoint stays the latest)."""
+    where = f"a checkpoint under {directory(run_dir)}"
+    tmp = None
+    if info.is_main:
+        with flags.guard(where):
+            tmp = begin(run_dir)
+    tmp = broadcast_from_main(tmp)
+    try:
+        if tmp is not None:
+            with flags.guard(where):
+                engine.save_shards(tmp)
+        flags.agree_now(info.device)
+        if info.is_main:
+            with flags.guard(where):
+                commit(tmp, run_dir, step, state, meta, keep)
+        flags.agree_now(info.device)
+    except TrainingStopped:
+        if info.is_main and tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save(run_dir: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:

@@ -8,7 +8,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from largebatch import autobatch, batch_schedule, checkpoint, config, flops, optim
+from largebatch import autobatch, batch_schedule, checkpoint, config, counted_loss, flops, optim
 from largebatch.batch import BatchPlan, GlobalBatchSampler, Position, advance
 from largebatch.dist import DistInfo, all_reduce_sum, broadcast_from_main
 from largebatch.engine import Engine, engines
@@ -26,7 +25,7 @@ from largebatch.job import Job
 from largebatch.memory import process_peak_mib
 from largebatch.noise import NoiseScale
 from largebatch.optim import fused
-from largebatch.optim.scaling import describe_peak_lr, peak_lr
+from largebatch.optim.hyper import Hyperparameters
 from largebatch.optim.schedules import Schedule
 from largebatch.precision import StepOutcome
 from largebatch.stop import StopFlags
@@ -196,11 +195,12 @@ class Trainer:
             )  # its call imports torch._inductor: 2 s
         self.s = build_state(job, info)
         self.engine, self.optimizer = self.s.engine, self.s.engine.optimizer
-        self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.beta2s = [
-            group["betas"][1] for group in self.optimizer.param_groups if "betas" in group
-        ]
-        self.schedule = Schedule(self.cfg.schedule, job.total_steps, job.warmup_steps)
+        self.hyper = Hyperparameters(
+            self.optimizer,
+            self.cfg.optim,
+            Schedule(self.cfg.schedule, job.total_steps, job.warmup_steps),
+            job.plan.global_batch,
+        )
         self.batch_schedule = batch_schedule.build(self.cfg.batch, job.plan)
         self.plan = batch_schedule.at(job.plan, self.s.global_batch)
         self.budget = autobatch.budget_bytes(job.memory_limit, info.device)
@@ -209,10 +209,7 @@ class Trainer:
             if job.auto_micro
             else None
         )
-        self.inject_oom_at = int(os.environ.get("LARGEBATCH_INJECT_OOM_AT_STEP", 0))
-        self.inject_oom_here = os.environ.get("LARGEBATCH_INJECT_OOM_RANK", str(info.rank)) == str(
-            info.rank
-        )
+        self.injected_oom = autobatch.InjectedOutOfMemory(self.engine.module, info.rank)
         self.flags = StopFlags(self.cfg.run_dir)
         self.batches = Batches(job, info)
         self.target = config.Target.parse(self.cfg.train.target) if self.cfg.train.target else None
@@ -259,10 +256,8 @@ class Trainer:
             self.engine.module, job.task, self.plan.micro_batch, self.cfg.train.precision, info
         )
         if info.is_main:
-            o = self.cfg.optim
-            lr = describe_peak_lr(o.lr, job.plan.global_batch, o.reference_batch, o.scaling)
             print(
-                f"{job.plan.describe()}; {lr}; {job.total_steps} steps "
+                f"{job.plan.describe()}; {self.hyper.describe()}; {job.total_steps} steps "
                 f"({job.steps_per_epoch} per epoch), warmup {job.warmup_steps}; {job.threads} threads",
                 flush=True,
             )
@@ -302,13 +297,14 @@ class Trainer:
         size = self.batch_schedule.size(self.s.global_batch, self.s.samples, self._noise_scale())
         if size == self.plan.global_batch:
             return
-        before, lr_before = self.plan, self.peak_lrs[0] * self._batch_lr_ratio()
+        before = self.plan
         self._set_batch(size)
         self.batches.restart(self.plan, self.s.position, self.s.samples)
         if self.info.is_main:
             print(
                 f"step {self.s.step}: global batch {before.global_batch} → {self.plan.global_batch} "
-                f"({self.plan.describe()}); peak lr {lr_before:.6g} → {self.peak_lrs[0] * self._batch_lr_ratio():.6g}",
+                f"({self.plan.describe()}); peak lr {self.hyper.peak_lr(before.global_batch):.6g} → "
+                f"{self.hyper.peak_lr(self.plan.global_batch):.6g}",
                 flush=True,
             )
 
@@ -319,20 +315,7 @@ class Trainer:
         )
         self.s.global_batch = self.plan.global_batch
         self.engine.set_plan(self.plan)
-        if self.cfg.optim.scale_beta2:
-            ratio = self.plan.global_batch / self.cfg.optim.reference_batch
-            for group, beta2 in zip(
-                (g for g in self.optimizer.param_groups if "betas" in g), self.beta2s
-            ):
-                group["betas"] = (group["betas"][0], beta2**ratio)
-        self._set_lr()
-
-    def _batch_lr_ratio(self) -> float:
-        """The scaling rule's peak LR at the current global batch over the one at batch.global_size."""
-        o = self.cfg.optim
-        return (
-            peak_lr(o.lr, self.plan.global_batch, o.reference_batch, o.scaling) / self.job.peak_lr
-        )
+        self.hyper.set(self.plan.global_batch, self.s.applied_samples)
 
     def _check_same_data(self) -> None:
         """Every rank must read the same data: a node with another copy would take other steps, or hang."""
@@ -375,7 +358,7 @@ class Trainer:
         small = None
         if measuring:
             small = (sq_sum / info.world_size, self.plan.per_rank) if across_ranks else sums.first
-        loss = self._normalise(loss_sum, count)
+        loss = counted_loss.normalise(self.engine, self.plan, loss_sum, count)
         lr = self.optimizer.param_groups[0]["lr"]
         outcome = self.engine.step(loss, self.cfg.train.clip_grad_norm)
         s.step += 1
@@ -390,25 +373,21 @@ class Trainer:
                 f"non-finite loss or gradient at step {s.step} (train.nonfinite=stop); "
                 f"lower optim.lr, set train.clip_grad_norm or use train.precision=fp32"
             )
-        self._set_lr()
+        self.hyper.set(self.plan.global_batch, s.applied_samples)
         return StepResult(loss, outcome.grad_norm, lr, outcome, small, stop_signal)
 
     def accumulate(self, manual_sync: bool, measuring: bool) -> Sums:
         """Forward and backward over this rank's micro-batches of the step; gradients sync on the last one (or,
         with `manual_sync`, not at all: the caller all-reduces once every rank got through).
 
-        Each micro-step back-propagates its summed loss ÷ the per-rank share of examples, the same divisor on
-        every rank, so DDP's mean over ranks gives Σ terms' gradients ÷ global batch; `_normalise` then rescales
-        to ÷ the all-reduced count of loss terms."""
+        Each micro-step back-propagates `counted_loss.micro_loss`; `train_step` normalises after its all-reduce."""
         plan, info = self.plan, self.info
         loss_sum, count = torch.zeros((), device=info.device), torch.zeros((), device=info.device)
         first = None
         for micro_step in range(plan.accum_steps):
             inputs, targets = self.batches.next()
             last = micro_step == plan.accum_steps - 1
-            if self.inject_oom_at == self.s.step + 1 and last and self.inject_oom_here:
-                self.inject_oom_at = 0
-                raise torch.OutOfMemoryError("injected by LARGEBATCH_INJECT_OOM_AT_STEP")
+            self.injected_oom.arm(self.s.step + 1, last)
             with self.engine.micro_step(not manual_sync and last):
                 with (
                     self.meter.track(self.engine.module)
@@ -417,21 +396,19 @@ class Trainer:
                     self.engine.autocast(),
                 ):
                     total, terms, _ = self.job.task.score(self.engine.model, inputs, targets)
-                self.engine.backward(total / plan.per_rank)
+                self.engine.backward(counted_loss.micro_loss(total, plan))
             loss_sum += total.detach().float()
             count += terms
             if micro_step == 0 and measuring and info.world_size == 1:
-                terms = float(terms)
-                scale = plan.per_rank / terms if terms else math.nan  # no terms: no measurement
-                first = (self.engine.local_grad_sq() * scale**2, plan.micro_batch)
+                sq = counted_loss.small_batch_sq(self.engine.local_grad_sq(), plan, float(terms))
+                first = (sq, plan.micro_batch)
         return Sums(loss_sum, count, first)
 
     def _local_sq(self, sums: Sums) -> float:
         """This rank's share of the noise scale's small batch: the squared norm of its own gradient before the
         reduction, over its own count of terms (the train step averages it over ranks in its one all-reduce)."""
-        count = float(sums.count)
-        return (
-            self.engine.local_grad_sq() * (self.plan.per_rank / count) ** 2 if count else math.nan
+        return counted_loss.small_batch_sq(
+            self.engine.local_grad_sq(), self.plan, float(sums.count)
         )
 
     def _update_noise(self, result: StepResult) -> None:
@@ -445,16 +422,6 @@ class Trainer:
             and small[1] < plan.global_batch
         ):
             self.s.noise.update(*small, result.grad_norm**2, plan.global_batch)
-
-    def _normalise(self, loss_sum: float, count: float) -> float:
-        """Turn the synced gradient Σ terms ÷ global batch into Σ terms ÷ count; returns the step's mean loss."""
-        if count == 0:  # a global batch of padding only: no update (counted as a non-finite step)
-            self.engine.scale_gradients(0.0)
-            return math.nan
-        factor = self.plan.global_batch / count
-        if factor != 1.0:
-            self.engine.scale_gradients(factor)
-        return loss_sum / count
 
     def _accumulate_or_shrink(self, measuring: bool) -> Sums:
         """Run the step's micro-steps unsynchronised; if any rank ran out of memory, all halve the micro-batch
@@ -511,16 +478,6 @@ class Trainer:
         with self.engine.autocast():
             total, _, _ = task.score(self.engine.module, inputs, targets)
         total.backward()
-
-    def _set_lr(self) -> None:
-        """The LR of the next step: the scaling rule at the current global batch × the LR schedule at the examples
-        of applied steps (in steps of batch.global_size), so skipped steps do not eat warmup."""
-        factor = (
-            self.schedule.factor(self.s.applied_samples / self.job.plan.global_batch)
-            * self._batch_lr_ratio()
-        )
-        for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
-            group["lr"] = peak * factor
 
     def _after_step(self, result: StepResult) -> None:
         """Log, evaluate and checkpoint on their cadence; on an agreed signal, checkpoint and stop."""
@@ -602,41 +559,18 @@ class Trainer:
         return epoch + offset / (self.job.steps_per_epoch * self.job.plan.global_batch)
 
     def _save_checkpoint(self) -> None:
-        """Every rank writes its shards (if its engine has any) into a directory rank 0 made, then rank 0 adds the
-        state and the manifest and renames it into place (with rank 0's buffers on every rank). A failed write on
-        any rank stops every rank here, before the next step, and rank 0 removes the unfinished directory (the
-        previous checkpoint stays the latest)."""
+        """A checkpoint of this step, with rank 0's buffers on every rank (collective; a failed write stops all)."""
         self.engine.sync_buffers()
-        state, info, where = (
+        checkpoint.save_collective(
+            self.engine,
+            self.cfg.run_dir,
+            self.s.step,
             self.s.state_dict(),
+            self.job.checkpoint_meta(),
+            self.cfg.train.checkpoint_keep,
+            self.flags,
             self.info,
-            f"a checkpoint under {checkpoint.directory(self.cfg.run_dir)}",
         )
-        tmp = None
-        if info.is_main:
-            with self.flags.guard(where):
-                tmp = checkpoint.begin(self.cfg.run_dir)
-        tmp = broadcast_from_main(tmp)
-        try:
-            if tmp is not None:
-                with self.flags.guard(where):
-                    self.engine.save_shards(tmp)
-            self.flags.agree_now(info.device)
-            if info.is_main:
-                with self.flags.guard(where):
-                    checkpoint.commit(
-                        tmp,
-                        self.cfg.run_dir,
-                        self.s.step,
-                        state,
-                        self.job.checkpoint_meta(),
-                        self.cfg.train.checkpoint_keep,
-                    )
-            self.flags.agree_now(info.device)
-        except TrainingStopped:
-            if info.is_main and tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def _warn_batchnorm(self) -> None:
         """BatchNorm normalises per micro-batch, so a changed split changes the gradient: say so once."""

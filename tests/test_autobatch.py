@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import cli, metrics
+from torch import nn
 
-from largebatch.autobatch import smaller
+from largebatch.autobatch import InjectedOutOfMemory, smaller
 from largebatch.batch import plan
 
 COMMON = (
@@ -67,6 +69,31 @@ def test_the_next_smaller_micro_batch_divides_the_per_rank_share():
     assert smaller(plan(1, 12, 12)).micro_batch == 6
     assert smaller(plan(1, 10, 5)).micro_batch == 2
     assert smaller(plan(1, 4, 1)) is None
+
+
+def _micro_steps(seam: InjectedOutOfMemory, model: nn.Module, *steps: tuple[int, bool]) -> None:
+    for step, last in steps:
+        seam.arm(step, last)
+        model(torch.ones(3, 4)).sum().backward()
+
+
+def test_the_injected_out_of_memory_fires_once_inside_the_backward_of_the_chosen_step(monkeypatch):
+    monkeypatch.setenv("LARGEBATCH_INJECT_OOM_AT_STEP", "2")
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    seam = InjectedOutOfMemory(model, rank=0)
+    _micro_steps(seam, model, (1, True), (2, False))  # another step; not the step's last micro-step
+    seam.arm(2, True)
+    loss = model(torch.ones(3, 4)).sum()  # the forward passes
+    with pytest.raises(torch.OutOfMemoryError, match="in the backward of Linear"):
+        loss.backward()
+    _micro_steps(seam, model, (2, True))  # the redone step passes
+
+
+def test_the_injected_out_of_memory_spares_the_other_ranks(monkeypatch):
+    monkeypatch.setenv("LARGEBATCH_INJECT_OOM_AT_STEP", "1")
+    monkeypatch.setenv("LARGEBATCH_INJECT_OOM_RANK", "1")
+    model = nn.Linear(4, 1)
+    _micro_steps(InjectedOutOfMemory(model, rank=0), model, (1, True))
 
 
 @pytest.mark.parametrize(
