@@ -365,9 +365,9 @@ def validate(cfg: Config) -> None:
     that the chosen mode ignores."""
     check_choice("optim.scaling", cfg.optim.scaling, ("linear", "sqrt", "none"))
     check_choice("optim.impl", cfg.optim.impl, ("auto", "fused", "foreach"))
-    for decider in ("schedule.name", "engine.name", "batch.schedule"):
+    for decider in ("schedule.name", "engine.name", "batch.schedule"):  # data, model: where built
         check_choice(decider, _get(cfg, decider), list(REGISTRIES[decider]))
-    check_choice("train.precision", cfg.train.precision, ("fp32", "bf16", "fp16"))
+    check_choice("train.precision", cfg.train.precision, list(MODES["train.precision"]))
     check_choice("train.nonfinite", cfg.train.nonfinite, ("skip", "stop"))
     check_choice("logging.wandb", cfg.logging.wandb, ("disabled", "offline", "online"))
     if cfg.train.target is not None:
@@ -382,7 +382,7 @@ def validate(cfg: Config) -> None:
             f"set train.noise_scale=true, or drop train.noise_every"
         )
     if isinstance(cfg.batch.micro_size, str):
-        check_choice("batch.micro_size", cfg.batch.micro_size, ("auto",))
+        check_choice("batch.micro_size", cfg.batch.micro_size, list(MODES["batch.micro_size"]))
     _check_finite(cfg)
     positive = {
         "data.size": cfg.data.size,
