@@ -8,8 +8,7 @@
   as AdaptDL grows its batch; it waits until the noise scale's average spans its window.
 
 Every size is a multiple of world × micro-batch: a change only changes accumulation, at a step boundary, so the
-memory per micro-step stays the one the run started with. registry.BATCH_SCHEDULES names the classes; each is
-built by its `of(cfg, final, quantum)`.
+memory per micro-step stays the one the run started with. registry.BATCH_SCHEDULES names the classes.
 """
 
 from __future__ import annotations
@@ -27,6 +26,10 @@ if TYPE_CHECKING:
 
 
 class BatchSchedule(Protocol):
+    @staticmethod
+    def of(cfg: BatchConfig, final: int, quantum: int) -> BatchSchedule:
+        """The schedule `cfg` asks for, up to the global batch `final`, over multiples of `quantum`."""
+
     def size(self, current: int, samples: int, noise_scale: float | None) -> int:
         """The global batch of the next step, from the current one, the examples trained on so far and the
         smoothed noise scale (None until measured)."""
