@@ -8,21 +8,28 @@
   as AdaptDL grows its batch; it waits until the noise scale's average spans its window.
 
 Every size is a multiple of world × micro-batch: a change only changes accumulation, at a step boundary, so the
-memory per micro-step stays the one the run started with.
+memory per micro-step stays the one the run started with. registry.BATCH_SCHEDULES names the classes.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from largebatch.batch import BatchPlan, plan
-from largebatch.config import BatchConfig
 from largebatch.errors import UserError
+from largebatch.registry import BATCH_SCHEDULES
+
+if TYPE_CHECKING:
+    from largebatch.config import BatchConfig
 
 
 class BatchSchedule(Protocol):
+    @staticmethod
+    def of(cfg: BatchConfig, final: int, quantum: int) -> BatchSchedule:
+        """The schedule `cfg` asks for, up to the global batch `final`, over multiples of `quantum`."""
+
     def size(self, current: int, samples: int, noise_scale: float | None) -> int:
         """The global batch of the next step, from the current one, the examples trained on so far and the
         smoothed noise scale (None until measured)."""
@@ -31,6 +38,10 @@ class BatchSchedule(Protocol):
 @dataclass(frozen=True)
 class Constant:
     final: int
+
+    @staticmethod
+    def of(cfg: BatchConfig, final: int, quantum: int) -> Constant:
+        return Constant(final)
 
     def size(self, current: int, samples: int, noise_scale: float | None) -> int:
         return self.final
@@ -42,6 +53,10 @@ class Ramp:
     final: int
     ramp_samples: int
     quantum: int
+
+    @staticmethod
+    def of(cfg: BatchConfig, final: int, quantum: int) -> Ramp:
+        return Ramp(cfg.start_size, final, cfg.ramp_samples, quantum)
 
     def size(self, current: int, samples: int, noise_scale: float | None) -> int:
         if samples >= self.ramp_samples:
@@ -56,6 +71,10 @@ class FollowNoise:
     final: int
     quantum: int
 
+    @staticmethod
+    def of(cfg: BatchConfig, final: int, quantum: int) -> FollowNoise:
+        return FollowNoise(cfg.start_size, final, quantum)
+
     def size(self, current: int, samples: int, noise_scale: float | None) -> int:
         if noise_scale is None or not math.isfinite(noise_scale):
             return current
@@ -67,11 +86,7 @@ class FollowNoise:
 def build(cfg: BatchConfig, final: BatchPlan) -> BatchSchedule:
     """The schedule `cfg` asks for, over sizes that are multiples of `final`'s world × micro-batch."""
     quantum = final.world_size * final.micro_batch
-    if cfg.schedule == "constant":
-        return Constant(final.global_batch)
-    if cfg.schedule == "ramp":
-        return Ramp(cfg.start_size, final.global_batch, cfg.ramp_samples, quantum)
-    return FollowNoise(cfg.start_size, final.global_batch, quantum)
+    return BATCH_SCHEDULES[cfg.schedule].load().of(cfg, final.global_batch, quantum)
 
 
 def first_size(cfg: BatchConfig, final: BatchPlan) -> int:

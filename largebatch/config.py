@@ -17,6 +17,7 @@ import yaml
 
 from largebatch import optim_args
 from largebatch.errors import UserError, check_choice, warn
+from largebatch.registry import FACTORY, REGISTRIES
 
 
 @dataclass
@@ -360,17 +361,15 @@ def _set(
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no data or torch: choices, value ranges and keys that the chosen mode ignores."""
-    check_choice("model.norm", cfg.model.norm, ("batch", "syncbatch", "group", "layer", "none"))
+    """Checks that need no data or torch: choices, value ranges, the chosen registry entries' own checks and keys
+    that the chosen mode ignores."""
     check_choice("optim.scaling", cfg.optim.scaling, ("linear", "sqrt", "none"))
     check_choice("optim.impl", cfg.optim.impl, ("auto", "fused", "foreach"))
-    check_choice("schedule.name", cfg.schedule.name, ("constant", "cosine", "step", "poly"))
-    check_choice("train.precision", cfg.train.precision, ("fp32", "bf16", "fp16"))
+    for decider in ("schedule.name", "engine.name", "batch.schedule"):  # data, model: where built
+        check_choice(decider, _get(cfg, decider), list(REGISTRIES[decider]))
+    check_choice("train.precision", cfg.train.precision, list(MODES["train.precision"]))
     check_choice("train.nonfinite", cfg.train.nonfinite, ("skip", "stop"))
     check_choice("logging.wandb", cfg.logging.wandb, ("disabled", "offline", "online"))
-    check_choice("data.dtype", cfg.data.dtype, ("uint16", "uint32"))
-    check_choice("engine.name", cfg.engine.name, ("ddp", "deepspeed", "fsdp"))
-    check_choice("batch.schedule", cfg.batch.schedule, ("constant", "ramp", "gns"))
     if cfg.train.target is not None:
         Target.parse(cfg.train.target)
         if not cfg.train.eval_every:
@@ -382,15 +381,8 @@ def validate(cfg: Config) -> None:
             f"train.noise_every={cfg.train.noise_every} sets how often the noise scale is measured: "
             f"set train.noise_scale=true, or drop train.noise_every"
         )
-    if cfg.batch.schedule == "gns" and not cfg.train.noise_scale:
-        raise UserError(
-            "batch.schedule=gns follows the measured noise scale: set train.noise_scale=true"
-        )
-    check_choice("engine.offload", cfg.engine.offload, ("none", "cpu"))
-    if cfg.engine.zero_stage not in (0, 1, 2, 3):
-        raise UserError(f"engine.zero_stage={cfg.engine.zero_stage} must be 0, 1, 2 or 3")
     if isinstance(cfg.batch.micro_size, str):
-        check_choice("batch.micro_size", cfg.batch.micro_size, ("auto",))
+        check_choice("batch.micro_size", cfg.batch.micro_size, list(MODES["batch.micro_size"]))
     _check_finite(cfg)
     positive = {
         "data.size": cfg.data.size,
@@ -439,12 +431,6 @@ def validate(cfg: Config) -> None:
         raise UserError(
             f"data.eval_fraction={cfg.data.eval_fraction} must be between 0 and 1 (exclusive)"
         )
-    if cfg.data.classes < 2:
-        raise UserError(f"data.classes={cfg.data.classes} must be at least 2")
-    if not cfg.data.shape or any(d < 1 for d in cfg.data.shape):
-        raise UserError(
-            f"data.shape={cfg.data.shape} must be a non-empty list of positive sizes, e.g. [32]"
-        )
     if cfg.train.steps is not None and cfg.train.epochs is not None:
         raise UserError("set train.steps or train.epochs, not both")
     if cfg.schedule.warmup_steps is not None and cfg.schedule.warmup_epochs is not None:
@@ -461,16 +447,10 @@ def validate(cfg: Config) -> None:
         trust_coefficient=o.trust_coefficient,
         trust_clip=o.trust_clip,
     )
-    if not 0 < cfg.schedule.gamma <= 1:
-        raise UserError(
-            f"schedule.gamma={cfg.schedule.gamma} must be a decay factor in (0, 1], e.g. 0.1"
-        )
-    if any(not 0 < m < 1 for m in cfg.schedule.milestones) or cfg.schedule.milestones != sorted(
-        cfg.schedule.milestones
-    ):
-        raise UserError(
-            f"schedule.milestones={cfg.schedule.milestones} must be increasing fractions of training in (0, 1)"
-        )
+    for decider, registry in REGISTRIES.items():
+        entry = registry.get(mode(decider, _get(cfg, decider)))
+        for check in entry.checks if entry else ():
+            check(cfg)
     _check_used(cfg)
 
 
@@ -483,80 +463,39 @@ def _check_finite(cfg: Config) -> None:
                 raise UserError(f"{section.name}.{key}={value} must be finite")
 
 
-FACTORY = "pkg.module:callable"
-"""How MODE_KEYS names every user factory (data.name, model.name)."""
-HUB_PREFIXES = ("torchvision:", "hf:")
-"""model.name prefixes for models from torchvision and Hugging Face transformers."""
-
-MODE_KEYS: dict[str, dict[Any, tuple[str, ...]]] = {
-    "data.name": {
-        "synthetic": (
-            "data.size",
-            "data.eval_size",
-            "data.shape",
-            "data.classes",
-            "data.label_noise",
-        ),
-        "digits": ("data.eval_fraction",),
-        "text": ("data.eval_fraction", "data.context"),
-        "imagefolder": ("data.path", "data.eval_fraction", "data.image_size"),
-        "tokens": ("data.path", "data.eval_fraction", "data.context", "data.dtype", "data.stride"),
-        "jsonl": (
-            "data.path",
-            "data.eval_fraction",
-            "data.context",
-            "data.tokenizer",
-            "data.text_key",
-        ),
-        FACTORY: ("data.args", "data.eval_fraction"),
-    },
-    "model.name": {
-        "mlp": ("model.norm", "model.width", "model.depth"),
-        "resnet": ("model.norm", "model.width", "model.depth"),
-        "gpt": ("model.heads", "model.width", "model.depth"),
-        "torchvision:<name>": ("model.args",),
-        "hf:<name-or-dir>": ("model.args",),
-        FACTORY: ("model.args",),
-    },
+MODES: dict[str, dict[str, tuple[str, ...]]] = {
     "batch.micro_size": {"auto": ("batch.memory_limit",)},
-    "batch.schedule": {
-        "constant": (),
-        "ramp": ("batch.start_size", "batch.ramp_samples"),
-        "gns": ("batch.start_size",),
-    },
-    "schedule.name": {
-        "constant": (),
-        "cosine": ("schedule.min_lr_ratio",),
-        "step": ("schedule.milestones", "schedule.gamma"),
-        "poly": ("schedule.min_lr_ratio", "schedule.power"),
-    },
     "train.precision": {"fp32": (), "bf16": (), "fp16": ("train.fp16_init_scale",)},
-    "engine.name": {
-        "ddp": (),
-        "deepspeed": ("engine.zero_stage", "engine.offload", "engine.ds_config"),
-        "fsdp": ("engine.shard_blocks",),
-    },
 }
-"""{deciding key: {value: the keys that value uses}}. A key listed under a deciding key is ignored by the values
-that do not list it; keys listed nowhere (data.seed, train.loss, ...) apply whatever the mode."""
+"""The deciding keys that are settings, not registries: {deciding key: {value: the keys that value uses}}."""
+
+
+def mode_keys() -> dict[str, dict[str, tuple[str, ...]]]:
+    """{deciding key: {value: the keys that value uses}}, from the registries and MODES. A key listed under a
+    deciding key is ignored by the values that do not list it; keys listed nowhere (data.seed, train.loss, ...)
+    apply whatever the mode."""
+    tables = {
+        decider: {n: e.keys for n, e in table.items()} for decider, table in REGISTRIES.items()
+    }
+    return tables | MODES
 
 
 def mode(decider: str, value: Any) -> Any:
-    """The MODE_KEYS entry a value falls under: factories and hub models share one entry each."""
-    if decider in ("data.name", "model.name") and isinstance(value, str) and ":" in value:
-        prefix = next((p for p in HUB_PREFIXES if value.startswith(p)), None)
-        if decider == "model.name" and prefix:
-            return next(k for k in MODE_KEYS[decider] if k.startswith(prefix))
-        return FACTORY
-    return value
+    """The registry entry (or MODES value) a value falls under: every pkg.module:callable falls under the
+    registry's FACTORY entry, a hub model (torchvision:<name>) under its prefix's entry."""
+    table = REGISTRIES.get(decider, {})
+    if FACTORY not in table or not isinstance(value, str) or ":" not in value:
+        return value
+    prefix = value.partition(":")[0] + ":"
+    return next((n for n in table if n != FACTORY and n.startswith(prefix)), FACTORY)
 
 
 def _unused(cfg: Config) -> list[tuple[str, str]]:
     """(key, deciding key) for every key set away from its default that the chosen dataset, model, micro-batch
-    mode, schedule or precision ignores (MODE_KEYS)."""
+    mode, schedule, precision or engine ignores (mode_keys)."""
     defaults = Config()
     found = []
-    for decider, uses in MODE_KEYS.items():
+    for decider, uses in mode_keys().items():
         current = mode(decider, _get(cfg, decider))
         if isinstance(current, str) and current not in uses:
             continue  # an unknown name; the registry's own check says so, with "did you mean"
@@ -567,11 +506,11 @@ def _unused(cfg: Config) -> list[tuple[str, str]]:
 
 
 def _check_used(cfg: Config) -> None:
-    """Reject a key that the chosen modes ignore (MODE_KEYS)."""
+    """Reject a key that the chosen modes ignore (mode_keys)."""
     unused = _unused(cfg)
     if unused:
         key, decider = unused[0]
-        users = [value for value, keys in MODE_KEYS[decider].items() if key in keys]
+        users = [value for value, keys in mode_keys()[decider].items() if key in keys]
         raise ignored_key(key, decider, _get(cfg, decider), users)
 
 

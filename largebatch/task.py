@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib
 import inspect
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -27,9 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, default_collate
 
 from largebatch import factory, models
-from largebatch.config import FACTORY, MODE_KEYS, Config, mode
+from largebatch.config import Config, mode
 from largebatch.data import IGNORE_INDEX, Data, held_out
 from largebatch.errors import UserError, check_choice
+from largebatch.registry import DATASETS, FACTORY
 
 Batch = tuple[Any, torch.Tensor]
 LossFn = Callable[[Any, torch.Tensor], tuple[torch.Tensor, Any]]
@@ -259,11 +259,8 @@ def build(
     return Task(data, build_model, loss, ignore_index)
 
 
-BUILTIN_DATA = ("synthetic", "digits", "text", "imagefolder", "tokens", "jsonl")
-
-
 def build_data(cfg: Config) -> Data:
-    """Call the dataset builder `data.name` names with its keys (MODE_KEYS) as plain keyword arguments."""
+    """Call the dataset builder `data.name` names with its keys (registry.DATASETS) as plain keyword arguments."""
     c = cfg.data
     if (
         mode("data.name", c.name) == FACTORY
@@ -272,9 +269,9 @@ def build_data(cfg: Config) -> Data:
             "data.args", factory.resolve("data.name", c.name, cfg.origin), c.args, c.name
         )
         return user_data(made, c.name, c.eval_fraction, c.seed)
-    check_choice("data.name", c.name, BUILTIN_DATA)
-    builder = importlib.import_module(f"largebatch.data.{c.name}").build
-    keys = [k.split(".")[1] for k in MODE_KEYS["data.name"][c.name]]
+    entry = DATASETS[check_choice("data.name", c.name, [n for n in DATASETS if n != FACTORY])]
+    builder = entry.load()
+    keys = [k.split(".")[1] for k in entry.keys]
     takes = inspect.signature(builder).parameters
     extra = {"seed": c.seed, "ignore_index": cfg.train.ignore_index}
     return builder(

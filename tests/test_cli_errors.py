@@ -73,7 +73,8 @@ CASES = {
         "optim.eps=0 must be positive for adamw",
     ),
     "negative_gamma": (
-        ["train", "schedule.gamma=-3"],
+        # step's own check: under the default constant schedule the key is ignored, which is the error
+        ["train", "schedule.name=step", "schedule.gamma=-3"],
         "schedule.gamma=-3.0 must be a decay factor in (0, 1], e.g. 0.1",
     ),
     "one_class": (["train", "data.classes=1"], "data.classes=1 must be at least 2"),

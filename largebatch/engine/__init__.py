@@ -23,6 +23,7 @@ from largebatch.config import Config
 from largebatch.dist import DistInfo
 from largebatch.memory import State
 from largebatch.precision import StepOutcome
+from largebatch.registry import ENGINES
 
 
 class Engine(Protocol):
@@ -115,8 +116,5 @@ class Engine(Protocol):
 
 
 def engines() -> dict[str, type[Engine]]:
-    from largebatch.engine.ddp import DDPEngine
-    from largebatch.engine.deepspeed import DeepSpeedEngine
-    from largebatch.engine.fsdp import FSDPEngine
-
-    return {"ddp": DDPEngine, "deepspeed": DeepSpeedEngine, "fsdp": FSDPEngine}
+    """{engine.name: its class}, from the registry (each imported here, on first use)."""
+    return {name: entry.load() for name, entry in ENGINES.items()}

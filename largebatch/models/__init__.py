@@ -1,9 +1,9 @@
 """Model registry: built-in models, torchvision:<name>, hf:<name-or-dir>, or a user's pkg.module:callable.
 
-Built-in builders take plain keyword arguments (the input shape and class count from the data, and their
-MODE_KEYS model keys); a user's builder is told what the data knows (vocab_size, num_classes, context/block_size,
-input_shape) when it asks by parameter name or through its config dataclass; the wrappers every model can get
-(SyncBatchNorm, gradient checkpointing) are applied here.
+Built-in builders take plain keyword arguments (the input shape and class count from the data, and the model keys
+their registry.MODELS entry lists); a user's builder is told what the data knows (vocab_size, num_classes,
+context/block_size, input_shape) when it asks by parameter name or through its config dataclass; the wrappers every
+model can get (SyncBatchNorm, gradient checkpointing) are applied here.
 """
 
 from __future__ import annotations
@@ -15,17 +15,11 @@ import torch
 from torch import nn
 
 from largebatch import factory
-from largebatch.config import FACTORY, MODE_KEYS, ModelConfig, mode
+from largebatch.config import ModelConfig, mode
 from largebatch.data import Data
 from largebatch.errors import UserError, check_choice
-from largebatch.models import checkpointing, gpt, hub, mlp, resnet
-
-BUILDERS = {"mlp": mlp.build, "resnet": resnet.build, "gpt": gpt.build}
-BLOCKS: dict[str, tuple[type[nn.Module], ...]] = {
-    "resnet": (resnet.BasicBlock,),
-    "gpt": (gpt.Block,),
-}
-"""What gradient checkpointing wraps, per built-in model (hub models: see hub.checkpoint_blocks)."""
+from largebatch.models import checkpointing, hub
+from largebatch.registry import FACTORY, MODELS, Entry
 
 
 def build(cfg: ModelConfig, data: Data, origin: str | None = None) -> nn.Module:
@@ -94,19 +88,15 @@ def _check_facts(args: dict[str, Any], facts: dict[str, Any]) -> None:
 def _builtin(
     cfg: ModelConfig, input_shape: tuple[int, ...] | None, num_classes: int | None
 ) -> nn.Module:
-    check_choice(
-        "model.name", cfg.name, [*BUILDERS, "torchvision:<name>", "hf:<name-or-dir>", FACTORY]
-    )
+    entry = MODELS[check_choice("model.name", cfg.name, list(MODELS))]
     if input_shape is None or num_classes is None:
         raise UserError(
             f"model.name={cfg.name} is built for the built-in datasets (it needs their input shape and "
             f"class count); use torchvision:<name>, hf:<name-or-dir> or your own pkg.module:callable"
         )
     base = "batch" if cfg.norm == "syncbatch" else cfg.norm
-    options = {
-        k.split(".")[1]: getattr(cfg, k.split(".")[1]) for k in MODE_KEYS["model.name"][cfg.name]
-    }
-    return BUILDERS[cfg.name](
+    options = {k.split(".")[1]: getattr(cfg, k.split(".")[1]) for k in entry.keys}
+    return entry.load()(
         input_shape, num_classes, **(options | ({"norm": base} if "norm" in options else {}))
     )
 
@@ -121,9 +111,16 @@ def _checkpoint(model: nn.Module, cfg: ModelConfig, every: int) -> None:
             )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return
-    blocks = BLOCKS.get(cfg.name) or hub.checkpoint_blocks(cfg.name)
+    builtin = {name: _blocks(entry) for name, entry in MODELS.items() if entry.code}
+    blocks = builtin.get(cfg.name) or hub.checkpoint_blocks(cfg.name)
     if not blocks or not checkpointing.apply(model, blocks, every):
         raise UserError(
             f"model.grad_checkpointing found no blocks to recompute in {cfg.name} (it knows "
-            f"{', '.join(BLOCKS)}, torchvision ResNets/ViTs/ConvNeXts and hf: models)"
+            f"{', '.join(n for n, b in builtin.items() if b)}, torchvision ResNets/ViTs/ConvNeXts and "
+            f"hf: models)"
         )
+
+
+def _blocks(entry: Entry) -> tuple[type[nn.Module], ...]:
+    """What gradient checkpointing wraps in a built-in model: its module's CHECKPOINT_BLOCKS."""
+    return getattr(entry.module(), "CHECKPOINT_BLOCKS", ())

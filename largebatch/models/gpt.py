@@ -31,6 +31,10 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+CHECKPOINT_BLOCKS = (Block,)
+"""What model.grad_checkpointing wraps."""
+
+
 class GPT(nn.Module):
     def __init__(self, vocab: int, context: int, width: int, depth: int, heads: int) -> None:
         super().__init__()

@@ -33,6 +33,10 @@ class BasicBlock(nn.Module):
         return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
 
 
+CHECKPOINT_BLOCKS = (BasicBlock,)
+"""What model.grad_checkpointing wraps."""
+
+
 def build(
     input_shape: tuple[int, ...], num_classes: int, width: int, depth: int, norm: str
 ) -> nn.Module:

@@ -1,4 +1,8 @@
-"""LR multipliers over optimizer steps: linear warmup to the peak, then a decay shape."""
+"""LR multipliers over optimizer steps: linear warmup to the peak, then a decay shape (schedule.name).
+
+Each decay is a function of (cfg, step, total_steps, progress) → factor of the peak LR, where progress runs from 0
+to 1 over the steps after warmup; registry.LR_SCHEDULES names them.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from largebatch.config import ScheduleConfig
+from largebatch.registry import LR_SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -21,12 +26,26 @@ class Schedule:
             return (step + 1) / self.warmup_steps
         decay_steps = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / decay_steps)
-        floor = self.cfg.min_lr_ratio
-        if self.cfg.name == "cosine":
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        if self.cfg.name == "poly":
-            return floor + (1 - floor) * (1 - progress) ** self.cfg.power
-        if self.cfg.name == "step":
-            passed = sum(step >= m * self.total_steps for m in self.cfg.milestones)
-            return self.cfg.gamma**passed
-        return 1.0
+        return LR_SCHEDULES[self.cfg.name].load()(self.cfg, step, self.total_steps, progress)
+
+
+def constant(cfg: ScheduleConfig, step: int, total_steps: int, progress: float) -> float:
+    return 1.0
+
+
+def cosine(cfg: ScheduleConfig, step: int, total_steps: int, progress: float) -> float:
+    """Half a cosine from the peak down to schedule.min_lr_ratio (Loshchilov & Hutter 2017)."""
+    floor = cfg.min_lr_ratio
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def poly(cfg: ScheduleConfig, step: int, total_steps: int, progress: float) -> float:
+    """(1 − progress)^power down to schedule.min_lr_ratio (LARS uses power 2)."""
+    floor = cfg.min_lr_ratio
+    return floor + (1 - floor) * (1 - progress) ** cfg.power
+
+
+def step_wise(cfg: ScheduleConfig, step: int, total_steps: int, progress: float) -> float:
+    """× schedule.gamma at each milestone passed (fractions of training)."""
+    passed = sum(step >= m * total_steps for m in cfg.milestones)
+    return cfg.gamma**passed
