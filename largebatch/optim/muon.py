@@ -25,6 +25,7 @@ of O. Two collectives per step whatever the number of matrices, and each rank do
 from __future__ import annotations
 
 import math
+import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.optim.adam import adam
 
 from largebatch import optim_args
 from largebatch.optim.sharding import _dtensor, local
@@ -301,7 +303,7 @@ class Muon(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        torch.optim.adam.adam(
+        adam(
             params,
             [p.grad for p in params],
             [s["exp_avg"] for s in states],
@@ -384,8 +386,7 @@ def embeddings(model: nn.Module) -> set[int]:
 
 def transposed(model: nn.Module) -> set[int]:
     """ids of weights stored as (in, out): Hugging Face's `Conv1D` (GPT-2)."""
-    return {
-        id(m.weight)
-        for m in model.modules()
-        if type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
-    }
+    utils = sys.modules.get("transformers.pytorch_utils")
+    if utils is None:
+        return set()
+    return {id(m.weight) for m in model.modules() if isinstance(m, utils.Conv1D)}
