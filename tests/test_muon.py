@@ -54,6 +54,20 @@ TRAININGS = {
     "fsdp-a2": (*LM, "engine.name=fsdp", "batch.micro_size=8"),
     "ddp-a2": (*LM, "batch.micro_size=8"),
 }
+HF = (
+    "data.name=tokens",
+    "data.context=32",
+    "optim.name=muon",
+    "optim.lr=0.02",
+    "optim.options.adamw_lr=0.003",
+    "optim.options.ns_dtype=fp32",
+    "batch.global_size=16",
+    "batch.micro_size=8",
+    "train.steps=6",
+    "train.log_every=1",
+    "logging.progress=false",
+)
+"""A 1-layer hf: GPT-2 (Conv1D weights, tied head) with Muon; data.path and model.name come from the fixture."""
 
 
 def fp32_zeropower(grad, coefficients, steps, eps):
@@ -222,7 +236,11 @@ def test_bad_muon_options_are_one_line_errors_with_the_fix(cfg: OptimConfig, mes
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     """What rank 0 of the 2-process job saved, and the trainings' base directory."""
+    from conftest import write_tiny_gpt2, write_tokens
+
     base = tmp_path_factory.mktemp("muon")
+    write_tiny_gpt2(base / "tiny-gpt2")
+    write_tokens(base / "train.bin", 20_000)
     out = base / "results.pt"
     done = subprocess.run(
         [
@@ -275,10 +293,11 @@ def read(run: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (run / name).read_text().splitlines()]
 
 
-@pytest.mark.parametrize("accum", ["", "-a2"])
-def test_fsdp_training_follows_ddp_training(results: dict, accum: str) -> None:
-    ddp, fsdp = (read(results["base"] / f"{e}{accum}", "metrics.jsonl") for e in ("ddp", "fsdp"))
-    assert len(ddp) == len(fsdp) == 10
+@pytest.mark.parametrize("case", ["", "-a2", "-hf"])
+def test_fsdp_training_follows_ddp_training(results: dict, case: str) -> None:
+    """The built-in GPT at accumulation 1 and 2, and an hf: GPT-2 (Conv1D weights sharded on their `in` rows)."""
+    ddp, fsdp = (read(results["base"] / f"{e}{case}", "metrics.jsonl") for e in ("ddp", "fsdp"))
+    assert len(ddp) == len(fsdp) == (6 if case == "-hf" else 10)
     for a, b in zip(ddp, fsdp):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
     assert fsdp[-1]["loss"] < fsdp[0]["loss"]
@@ -460,15 +479,16 @@ def _worker(out: Path, base: Path) -> None:
     results["collectives/torch"] = torch_counts
     results["matrices/torch"] = 3
 
+    hf = (*HF, f"data.path={base / 'train.bin'}", f"model.name=hf:{base / 'tiny-gpt2'}")
+    resume = f"run.resume={base / 'fsdp' / 'checkpoints' / 'step_00000005'}"
     runs = {
         **TRAININGS,
-        "fsdp-resumed": (
-            *TRAININGS["fsdp"],
-            f"run.resume={base / 'fsdp' / 'checkpoints' / 'step_00000005'}",
-        ),
+        "fsdp-resumed": (*TRAININGS["fsdp"], resume),
+        "ddp-hf": hf,
+        "fsdp-hf": (*hf, "engine.name=fsdp"),
     }
     for name, args in runs.items():
-        path = next(a.split("=", 1)[1] for a in args if a.startswith("--config="))
+        path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
         cfg = config.load(
             path, [a for a in args if not a.startswith("--config=")] + [f"run.dir={base / name}"]
         )
