@@ -289,6 +289,14 @@ def test_each_rank_runs_about_half_of_the_newton_schulz_flops(results: dict) -> 
     assert max(per_rank) <= 0.7 * sum(per_rank)
 
 
+def test_ddp_replicas_split_the_newton_schulz_work_and_equal_the_replicated_computation(
+    results: dict,
+) -> None:
+    assert results["max_diff/replicated"] == 0.0
+    assert results["all_gathers/replicated"] == STEPS, "one all-gather a step"
+    assert results["ns_flops/replicated"] <= 0.6 * results["ns_flops_total"]
+
+
 def read(run: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (run / name).read_text().splitlines()]
 
@@ -432,6 +440,23 @@ def _worker(out: Path, base: Path) -> None:
             results["ns_flops_total"] = STEPS * sum(
                 muon.ns_flops(p.shape[0], p[0].numel(), 5) for p in muon_groups(whole)[0]["params"]
             )
+
+    # DDP's replicas: the Newton–Schulz work split over the ranks against every rank doing all of it.
+    torch.manual_seed(0)
+    replicated, alone = Net(), Net()
+    alone.load_state_dict(replicated.state_dict())
+    train(alone, Muon(muon_groups(alone), lr=0.05))
+    flops = []
+    with (
+        mock.patch.object(muon, "newton_schulz", counting(flops)),
+        mock.patch.object(dist, "all_gather", wraps=dist.all_gather) as gather,
+    ):
+        train(replicated, Muon(muon_groups(replicated), lr=0.05, replicated=dist.group.WORLD))
+    results["max_diff/replicated"] = max(
+        (a - b).abs().max().item() for a, b in zip(full(replicated), full(alone))
+    )
+    results["all_gathers/replicated"] = gather.call_count
+    results["ns_flops/replicated"] = sum(flops)
 
     # torch.optim.Muon (2-D only) on the same FSDP2 DTensors against ours, fp32 Newton–Schulz.
     _, ours_model = models()

@@ -20,6 +20,8 @@ parameter; each matrix gets an owner rank (largest Newton–Schulz FLOPs first, 
 `all_to_all_single` sends the owners every shard of their matrices' U (already in the iteration's dtype, as torch
 casts before it), the owners orthogonalise whole matrices, and a second `all_to_all_single` returns each rank its rows
 of O. Two collectives per step whatever the number of matrices, and each rank does ≈ 1/world of the iterations.
+Replicated (DDP: `replicated` names the process group), the same owners orthogonalise their matrices and one
+`all_gather` gives every rank all results, equal to every rank computing them all.
 """
 
 from __future__ import annotations
@@ -139,17 +141,50 @@ def _orthogonalize_all(
 
 
 def orthogonalize(
-    matrices: list[_Matrix], group: dist.ProcessGroup | None, eps: float
+    matrices: list[_Matrix],
+    group: dist.ProcessGroup | None,
+    eps: float,
+    replicated: dist.ProcessGroup | None = None,
 ) -> list[Tensor]:
-    """O = NS(U) of each matrix, this rank's rows of it for sharded ones: plain matrices here, sharded ones by their
-    owners, with one all-to-all of U's shards to the owners and one of O's shards back."""
+    """O = NS(U) of each matrix, this rank's rows of it for sharded ones (over `group`): sharded ones by their owners,
+    with one all-to-all of U's shards to the owners and one of O's shards back; plain ones here, or, when they are the
+    same on every rank of `replicated` (DDP), by their owners in it, with one all-gather of the results."""
     specs = dict(enumerate(matrices))
-    plain = {i: m.local for i, m in specs.items() if not m.sharded}
-    result = _orthogonalize_all(plain, specs, eps)
+    plain = [i for i, m in specs.items() if not m.sharded]
+    if replicated is not None and dist.get_world_size(replicated) > 1 and plain:
+        result = _orthogonalize_replicated(plain, specs, replicated, eps)
+    else:
+        result = _orthogonalize_all({i: specs[i].local for i in plain}, specs, eps)
     sharded = [i for i, m in specs.items() if m.sharded]
     if sharded:
         result.update(_orthogonalize_sharded(sharded, specs, group, eps))
     return [result[i] for i in range(len(matrices))]
+
+
+def _orthogonalize_replicated(
+    index: list[int], specs: dict[int, _Matrix], group: dist.ProcessGroup, eps: float
+) -> dict[int, Tensor]:
+    """Each rank orthogonalises the matrices it owns; one all-gather (of byte buffers padded to the longest) gives
+    every rank all results."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    flops = [ns_flops(specs[i].rows, specs[i].cols, specs[i].steps) for i in index]
+    owner = dict(zip(index, owners(flops, world)))
+    owned = [[i for i in index if owner[i] == r] for r in range(world)]
+    done = _orthogonalize_all({i: specs[i].local for i in owned[rank]}, specs, eps)
+    sizes = [[specs[i].local.numel() * specs[i].local.element_size() for i in o] for o in owned]
+    longest = max(sum(s) for s in sizes)
+    send = torch.zeros(longest, dtype=torch.uint8, device=specs[index[0]].local.device)
+    if owned[rank]:
+        mine = torch.cat([done[i].contiguous().reshape(-1).view(torch.uint8) for i in owned[rank]])
+        send[: mine.numel()] = mine
+    gathered = [torch.empty_like(send) for _ in range(world)]
+    dist.all_gather(gathered, send, group=group)
+    result = {}
+    for r in range(world):
+        pieces = gathered[r][: sum(sizes[r])].split(sizes[r])
+        for i, piece in zip(owned[r], pieces):
+            result[i] = piece.view(specs[i].local.dtype).view(specs[i].rows, specs[i].cols)
+    return result
 
 
 def _orthogonalize_sharded(
@@ -236,7 +271,11 @@ def _placement(p: Tensor) -> tuple[bool, dist.ProcessGroup | None]:
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon on groups with `use_muon` (default), torch's AdamW on groups with `use_muon=False`; see the module."""
+    """Muon on groups with `use_muon` (default), torch's AdamW on groups with `use_muon=False`; see the module.
+
+    `replicated`: a process group over which the plain (not DTensor) parameters and gradients are the same on every
+    rank (DDP's): their Newton–Schulz work is split over it as for sharded ones, with one all-gather of the results.
+    """
 
     def __init__(
         self,
@@ -248,6 +287,7 @@ class Muon(torch.optim.Optimizer):
         ns_steps: int = 5,
         ns_dtype: str = "bf16",
         adjust_lr: str = "original",
+        replicated: dist.ProcessGroup | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ) -> None:
@@ -281,6 +321,7 @@ class Muon(torch.optim.Optimizer):
             "use_muon": True,
         }
         super().__init__(params, defaults)
+        self.replicated = replicated
         for group in self.param_groups:
             if group["use_muon"]:
                 for key in ("betas", "eps"):
@@ -381,7 +422,9 @@ class Muon(torch.optim.Optimizer):
                 todo.append((group, p, (cols, rows) if group["transposed"] else (rows, cols)))
         if not matrices:
             return
-        for (group, p, (rows, cols)), o in zip(todo, orthogonalize(matrices, process_group, 1e-7)):
+        for (group, p, (rows, cols)), o in zip(
+            todo, orthogonalize(matrices, process_group, 1e-7, self.replicated)
+        ):
             w = local(p)
             w.mul_(1 - group["lr"] * group["weight_decay"])
             w.add_(o.view_as(w), alpha=-adjusted_lr(group["lr"], group["adjust_lr"], rows, cols))

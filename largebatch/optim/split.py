@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from largebatch import optim_args
@@ -125,9 +126,18 @@ def build(
         ns_steps=o["ns_steps"],
         ns_dtype=o["ns_dtype"],
         adjust_lr=o["adjust_lr"],
+        replicated=_replicated(),
         betas=tuple(cfg.betas),
         eps=cfg.eps,
     )
+
+
+def _replicated() -> dist.ProcessGroup | None:
+    """The default process group when there are 2+ ranks: there, parameters that are not DTensors are DDP's (or
+    ZeRO-0's) replicas, whose Newton–Schulz work Muon splits over the ranks."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
 
 
 def derived(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
