@@ -25,6 +25,7 @@ from largebatch.config import EngineConfig, OptimConfig
 from largebatch.errors import UserError
 from largebatch.models.gpt import GPT
 from largebatch.optim import muon
+from largebatch.optim import newton_schulz as ns
 from largebatch.optim.muon import Muon
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,7 +185,7 @@ def test_a_conv1d_weight_takes_the_lr_adjustment_of_its_out_in_shape(tmp_path: P
     optimizer = optim.build(model, cfg, 0.01)
     weight.grad = torch.randn(weight.shape)
     optimizer.step()
-    orthogonal = muon.newton_schulz(0.05 * weight.grad[None], 5)[0]
+    orthogonal = ns.newton_schulz(0.05 * weight.grad[None], 5)[0]
     torch.testing.assert_close(weight.detach(), before - 0.01 * 2.0 * orthogonal)
 
 
@@ -193,23 +194,21 @@ def test_conv_kernels_are_orthogonalised_as_out_by_in_k_k_matrices() -> None:
     conv.grad = torch.randn(8, 3, 3, 3)
     before = conv.detach().clone()
     Muon([conv], lr=0.1, weight_decay=0.0, momentum=0.0, nesterov=False, ns_dtype="fp32").step()
-    flat = muon.newton_schulz(conv.grad.reshape(1, 8, 27), 5)[0]
+    flat = ns.newton_schulz(conv.grad.reshape(1, 8, 27), 5)[0]
     torch.testing.assert_close(conv.detach(), before - 0.1 * flat.reshape(8, 3, 3, 3))
 
 
 def test_owners_balance_newton_schulz_flops_over_ranks() -> None:
-    flops = [
-        muon.ns_flops(r, c, 5) for r, c in [(128, 32), (32, 32), (32, 32), (32, 128), (16, 16)]
-    ]
-    owner = muon.owners(flops, 2)
+    flops = [ns.ns_flops(r, c, 5) for r, c in [(128, 32), (32, 32), (32, 32), (32, 128), (16, 16)]]
+    owner = ns.owners(flops, 2)
     loads = [sum(f for f, o in zip(flops, owner) if o == r) for r in range(2)]
     assert max(loads) / min(loads) < 1.5
 
 
 def test_shard_rows_follow_torch_chunk_with_empty_last_shards() -> None:
-    assert muon.shard_rows(33, 2) == [17, 16]
-    assert muon.shard_rows(1, 2) == [1, 0]
-    assert muon.shard_rows(5, 4) == [2, 2, 1, 0]
+    assert ns.shard_rows(33, 2) == [17, 16]
+    assert ns.shard_rows(1, 2) == [1, 0]
+    assert ns.shard_rows(5, 4) == [2, 2, 1, 0]
 
 
 def test_muon_on_deepspeed_zero_1_is_refused_naming_fsdp() -> None:
@@ -346,11 +345,11 @@ class Net(nn.Module):
 
 
 def counting(flops: list[int]):
-    """`muon.newton_schulz` that appends the FLOPs of each call to `flops`."""
-    real = muon.newton_schulz
+    """`newton_schulz.newton_schulz` that appends the FLOPs of each call to `flops`."""
+    real = ns.newton_schulz
 
     def newton_schulz(u: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
-        flops.append(u.size(0) * muon.ns_flops(u.size(1), u.size(2), steps))
+        flops.append(u.size(0) * ns.ns_flops(u.size(1), u.size(2), steps))
         return real(u, steps, eps)
 
     return newton_schulz
@@ -417,7 +416,7 @@ def _worker(out: Path, base: Path) -> None:
         train(whole, Muon(muon_groups(whole), lr=0.05, ns_dtype=ns_dtype))
         flops: list[int] = []
         with (
-            mock.patch.object(muon, "newton_schulz", counting(flops)),
+            mock.patch.object(ns, "newton_schulz", counting(flops)),
             mock.patch.object(dist, "all_to_all_single", wraps=dist.all_to_all_single) as a2a,
         ):
             ours = Muon(muon_groups(sharded), lr=0.05, ns_dtype=ns_dtype)
@@ -438,7 +437,7 @@ def _worker(out: Path, base: Path) -> None:
             dist.all_gather(gathered, mine)
             results["ns_flops"] = [int(g) for g in gathered]
             results["ns_flops_total"] = STEPS * sum(
-                muon.ns_flops(p.shape[0], p[0].numel(), 5) for p in muon_groups(whole)[0]["params"]
+                ns.ns_flops(p.shape[0], p[0].numel(), 5) for p in muon_groups(whole)[0]["params"]
             )
 
     # DDP's replicas: the Newton–Schulz work split over the ranks against every rank doing all of it.
@@ -448,7 +447,7 @@ def _worker(out: Path, base: Path) -> None:
     train(alone, Muon(muon_groups(alone), lr=0.05))
     flops = []
     with (
-        mock.patch.object(muon, "newton_schulz", counting(flops)),
+        mock.patch.object(ns, "newton_schulz", counting(flops)),
         mock.patch.object(dist, "all_gather", wraps=dist.all_gather) as gather,
     ):
         train(replicated, Muon(muon_groups(replicated), lr=0.05, replicated=dist.group.WORLD))

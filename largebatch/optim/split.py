@@ -10,6 +10,7 @@ optim.eps, and optim.options.adamw_lr and adamw_weight_decay (default: optim.lr 
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -83,8 +84,8 @@ def param_groups(
     `lr` is the peak LR of optim.lr; AdamW's is the same scaling of optim.options.adamw_lr. `excluded(name, param,
     cfg)` says which parameters take no weight decay (optim.exclude_1d, optim.exclude)."""
     o = options(cfg)
-    aux = muon.embeddings(model) | muon.output_head(model)
-    stored_transposed = muon.transposed(model)
+    aux = embeddings(model) | output_head(model)
+    stored_transposed = transposed(model)
     adamw_lr = lr * (o["adamw_lr"] if o["adamw_lr"] is not None else cfg.lr) / cfg.lr
     adamw_decay = (
         o["adamw_weight_decay"] if o["adamw_weight_decay"] is not None else cfg.weight_decay
@@ -162,3 +163,28 @@ def describe(optimizer: torch.optim.Optimizer) -> str | None:
         f"optim.name=muon: Muon on {m['tensors']} matrices ({m['params'] / 1e6:.3g}M parameters), AdamW on "
         f"{a['tensors']} tensors ({a['params'] / 1e6:.3g}M: embeddings, output head, biases, norms)"
     )
+
+
+def output_head(model: nn.Module) -> set[int]:
+    """ids of the output head's parameters: an hf model's `get_output_embeddings()`, else the last `nn.Linear`
+    registered (the classifier of torchvision models, nanoGPT's `lm_head`)."""
+    for module in model.modules():
+        getter = getattr(module, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        if isinstance(head, nn.Module):
+            return {id(p) for p in head.parameters()}
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return {id(p) for p in linears[-1].parameters()} if linears else set()
+
+
+def embeddings(model: nn.Module) -> set[int]:
+    """ids of every `nn.Embedding`'s parameters (token and position tables; a tied head is the same tensor)."""
+    return {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+
+
+def transposed(model: nn.Module) -> set[int]:
+    """ids of weights stored as (in, out): Hugging Face's `Conv1D` (GPT-2)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    if utils is None:
+        return set()
+    return {id(m.weight) for m in model.modules() if isinstance(m, utils.Conv1D)}
