@@ -189,13 +189,16 @@ def test_a_conv1d_weight_takes_the_lr_adjustment_of_its_out_in_shape(tmp_path: P
     torch.testing.assert_close(weight.detach(), before - 0.01 * 2.0 * orthogonal)
 
 
-def test_conv_kernels_are_orthogonalised_as_out_by_in_k_k_matrices() -> None:
-    conv = nn.Parameter(torch.randn(8, 3, 3, 3))
-    conv.grad = torch.randn(8, 3, 3, 3)
+@pytest.mark.parametrize("shape", [(8, 3, 3, 3), (30, 2, 2, 2)])
+def test_conv_kernels_are_orthogonalised_as_out_by_in_k_k_matrices(shape: tuple[int, ...]) -> None:
+    """A wide (8 × 27) and a tall (30 × 8) kernel matrix."""
+    conv = nn.Parameter(torch.randn(shape))
+    conv.grad = torch.randn(shape)
     before = conv.detach().clone()
     Muon([conv], lr=0.1, weight_decay=0.0, momentum=0.0, nesterov=False, ns_dtype="fp32").step()
-    flat = ns.newton_schulz(conv.grad.reshape(1, 8, 27), 5)[0]
-    torch.testing.assert_close(conv.detach(), before - 0.1 * flat.reshape(8, 3, 3, 3))
+    flat = ns.newton_schulz(conv.grad.reshape(1, shape[0], -1), 5)[0]
+    scale = max(1.0, flat.size(0) / flat.size(1)) ** 0.5
+    torch.testing.assert_close(conv.detach(), before - 0.1 * scale * flat.reshape(shape))
 
 
 def test_owners_balance_newton_schulz_flops_over_ranks() -> None:

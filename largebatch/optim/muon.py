@@ -203,4 +203,4 @@ class Muon(torch.optim.Optimizer):
         ):
             w = local(p)
             w.mul_(1 - group["lr"] * group["weight_decay"])
-            w.add_(o.view_as(w), alpha=-adjusted_lr(group["lr"], group["adjust_lr"], rows, cols))
+            w.add_(o.reshape(w.shape), alpha=-adjusted_lr(group["lr"], group["adjust_lr"], rows, cols))
