@@ -12,7 +12,8 @@ speedrun does (torch raises); `ns_dtype="fp32"` runs the iteration in fp32 (torc
 NS(U)ᵀ), and the LR adjustment uses (out, in).
 
 Groups with `use_muon=False` (Keller Jordan's MuonWithAuxAdam marker) step with torch's AdamW (decoupled weight
-decay, `torch.optim.adam.adam`), with their own lr, betas, eps and weight decay.
+decay, `torch.optim.adamw.adamw`), with their own lr, betas, eps and weight decay. Nothing here needs
+torch.optim.Muon (torch ≥ 2.9): the update is written out, so it runs on every torch the project supports.
 
 Momentum stays sharded like its parameter (a DTensor under FSDP2); the Newton–Schulz iteration runs on whole
 matrices, split over the ranks (`newton_schulz.orthogonalize`).
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.optim.adam import adam
+from torch.optim.adamw import adamw
 
 from largebatch import optim_args
 from largebatch.optim.newton_schulz import Matrix, orthogonalize, placement
@@ -140,7 +141,7 @@ class Muon(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        adam(
+        adamw(
             params,
             [p.grad for p in params],
             [s["exp_avg"] for s in states],
@@ -148,7 +149,6 @@ class Muon(torch.optim.Optimizer):
             [],
             [s["step"] for s in states],
             foreach=True,
-            decoupled_weight_decay=True,
             amsgrad=False,
             beta1=beta1,
             beta2=beta2,
@@ -203,4 +203,6 @@ class Muon(torch.optim.Optimizer):
         ):
             w = local(p)
             w.mul_(1 - group["lr"] * group["weight_decay"])
-            w.add_(o.reshape(w.shape), alpha=-adjusted_lr(group["lr"], group["adjust_lr"], rows, cols))
+            w.add_(
+                o.reshape(w.shape), alpha=-adjusted_lr(group["lr"], group["adjust_lr"], rows, cols)
+            )
