@@ -159,6 +159,8 @@ def _orthogonalize_replicated(
 def _orthogonalize_sharded(
     index: list[int], specs: dict[int, Matrix], group: dist.ProcessGroup, eps: float
 ) -> dict[int, Tensor]:
+    """This rank's rows of O for dim-0-sharded matrices: one all-to-all of U's shards to each matrix's owner (bytes,
+    in the iteration's dtype), whole-matrix iterations there, one all-to-all of O's rows back."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     owner = dict(
         zip(
