@@ -120,7 +120,8 @@ class BatchConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"
-    """Optimizer: sgd, adamw, lars, larc, lamb, lambc, or torch_optimizer:<Class> (e.g. torch_optimizer:Lamb)."""
+    """Optimizer: sgd, adamw, lars, larc, lamb, lambc, muon (Muon on weight matrices, AdamW on embeddings, head and
+    ≤ 1-D parameters), or torch_optimizer:<Class> (e.g. torch_optimizer:Lamb)."""
     lr: float = 0.1
     """Base learning rate at optim.reference_batch; the peak LR is scaled from it."""
     reference_batch: int = 256
@@ -138,9 +139,9 @@ class OptimConfig:
     nesterov: bool = False
     """sgd, lars: Nesterov momentum."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """adamw, lamb: moment coefficients."""
+    """adamw, lamb, muon (its AdamW side): moment coefficients."""
     eps: float = 1e-8
-    """adamw, lamb: denominator epsilon; lars: added to the trust-ratio denominator."""
+    """adamw, lamb, muon (its AdamW side): denominator epsilon; lars: added to the trust-ratio denominator."""
     trust_coefficient: float = 0.001
     """lars, larc: η in the local LR η·‖w‖/(‖g‖ + wd·‖w‖)."""
     trust_clip: float | None = None
@@ -150,7 +151,9 @@ class OptimConfig:
     impl: str = "auto"
     """lars, lamb: auto (fused kernel where it builds), fused, or foreach (the readable reference)."""
     options: dict = field(default_factory=dict)
-    """torch_optimizer:<Class>: keyword options passed through, e.g. {clamp_value: 10}."""
+    """torch_optimizer:<Class>: keyword options passed through, e.g. {clamp_value: 10}. muon: momentum (0.95),
+    nesterov (true), ns_steps (5), ns_dtype (bf16 or fp32), adjust_lr (original, match_rms_adamw or spectral_unclamped),
+    adamw_lr and adamw_weight_decay (default optim.lr and optim.weight_decay), adamw (more name patterns for AdamW)."""
     scale_beta2: bool = False
     """adamw, lamb: set β2 to β2^(global batch / reference_batch) at each batch size, keeping the second moment's
     half-life fixed in examples (Marek et al. 2025)."""

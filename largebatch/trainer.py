@@ -262,6 +262,8 @@ class Trainer:
                 flush=True,
             )
             print(self.throughput.described, flush=True)
+            if split := optim.split.describe(self.optimizer):
+                print(split, flush=True)
             if self.cfg.batch.schedule != "constant":
                 print(
                     f"batch.schedule={self.cfg.batch.schedule}: global batch {self.plan.global_batch} now, up to "
@@ -286,7 +288,11 @@ class Trainer:
 
     def _derived(self) -> dict[str, Any]:
         """config.yaml's `derived`: the job's values and the engine's."""
-        return {**self.job.derived(), **self.engine.derived()}
+        return {
+            **self.job.derived(),
+            **self.engine.derived(),
+            **optim.split.derived(self.optimizer),
+        }
 
     def _noise_scale(self) -> float | None:
         return self.s.noise.value if self.s.noise is not None else None

@@ -104,7 +104,7 @@ def test_bad_optimizer_settings_are_one_line_errors(overrides, message):
 
 def test_every_optimizer_named_in_the_options_table_is_registered():
     named = {name for users in optim.OPTIONS.values() for name in users}
-    assert named == {*optim.OPTIMIZERS, f"{optim.TORCH_OPTIMIZER}<Class>"}
+    assert named == {*optim.OPTIMIZERS, *optim.MODEL_OPTIMIZERS, f"{optim.TORCH_OPTIMIZER}<Class>"}
     assert all(hasattr(OptimConfig(), key) for key in optim.OPTIONS)
 
 

@@ -2,7 +2,8 @@
 
 Names: sgd, adamw, lars, larc (LARS with trust clipping), lamb, lambc (LAMB with the trust ratio
 clamped to optim.trust_clip, default 10), and torch_optimizer:<Class> for any optimizer of the
-torch-optimizer package, with optim.options passed through as keyword arguments.
+torch-optimizer package, with optim.options passed through as keyword arguments, and muon (Muon on weight matrices,
+AdamW on the rest, options in optim.options: `split`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 from torch import nn
 
 from largebatch import optim_args
-from largebatch.config import OptimConfig, ignored_key
+from largebatch.config import EngineConfig, OptimConfig, ignored_key
 from largebatch.errors import UserError, check_choice
+from largebatch.optim import split
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
 
@@ -95,21 +97,25 @@ OPTIMIZERS: dict[str, Callable[[ParamGroups, OptimConfig, float], torch.optim.Op
     "lamb": lambda groups, cfg, lr: _lamb(groups, cfg, lr, clip=cfg.trust_clip),
     "lambc": lambda groups, cfg, lr: _lamb(groups, cfg, lr, clip=cfg.trust_clip or 10.0),
 }
+MODEL_OPTIMIZERS: dict[str, Callable[[nn.Module, OptimConfig, float], torch.optim.Optimizer]] = {
+    "muon": lambda model, cfg, lr: split.build(model, cfg, lr, excluded),
+}
+"""Optimizers that group the parameters themselves, from the model's structure (`split`)."""
 
 OPTIONS: dict[str, tuple[str, ...]] = {
     "momentum": ("sgd", "lars", "larc"),
     "nesterov": ("sgd", "lars", "larc"),
-    "betas": ("adamw", "lamb", "lambc"),
-    "eps": ("adamw", "lars", "larc", "lamb", "lambc"),
+    "betas": ("adamw", "lamb", "lambc", "muon"),
+    "eps": ("adamw", "lars", "larc", "lamb", "lambc", "muon"),
     "trust_coefficient": ("lars", "larc"),
     "trust_clip": ("lamb", "lambc"),
     "bias_correction": ("lamb", "lambc"),
     "impl": ("lars", "larc", "lamb", "lambc"),
-    "options": (f"{TORCH_OPTIMIZER}<Class>",),
+    "options": (f"{TORCH_OPTIMIZER}<Class>", "muon"),
 }
 """optim.* keys that only some optimizers use, and which; every optimizer uses the other keys (lr,
 reference_batch, scaling, weight_decay, exclude_1d, exclude)."""
-POSITIVE_EPS = ("adamw", "lamb", "lambc")
+POSITIVE_EPS = ("adamw", "lamb", "lambc", "muon")
 """Optimizers that divide by √v + eps (optim_args.check_positive_eps)."""
 
 
@@ -135,13 +141,20 @@ def _torch_optimizer_class(cfg: OptimConfig) -> type[torch.optim.Optimizer]:
     return cls
 
 
-def check(cfg: OptimConfig) -> None:
-    """Fail before any process starts on an unknown optimizer, option, ignored key or impossible combination."""
+def check(cfg: OptimConfig, engine: EngineConfig | None = None) -> None:
+    """Fail before any process starts on an unknown optimizer, option, ignored key or impossible combination (with
+    `engine`: also one the engine cannot run)."""
     if cfg.name.startswith(TORCH_OPTIMIZER):
         _torch_optimizer_class(cfg)
     else:
-        check_choice("optim.name", cfg.name, [*OPTIMIZERS, f"{TORCH_OPTIMIZER}<Class>"])
+        check_choice(
+            "optim.name", cfg.name, [*OPTIMIZERS, *MODEL_OPTIMIZERS, f"{TORCH_OPTIMIZER}<Class>"]
+        )
     _check_used(cfg)
+    if cfg.name == "muon":
+        split.options(cfg)
+        if engine is not None:
+            split.check_engine(engine)
     if cfg.name in POSITIVE_EPS:
         optim_args.check_positive_eps(cfg.name, cfg.eps, "optim.")
 
@@ -153,12 +166,16 @@ def _check_used(cfg: OptimConfig) -> None:
     for key, users in OPTIONS.items():
         if family not in users and getattr(cfg, key) != getattr(defaults, key):
             fix = "pass the class's own option in optim.options" if family != cfg.name else None
+            if cfg.name == "muon" and key in split.OPTIONS:
+                fix = f"set optim.options.{key} (muon's own, default {split.OPTIONS[key]})"
             raise ignored_key(f"optim.{key}", "optim.name", cfg.name, list(users), fix)
 
 
 def build(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """The optimizer named by `cfg.name` over `model`'s parameter groups, starting at `lr`."""
     check(cfg)
+    if cfg.name in MODEL_OPTIMIZERS:
+        return MODEL_OPTIMIZERS[cfg.name](model, cfg, lr)
     groups = param_groups(model, cfg)
     if cfg.name.startswith(TORCH_OPTIMIZER):
         for group in groups:
