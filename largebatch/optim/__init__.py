@@ -19,6 +19,7 @@ from largebatch.config import OptimConfig, ignored_key
 from largebatch.errors import UserError, check_choice
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
+from largebatch.optim.scaling import scaling_rule
 
 ParamGroups = list[dict]
 TORCH_OPTIMIZER = "torch_optimizer:"
@@ -106,9 +107,12 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "bias_correction": ("lamb", "lambc"),
     "impl": ("lars", "larc", "lamb", "lambc"),
     "options": (f"{TORCH_OPTIMIZER}<Class>",),
+    "scale_weight_decay": ("adamw", "lamb", "lambc"),
 }
 """optim.* keys that only some optimizers use, and which; every optimizer uses the other keys (lr,
-reference_batch, scaling, weight_decay, exclude_1d, exclude)."""
+reference_batch, scaling, weight_decay, exclude_1d, exclude). scale_weight_decay: the optimizers whose decay is
+decoupled from the gradient, p·(1 − η·λ) per step (LAMB's scaled by the trust ratio, as its update is); sgd, lars
+and larc add λ·p to the gradient, where momentum and LARS's trust ratio (‖p‖/(‖g‖ + λ‖p‖)) reshape it."""
 POSITIVE_EPS = ("adamw", "lamb", "lambc")
 """Optimizers that divide by √v + eps (optim_args.check_positive_eps)."""
 
@@ -142,6 +146,7 @@ def check(cfg: OptimConfig) -> None:
     else:
         check_choice("optim.name", cfg.name, [*OPTIMIZERS, f"{TORCH_OPTIMIZER}<Class>"])
     _check_used(cfg)
+    scaling_rule(cfg)
     if cfg.name in POSITIVE_EPS:
         optim_args.check_positive_eps(cfg.name, cfg.eps, "optim.")
 
