@@ -28,9 +28,14 @@ def scaling_rule(cfg: OptimConfig) -> str:
     if cfg.scaling != "auto":
         return cfg.scaling
     if cfg.name not in AUTO_RULES:
+        known = {
+            rule: [n for n, (r, _) in AUTO_RULES.items() if r == rule]
+            for rule in ("linear", "sqrt")
+        }
+        picks = " and ".join(f"{rule} for {', '.join(names)}" for rule, names in known.items())
         raise UserError(
-            f"optim.scaling=auto knows the rule for {', '.join(AUTO_RULES)}, not optim.name={cfg.name}; "
-            f"set optim.scaling to linear, sqrt or none"
+            f"optim.scaling=auto picks {picks}; for optim.name={cfg.name} set optim.scaling to linear, "
+            f"sqrt or none"
         )
     return AUTO_RULES[cfg.name][0]
 
