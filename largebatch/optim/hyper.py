@@ -46,8 +46,8 @@ class Hyperparameters:
             {key: value for key, value in group.items() if key != "params"}
             for group in optimizer.param_groups
         ]
-        """Each group's hyperparameters as optim.build set them (at batch.global_size and the LR schedule's peak):
-        what `set` scales."""
+        """Each group's hyperparameters as optim.build set them, what `set` scales: the LR at batch.global_size and
+        the LR schedule's peak; β2 and weight decay as given, for optim.reference_batch."""
 
     def batch_ratio(self, global_batch: int) -> float:
         """The scaling rule's peak LR at `global_batch` over the one at batch.global_size."""
