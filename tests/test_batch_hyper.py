@@ -123,9 +123,10 @@ def test_a_refused_combination_is_one_line_and_exit_2(overrides, message):
     assert lines[0].startswith("largebatch: error: ") and message in lines[0]
 
 
-def test_a_ramp_run_decays_with_the_scaled_weight_decay_of_each_step(tmp_path, capsys):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_a_ramp_run_decays_with_the_scaled_weight_decay_of_each_step(tmp_path, capsys, engine):
     """With zero gradients AdamW only decays: w ← w·(1 − lr·λ) each step, so the final weight is the product over the
-    steps of the LR and weight decay that the trainer set for each step's global batch."""
+    steps of the LR and weight decay that the trainer set for each step's global batch (read from model.pt)."""
     model = nn.Linear(4, 1, bias=False)
     nn.init.ones_(model.weight)
     x = torch.randn(512, 4, generator=torch.Generator().manual_seed(0))
@@ -148,6 +149,7 @@ def test_a_ramp_run_decays_with_the_scaled_weight_decay_of_each_step(tmp_path, c
             "batch.ramp_samples=128",
             "train.steps=4",
             "train.log_every=1",
+            f"engine.name={engine}",
         ],
         model=model,
         train_data=ArrayDataset(x, x[:, :1]),
@@ -168,7 +170,8 @@ def test_a_ramp_run_decays_with_the_scaled_weight_decay_of_each_step(tmp_path, c
         ratio = math.sqrt(record["global_batch"] / 16)
         assert record["lr"] == pytest.approx(0.01 * ratio)
         expected *= 1 - record["lr"] * 0.5 * ratio
-    assert model.weight.detach() == pytest.approx(torch.full((1, 4), expected))
+    final = torch.load(run / "model.pt", weights_only=True)["weight"]
+    assert final == pytest.approx(torch.full((1, 4), expected))
     derived = yaml.safe_load((run / "config.yaml").read_text())["derived"]
     assert derived["scaling"] == "sqrt" and derived["weight_decay"] == pytest.approx(1.0)
     assert summary["peak_lr"] == pytest.approx(0.02)
