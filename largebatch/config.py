@@ -127,7 +127,8 @@ class OptimConfig:
     reference_batch: int = 256
     """Global batch at which optim.lr was tuned."""
     scaling: str = "linear"
-    """LR scaling rule from the reference batch: linear, sqrt or none."""
+    """LR scaling rule from the reference batch: linear, sqrt, none, or auto (by optimizer family: linear for sgd,
+    lars and larc, sqrt for the Adam family; printed at start and written to config.yaml's derived.scaling)."""
     weight_decay: float = 0.0
     """Weight decay (decoupled for adamw and lamb, L2 for sgd and lars); never on excluded parameters."""
     exclude_1d: bool = True
@@ -157,6 +158,11 @@ class OptimConfig:
     scale_beta2: bool = False
     """adamw, lamb: set β2 to β2^(global batch / reference_batch) at each batch size, keeping the second moment's
     half-life fixed in examples (Marek et al. 2025)."""
+    scale_weight_decay: bool = False
+    """adamw, lamb: scale optim.weight_decay (given for optim.reference_batch and optim.lr) at each global batch B
+    with peak LR η(B) to λ·(B / reference_batch)·(optim.lr / η(B)), keeping the decay's timescale B/(η·λ) in
+    examples fixed (Wang & Aitchison 2024; Bergsma et al. 2025): λ stays under linear scaling, grows ∝ √B under
+    sqrt, ∝ B under none."""
 
 
 @dataclass
@@ -366,7 +372,7 @@ def _set(
 def validate(cfg: Config) -> None:
     """Checks that need no data or torch: choices, value ranges, the chosen registry entries' own checks and keys
     that the chosen mode ignores."""
-    check_choice("optim.scaling", cfg.optim.scaling, ("linear", "sqrt", "none"))
+    check_choice("optim.scaling", cfg.optim.scaling, ("linear", "sqrt", "none", "auto"))
     check_choice("optim.impl", cfg.optim.impl, ("auto", "fused", "foreach"))
     for decider in ("schedule.name", "engine.name", "batch.schedule"):  # data, model: where built
         check_choice(decider, _get(cfg, decider), list(REGISTRIES[decider]))

@@ -16,7 +16,7 @@ from largebatch import task as tasks
 from largebatch.config import Config
 from largebatch.engine import engines
 from largebatch.errors import UserError, warn
-from largebatch.optim.scaling import peak_lr
+from largebatch.optim.scaling import peak_lr, scaling_rule, weight_decay_factor
 
 CHECKPOINT_FORMAT = 6
 """Bumped when the checkpoint layout changes (2: optimizer state by parameter name, applied-step count;
@@ -72,6 +72,16 @@ class Job:
         """The micro-batch adapts to memory: found at start, halved on out-of-memory."""
         return self.cfg.batch.micro_size == "auto"
 
+    @property
+    def weight_decay(self) -> float:
+        """optim.weight_decay at batch.global_size: scaled there with optim.scale_weight_decay."""
+        o = self.cfg.optim
+        if not o.scale_weight_decay:
+            return o.weight_decay
+        return o.weight_decay * weight_decay_factor(
+            self.plan.global_batch, o.reference_batch, scaling_rule(o)
+        )
+
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it; world size and micro-batch may change."""
         c = self.cfg
@@ -120,6 +130,8 @@ class Job:
             "micro_batch": self.plan.micro_batch,
             "accum_steps": self.plan.accum_steps,
             "peak_lr": self.peak_lr,
+            "scaling": scaling_rule(self.cfg.optim),
+            **({"weight_decay": self.weight_decay} if self.cfg.optim.scale_weight_decay else {}),
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,
@@ -175,7 +187,9 @@ def prepare(
             f"warmup ({warmup_steps} steps) is not shorter than training ({total_steps} steps); "
             f"shorten schedule.warmup_steps/warmup_epochs or train longer"
         )
-    lr = peak_lr(cfg.optim.lr, plan.global_batch, cfg.optim.reference_batch, cfg.optim.scaling)
+    lr = peak_lr(
+        cfg.optim.lr, plan.global_batch, cfg.optim.reference_batch, scaling_rule(cfg.optim)
+    )
     limit = (
         memory.parse_size(cfg.batch.memory_limit, "batch.memory_limit")
         if cfg.batch.memory_limit

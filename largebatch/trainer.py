@@ -309,8 +309,8 @@ class Trainer:
         if self.info.is_main:
             print(
                 f"step {self.s.step}: global batch {before.global_batch} → {self.plan.global_batch} "
-                f"({self.plan.describe()}); peak lr {self.hyper.peak_lr(before.global_batch):.6g} → "
-                f"{self.hyper.peak_lr(self.plan.global_batch):.6g}",
+                f"({self.plan.describe()}); "
+                f"{self.hyper.describe_change(before.global_batch, self.plan.global_batch)}",
                 flush=True,
             )
 

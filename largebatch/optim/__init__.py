@@ -21,6 +21,7 @@ from largebatch.errors import UserError, check_choice
 from largebatch.optim import split
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
+from largebatch.optim.scaling import scaling_rule
 
 ParamGroups = list[dict]
 TORCH_OPTIMIZER = "torch_optimizer:"
@@ -112,9 +113,13 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "bias_correction": ("lamb", "lambc"),
     "impl": ("lars", "larc", "lamb", "lambc"),
     "options": (f"{TORCH_OPTIMIZER}<Class>", "muon"),
+    "scale_weight_decay": ("adamw", "lamb", "lambc", "muon"),
 }
 """optim.* keys that only some optimizers use, and which; every optimizer uses the other keys (lr,
-reference_batch, scaling, weight_decay, exclude_1d, exclude)."""
+reference_batch, scaling, weight_decay, exclude_1d, exclude). scale_weight_decay: the optimizers whose decay is
+decoupled from the gradient, p·(1 − η·λ) per step (LAMB's scaled by the trust ratio, as its update is; Muon's with
+the unadjusted lr); sgd, lars and larc add λ·p to the gradient, where momentum and LARS's trust ratio
+(‖p‖/(‖g‖ + λ‖p‖)) reshape it."""
 POSITIVE_EPS = ("adamw", "lamb", "lambc", "muon")
 """Optimizers that divide by √v + eps (optim_args.check_positive_eps)."""
 
@@ -151,6 +156,7 @@ def check(cfg: OptimConfig, engine: EngineConfig | None = None) -> None:
             "optim.name", cfg.name, [*OPTIMIZERS, *MODEL_OPTIMIZERS, f"{TORCH_OPTIMIZER}<Class>"]
         )
     _check_used(cfg)
+    scaling_rule(cfg)
     if cfg.name == "muon":
         split.options(cfg)
         if engine is not None:
