@@ -102,7 +102,7 @@ def test_the_start_line_says_what_auto_chose_and_the_scaled_weight_decay():
     [
         (
             ["optim.scale_weight_decay=true"],
-            "optim.scale_weight_decay is ignored with optim.name=sgd (only adamw, lamb and lambc use it)",
+            "optim.scale_weight_decay is ignored with optim.name=sgd (only adamw, lamb, lambc and muon use it)",
         ),
         (
             ["optim.name=lars", "optim.scale_weight_decay=true"],

@@ -89,8 +89,8 @@ CASES = {
     ),
     "optim_key_with_torch_optimizer": (
         ["train", "optim.name=torch_optimizer:Lamb", "optim.betas=[0.9, 0.99]"],
-        "optim.betas is ignored with optim.name=torch_optimizer:Lamb (only adamw, lamb and "
-        "lambc use it); remove it or pass the class's own option in optim.options",
+        "optim.betas is ignored with optim.name=torch_optimizer:Lamb (only adamw, lamb, "
+        "lambc and muon use it); remove it or pass the class's own option in optim.options",
     ),
     "memory_limit_without_auto": (
         ["train", "batch.micro_size=64", "batch.memory_limit=2GiB"],
