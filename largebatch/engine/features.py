@@ -47,16 +47,16 @@ class Feature:
 
 
 FEATURES = (
-    Feature("noise", "train.noise_scale", (True,)),
     Feature("gns", "batch.schedule", ("gns",)),
     Feature("ramp", "batch.schedule", ("ramp",)),
+    Feature("noise", "train.noise_scale", (True,)),
     Feature("auto", "batch.micro_size", ("auto",)),
     Feature("bf16", "train.precision", ("bf16",)),
     Feature("fp16", "train.precision", ("fp16",)),
     Feature("layerwise", "optim.name", LAYERWISE),
     Feature("syncbatch", "model.norm", ("syncbatch",), needs_cuda=True),
 )
-"""The rows, in the order `refuse` checks them."""
+"""The rows, in the order `refuse` checks them (gns before the noise scale it needs: its refusal says more)."""
 
 
 @dataclass(frozen=True)
