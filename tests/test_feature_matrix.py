@@ -66,11 +66,13 @@ def _cpu_cells() -> list[tuple[str, Feature]]:
 
 
 def _refused_cells() -> list[tuple[str, Feature]]:
+    """(column heading, feature) of every cell refused here: refused everywhere, or CUDA only on a machine without."""
+    refused = ("refused",) if torch.cuda.is_available() else ("refused", "cuda")
     return [
         (heading, feature)
         for heading, engine, index in columns()
         for feature in FEATURES
-        if cell(engine, feature, index).runs == "refused"
+        if cell(engine, feature, index).runs in refused
     ]
 
 
