@@ -15,7 +15,6 @@ docs/engines-matrix.md is generated from (`largebatch.engine.features`).
 from __future__ import annotations
 
 import contextlib
-import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,6 +60,9 @@ class Engine(ABC):
     """What forward is called on during training (the wrapped model)."""
     optimizer: torch.optim.Optimizer
     """The torch optimizer: its param groups carry the LR the trainer's schedule sets."""
+    params: list[nn.Parameter]
+    """The trainable parameters as the engine holds them (`trainable`), whose gradients it scales, clips and
+    measures."""
     precision: Precision
     """Autocast and the loss scaler, where torch's own do it (DDP, FSDP2); DeepSpeed overrides what uses it."""
     reduce_gradients: Callable[[], None] | None
@@ -94,11 +96,6 @@ class Engine(ABC):
         """The part of one model's training state (`whole`, as one process holds it) each of `world_size` ranks
         holds: everything, unless the engine shards it."""
         return whole
-
-    @functools.cached_property
-    def params(self) -> list[nn.Parameter]:
-        """The trainable parameters, as the engine holds them (DTensor shards under FSDP2)."""
-        return [p for p in self.module.parameters() if p.requires_grad]
 
     @abstractmethod
     def micro_step(self, sync: bool) -> contextlib.AbstractContextManager:
@@ -176,6 +173,12 @@ class Engine(ABC):
         """What this engine decided from the config and the model, written under `derived` in config.yaml beside
         the job's values (e.g. FSDP's shard units), so the config keeps what the user wrote."""
         return {}
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    """`module`'s trainable parameters, taken when the engine has wrapped it: FSDP2's are then the sharded DTensors
+    that receive the gradients (between unsynced micro-steps it registers unsharded ones in their place)."""
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def written_by_another_engine(directory: Path, missing: str) -> UserError:

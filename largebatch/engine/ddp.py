@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from largebatch.batch import BatchPlan
 from largebatch.config import Config
 from largebatch.dist import DistInfo
-from largebatch.engine.base import Engine, written_by_another_engine
+from largebatch.engine.base import Engine, trainable, written_by_another_engine
 from largebatch.engine.features import Cell
 from largebatch.optim.state import load_named_state_dict, named_state_dict
 from largebatch.precision import Precision, StepOutcome, grad_norm
@@ -44,6 +44,7 @@ class DDPEngine(Engine):
             self.model = DistributedDataParallel(self.module, device_ids=device_ids)
         self.optimizer = make_optimizer(self.module)
         self.precision = Precision(cfg.train.precision, info.device, cfg.train.fp16_init_scale)
+        self.params = trainable(self.module)
         self.bucket_sq: list[torch.Tensor] = []
         """Each bucket's local squared gradient norm, taken by the comm hook in the last synced backward."""
         if isinstance(self.model, DistributedDataParallel) and cfg.train.noise_scale:

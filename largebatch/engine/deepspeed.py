@@ -31,7 +31,7 @@ from largebatch import builds
 from largebatch.batch import BatchPlan
 from largebatch.config import Config
 from largebatch.dist import DistInfo, broadcast_from_main
-from largebatch.engine.base import Engine, written_by_another_engine
+from largebatch.engine.base import Engine, trainable, written_by_another_engine
 from largebatch.engine.features import YES, cuda_only, refused
 from largebatch.errors import UserError
 from largebatch.memory import State
@@ -249,6 +249,7 @@ class DeepSpeedEngine(Engine):
         )
         self.model = self.ds
         self.module = self.ds.module
+        self.params = trainable(self.module)
         self.fp16 = cfg.train.precision == "fp16"
         self._factor = 1.0
 

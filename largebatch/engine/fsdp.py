@@ -27,7 +27,7 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from largebatch.batch import BatchPlan
 from largebatch.config import Config
 from largebatch.dist import DistInfo
-from largebatch.engine.base import Engine, written_by_another_engine
+from largebatch.engine.base import Engine, trainable, written_by_another_engine
 from largebatch.engine.features import refused
 from largebatch.errors import UserError
 from largebatch.memory import State
@@ -176,6 +176,7 @@ class FSDPEngine(Engine):
         for unit in self.units:
             fully_shard(unit, mesh=mesh, mp_policy=policy)
         self.module = self.model = fully_shard(module, mesh=mesh, mp_policy=policy)
+        self.params = trainable(self.module)
         self.optimizer = make_optimizer(self.module)
         self.precision = Precision(
             cfg.train.precision, info.device, cfg.train.fp16_init_scale, ShardScaler
