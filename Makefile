@@ -2,7 +2,7 @@
 # make lint  : ruff check and ruff format --check (CI runs it before make test)
 # make test  : set up .venv, then run the test suite (what CI runs)
 # make test-cluster : the docker-compose cluster test (needs root or a Docker daemon; not part of make test)
-# make docs  : regenerate docs/config.md from the config dataclasses' field docstrings
+# make docs  : regenerate docs/config.md (config field docstrings) and docs/engines-matrix.md (engine capabilities)
 # make test-gpu : the GPU check list (tests_gpu/: NCCL, DeepSpeed ZeRO on CUDA, SyncBatchNorm, CUDA OOM; not part of make test)
 PYTHON ?= python3
 TORCH ?= 2.14.1
@@ -51,6 +51,7 @@ bench: setup
 
 docs: setup
 	$(BIN)/python -m largebatch.config_reference
+	$(BIN)/python -m largebatch.engine.matrix
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

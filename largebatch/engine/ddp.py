@@ -14,28 +14,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 from largebatch.batch import BatchPlan
 from largebatch.config import Config
-from largebatch.dist import DistInfo, broadcast_buffers
-from largebatch.errors import UserError
-from largebatch.memory import State
+from largebatch.dist import DistInfo
+from largebatch.engine.base import Engine, trainable, written_by_another_engine
+from largebatch.engine.features import Cell
 from largebatch.optim.state import load_named_state_dict, named_state_dict
 from largebatch.precision import Precision, StepOutcome, grad_norm
 
 
-class DDPEngine:
+class DDPEngine(Engine):
     """`model` is what the trainer calls; `module` is the bare model for eval, hashing and saving."""
 
     needs_process_group = False
     measures_in_reduction = True
     redoes_micro_steps = True
-
-    @staticmethod
-    def check(cfg: Config, plan: BatchPlan, model: nn.Module | None) -> None:
-        """Nothing DDP cannot run."""
-
-    @staticmethod
-    def per_rank(cfg: Config, world_size: int, whole: State) -> State:
-        """Every rank holds everything."""
-        return whole
+    capabilities = {"syncbatch": Cell(gpu_test="tests_gpu/test_cuda.py::test_syncbatchnorm")}
 
     def __init__(
         self,
@@ -52,7 +44,7 @@ class DDPEngine:
             self.model = DistributedDataParallel(self.module, device_ids=device_ids)
         self.optimizer = make_optimizer(self.module)
         self.precision = Precision(cfg.train.precision, info.device, cfg.train.fp16_init_scale)
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.params = trainable(self.module)
         self.bucket_sq: list[torch.Tensor] = []
         """Each bucket's local squared gradient norm, taken by the comm hook in the last synced backward."""
         if isinstance(self.model, DistributedDataParallel) and cfg.train.noise_scale:
@@ -66,12 +58,6 @@ class DDPEngine:
         self.bucket_sq.clear()
         return contextlib.nullcontext()
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return self.precision.autocast()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.precision.backward(loss)
-
     def reduce_gradients(self) -> None:
         """Average gradients over ranks by hand, for steps whose micro-steps all ran with sync off."""
         if not isinstance(self.model, DistributedDataParallel):
@@ -82,9 +68,6 @@ class DDPEngine:
         flat /= dist.get_world_size()
         for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
             grad.copy_(synced)
-
-    def scale_gradients(self, factor: float) -> None:
-        torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], factor)
 
     def local_grad_sq(self) -> float:
         """After a synced backward, what the comm hook saw before the mean over ranks; else the local gradient."""
@@ -101,15 +84,6 @@ class DDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return outcome
 
-    @property
-    def loss_scale(self) -> float | None:
-        return self.precision.loss_scale if self.precision.scaler.is_enabled() else None
-
-    def sync_buffers(self) -> None:
-        """Give every rank rank 0's buffers (BatchNorm running statistics), as DDP does before each forward;
-        called before eval and saving, so eval, checkpoints and model.pt see the same statistics."""
-        broadcast_buffers(self.module)
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
@@ -121,28 +95,13 @@ class DDPEngine:
             "scaler": self.precision.state_dict(),
         }
 
-    def save_shards(self, directory: Path) -> None:
-        """Nothing beside `state_dict`: rank 0 holds the whole state."""
-
     def load_state_dict(self, state: dict[str, Any], directory: Path) -> None:
         """Restore a checkpoint; optimizer hyperparameters and precision stay as this run's config sets them."""
         if "model" not in state:
-            raise UserError(
-                f"checkpoint {directory} holds no model state for engine.name=ddp (another engine wrote "
-                f"it); resume it with that engine, or run.resume=never"
-            )
+            raise written_by_another_engine(directory, "model state in state.pt")
         self.module.load_state_dict(state["model"])
         load_named_state_dict(self.module, self.optimizer, state["optimizer"])
         self.precision.load_state_dict(state["scaler"])
-
-    def set_plan(self, plan: BatchPlan) -> None:
-        """Accumulation is the trainer's alone."""
-
-    def files(self) -> dict[str, Any]:
-        return {}
-
-    def derived(self) -> dict[str, Any]:
-        return {}
 
 
 def _mean_with_local_sq(bucket_sq, bucket):

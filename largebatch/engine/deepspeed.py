@@ -30,15 +30,19 @@ from torch import nn
 from largebatch import builds
 from largebatch.batch import BatchPlan
 from largebatch.config import Config
-from largebatch.dist import DistInfo, broadcast_buffers, broadcast_from_main
+from largebatch.dist import DistInfo, broadcast_from_main
+from largebatch.engine.base import Engine, trainable, written_by_another_engine
+from largebatch.engine.features import YES, cuda_only, refused
 from largebatch.errors import UserError
 from largebatch.memory import State
 from largebatch.precision import StepOutcome, grad_norm
 
 TAG = "deepspeed"
 """The DeepSpeed checkpoint tag: its files go under `<checkpoint>/deepspeed/`."""
-LAYERWISE = ("lars", "larc", "lamb", "lambc")
-"""Optimizers with a per-layer trust ratio: ZeRO 1+ flattens each group into partitions, so it would be per chunk."""
+FP16 = (
+    "with engine.name=deepspeed needs CUDA and engine.zero_stage 1-3 (its loss scaler lives in the ZeRO "
+    "optimizer); use bf16, or engine.name=ddp"
+)
 OWNED = {
     "train_batch_size": "batch.global_size",
     "train_micro_batch_size_per_gpu": "batch.micro_size",
@@ -56,34 +60,14 @@ OWNED = {
 
 
 def deepspeed_config(cfg: Config, plan: BatchPlan) -> dict[str, Any]:
-    """The DeepSpeed config this job runs with; raises UserError on an impossible or contradicting setting."""
+    """The DeepSpeed config this job runs with; raises UserError on an impossible or contradicting setting (the
+    features DeepSpeedEngine refuses are its `check`'s)."""
     e, stage = cfg.engine, cfg.engine.zero_stage
     if importlib.util.find_spec("deepspeed") is None:
         raise UserError("engine.name=deepspeed needs the deepspeed package; pip install deepspeed")
-    if cfg.batch.micro_size == "auto":
-        raise UserError(
-            "batch.micro_size=auto is not supported with engine.name=deepspeed; set batch.micro_size "
-            "(largebatch find-batch measures it)"
-        )
-    if cfg.optim.name in LAYERWISE and stage >= 1:
-        raise UserError(
-            f"optim.name={cfg.optim.name} computes a trust ratio per layer, but engine.zero_stage={stage} "
-            f"flattens layers into partitions (it would be per chunk); use engine.name=fsdp (sharded, "
-            f"per-layer ratios kept), engine.zero_stage=0, or sgd, adamw or a torch_optimizer:<Class>"
-        )
-    if cfg.train.noise_scale and stage >= 2:
-        raise UserError(
-            f"train.noise_scale needs each rank's gradient before the reduction, which "
-            f"engine.zero_stage={stage} does not keep; use engine.zero_stage=0 or 1"
-        )
     if e.offload == "cpu" and stage == 0:
         raise UserError(
             "engine.offload=cpu moves the sharded optimizer state: set engine.zero_stage to 1, 2 or 3"
-        )
-    if cfg.train.precision == "fp16" and (stage == 0 or not torch.cuda.is_available()):
-        raise UserError(
-            "train.precision=fp16 with engine.name=deepspeed needs CUDA and engine.zero_stage 1-3 (its "
-            "loss scaler lives in the ZeRO optimizer); use bf16, or engine.name=ddp"
         )
     zero: dict[str, Any] = {"stage": stage}
     if e.offload == "cpu":
@@ -154,16 +138,70 @@ def _merge(ours: dict[str, Any], theirs: dict[str, Any], prefix: str) -> dict[st
     return merged
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     """`model` is DeepSpeed's engine (forward, backward, step); `module` the bare model inside it."""
 
     needs_process_group = True
     """deepspeed.initialize wants a process group, also for one process."""
     measures_in_reduction = False
-    redoes_micro_steps = False  # micro_size=auto is refused in check
+    redoes_micro_steps = False  # micro_size=auto is refused
+    columns = {f"deepspeed-{stage}": f"engine.zero_stage={stage}" for stage in range(4)}
+    capabilities = {
+        "noise": (
+            YES,
+            YES,
+            *(
+                refused(
+                    f"needs each rank's gradient before the reduction, which engine.zero_stage={stage} "
+                    f"does not keep; use engine.zero_stage=0 or 1"
+                )
+                for stage in (2, 3)
+            ),
+        ),
+        "gns": (
+            YES,
+            YES,
+            *(
+                refused(
+                    f"follows train.noise_scale, which engine.zero_stage={stage} cannot measure; use "
+                    f"engine.zero_stage=0 or 1, or batch.schedule=ramp"
+                )
+                for stage in (2, 3)
+            ),
+        ),
+        "auto": refused(
+            "is not supported with engine.name=deepspeed; set batch.micro_size (largebatch find-batch "
+            "measures it)"
+        ),
+        "fp16": (
+            refused(FP16),
+            cuda_only(FP16),
+            *(
+                cuda_only(FP16, f"tests_gpu/test_cuda.py::test_deepspeed_zero[fp16-{stage}]")
+                for stage in (2, 3)
+            ),
+        ),
+        "layerwise": (
+            YES,
+            *(
+                refused(
+                    f"computes a trust ratio per layer, but engine.zero_stage={stage} flattens layers into "
+                    f"partitions (it would be per chunk); use engine.name=fsdp (sharded, per-layer ratios "
+                    f"kept), engine.zero_stage=0, or sgd, adamw or a torch_optimizer:<Class>"
+                )
+                for stage in (1, 2, 3)
+            ),
+        ),
+    }
 
-    @staticmethod
-    def check(cfg: Config, plan: BatchPlan, model: nn.Module | None) -> None:
+    @classmethod
+    def column(cls, cfg: Config) -> int:
+        return cfg.engine.zero_stage
+
+    @classmethod
+    def check(cls, cfg: Config, plan: BatchPlan, model: nn.Module | None) -> None:
+        """Also: the DeepSpeed config can be derived (`deepspeed_config`)."""
+        super().check(cfg, plan, model)
         deepspeed_config(cfg, plan)
 
     @staticmethod
@@ -211,7 +249,7 @@ class DeepSpeedEngine:
         )
         self.model = self.ds
         self.module = self.ds.module
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.params = trainable(self.module)
         self.fp16 = cfg.train.precision == "fp16"
         self._factor = 1.0
 
@@ -235,7 +273,7 @@ class DeepSpeedEngine:
         it divides by the loss scale before clipping and stepping; dividing that scale by `factor` for this step
         scales the gradients, the norm DeepSpeed reports and its clipping alike."""
         if self.stage == 0:
-            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], factor)
+            super().scale_gradients(factor)
         else:
             self._factor *= factor
 
@@ -286,10 +324,6 @@ class DeepSpeedEngine:
     @property
     def loss_scale(self) -> float | None:
         return float(self.ds.optimizer.loss_scale) if self.fp16 else None
-
-    def sync_buffers(self) -> None:
-        """DeepSpeed does not broadcast buffers as DDP does before each forward: give every rank rank 0's."""
-        broadcast_buffers(self.module)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model on every rank (stage 3 gathers its partitioned parameters; collective)."""
@@ -359,27 +393,16 @@ class DeepSpeedEngine:
 
     def _load(self, directory: Path) -> None:
         """Load model and optimizer state; the optimizer's hyperparameters (LR included) stay this run's config's."""
-        settings = [
-            {k: v for k, v in group.items() if k != "params"}
-            for group in self.optimizer.param_groups
-        ]
-        path, _ = self.ds.load_checkpoint(
-            str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        for group, setting in zip(self.optimizer.param_groups, settings):
-            group.update(setting)
-        if path is None:
-            raise UserError(
-                f"checkpoint {directory} has no DeepSpeed state under {TAG}/; it was written by another "
-                f"engine: resume it with that engine.name, or run.resume=never"
+        with self.keeping_hyperparameters():
+            path, _ = self.ds.load_checkpoint(
+                str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
             )
+        if path is None:
+            raise written_by_another_engine(directory, f"DeepSpeed state under {TAG}/")
 
     def files(self) -> dict[str, Any]:
         """Written to the run directory: the effective DeepSpeed config."""
         return {"deepspeed.json": self.config}
-
-    def derived(self) -> dict[str, Any]:
-        return {}
 
 
 def _cpu_adam(adamw: torch.optim.AdamW) -> torch.optim.Optimizer:

@@ -26,7 +26,9 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from largebatch.batch import BatchPlan
 from largebatch.config import Config
-from largebatch.dist import DistInfo, broadcast_buffers
+from largebatch.dist import DistInfo
+from largebatch.engine.base import Engine, trainable, written_by_another_engine
+from largebatch.engine.features import refused
 from largebatch.errors import UserError
 from largebatch.memory import State
 from largebatch.optim.sharding import local
@@ -117,7 +119,7 @@ def blocks(model: nn.Module, names: list[str]) -> list[nn.Module]:
     return found
 
 
-class FSDPEngine:
+class FSDPEngine(Engine):
     """`model` and `module` are the same object: fully_shard turns the model itself into the sharded one."""
 
     needs_process_group = True
@@ -128,13 +130,16 @@ class FSDPEngine:
     """Unsynced micro-steps still all-gather each block's parameters: an out-of-memory error on one rank leaves the
     others inside a collective, so micro_size=auto is found before the first step and a mid-run one stops the job."""
 
-    @staticmethod
-    def check(cfg: Config, plan: BatchPlan, model: nn.Module | None) -> None:
-        if cfg.model.norm == "syncbatch":
-            raise UserError(
-                "model.norm=syncbatch is not supported with engine.name=fsdp; use model.norm=group or "
-                "layer, or engine.name=ddp"
-            )
+    capabilities = {
+        "syncbatch": refused(
+            "is not supported with engine.name=fsdp; use model.norm=group or layer, or engine.name=ddp"
+        )
+    }
+
+    @classmethod
+    def check(cls, cfg: Config, plan: BatchPlan, model: nn.Module | None) -> None:
+        """Also: `engine.shard_blocks` names classes the model has."""
+        super().check(cfg, plan, model)
         if model is not None:
             blocks(model, cfg.engine.shard_blocks)
 
@@ -171,7 +176,7 @@ class FSDPEngine:
         for unit in self.units:
             fully_shard(unit, mesh=mesh, mp_policy=policy)
         self.module = self.model = fully_shard(module, mesh=mesh, mp_policy=policy)
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.params = trainable(self.module)
         self.optimizer = make_optimizer(self.module)
         self.precision = Precision(
             cfg.train.precision, info.device, cfg.train.fp16_init_scale, ShardScaler
@@ -195,17 +200,8 @@ class FSDPEngine:
             self.measured.sq = 0.0
         return contextlib.nullcontext()
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return self.precision.autocast()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.precision.backward(loss)
-
     reduce_gradients = None
     """FSDP reduces in backward, so a step syncs on its last micro-step, also when the noise scale is measured."""
-
-    def scale_gradients(self, factor: float) -> None:
-        torch._foreach_mul_([local(p.grad) for p in self.params if p.grad is not None], factor)
 
     def local_grad_sq(self) -> float:
         """On 2+ ranks, Σg² of what this rank's reduce-scatters of the step received; on one, of the gradient so
@@ -229,14 +225,6 @@ class FSDPEngine:
         outcome = self.precision.step(self.optimizer, loss, total.item())
         self.optimizer.zero_grad(set_to_none=True)
         return outcome
-
-    @property
-    def loss_scale(self) -> float | None:
-        return self.precision.loss_scale if self.precision.scaler.is_enabled() else None
-
-    def sync_buffers(self) -> None:
-        """Buffers are not sharded: give every rank rank 0's (BatchNorm running statistics)."""
-        broadcast_buffers(self.module)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model on every rank, gathered from the shards (collective)."""
@@ -268,28 +256,17 @@ class FSDPEngine:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         if not (directory / SHARDS / ".metadata").is_file():
-            raise UserError(
-                f"checkpoint {directory} has no FSDP shards under {SHARDS}/ (another engine wrote it); "
-                f"resume it with that engine.name, or run.resume=never"
+            raise written_by_another_engine(directory, f"FSDP shards under {SHARDS}/")
+        with self.keeping_hyperparameters():
+            sharded = self._sharded()
+            dcp.load(sharded, checkpoint_id=directory / SHARDS)
+            set_state_dict(
+                self.module,
+                self.optimizer,
+                model_state_dict=sharded["model"],
+                optim_state_dict=sharded["optimizer"],
             )
-        settings = [
-            {k: v for k, v in group.items() if k != "params"}
-            for group in self.optimizer.param_groups
-        ]
-        sharded = self._sharded()
-        dcp.load(sharded, checkpoint_id=directory / SHARDS)
-        set_state_dict(
-            self.module,
-            self.optimizer,
-            model_state_dict=sharded["model"],
-            optim_state_dict=sharded["optimizer"],
-        )
-        for group, setting in zip(self.optimizer.param_groups, settings):
-            group.update(setting)
         self.precision.load_state_dict(state.get("scaler", {}))
-
-    def set_plan(self, plan: BatchPlan) -> None:
-        """Accumulation is the trainer's alone."""
 
     def files(self) -> dict[str, Any]:
         """Written to the run directory: which modules were sharded as units, by name and by class."""
