@@ -162,7 +162,7 @@ def prepare(
         rng_after_build = torch.get_rng_state()
         tasks.check(task, model, cfg.model.name)
         train_examples = len(task.train)
-    optim.check(cfg.optim, cfg.engine)
+    optim.check(cfg.optim)
     engines()[cfg.engine.name].check(cfg, plan, model)
     if (
         cfg.train.noise_scale

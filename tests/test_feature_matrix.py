@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, cli_in_process, metrics, train_in_one_job
 
 from largebatch.engine import engines
@@ -27,12 +28,20 @@ USES = {
     "bf16": ("train.precision=bf16",),
     "fp16": ("train.precision=fp16", "train.fp16_init_scale=1024"),
     "layerwise": ("optim.name=lars",),
+    "muon": (
+        "optim.name=muon",
+        "optim.lr=0.001",
+        "optim.momentum=0.9",
+        "model.name=linreg:hidden_model",
+        "model.args={hidden: 8}",
+    ),
     "syncbatch": ("model.norm=syncbatch",),
 }
 """Per feature id: the overrides that use it (the first is the feature's own key)."""
-GROUPS = (("noise", "gns", "fp16", "layerwise"), ("ramp", "bf16"), ("auto",))
+GROUPS = (("noise", "gns", "fp16", "layerwise"), ("ramp", "bf16"), ("auto",), ("muon",))
 """Features that can share one training (a column trains one run per group holding a feature it supports): ramp and
-gns are both batch.schedule, fp16 and bf16 both train.precision, and micro_size=auto takes a constant schedule."""
+gns are both batch.schedule, fp16 and bf16 both train.precision, micro_size=auto takes a constant schedule, and Muon
+needs a model with a hidden matrix."""
 LINREG = (
     f"--config={ROOT / 'tests/tasks/linreg.yaml'}",
     "data.args={sigma: 8.0, size: 2048}",
@@ -96,8 +105,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
-def _acted(feature: str, records: list[dict]) -> bool:
-    """Whether the metrics show the feature at work."""
+def _acted(feature: str, records: list[dict], run: Path) -> bool:
+    """Whether the metrics (or config.yaml's derived values) show the feature at work."""
     sizes = [r["global_batch"] for r in records]
     per_rank = [r["micro_batch"] * r["accum_steps"] for r in records]
     return {
@@ -108,7 +117,11 @@ def _acted(feature: str, records: list[dict]) -> bool:
         "bf16": all(r["loss"] == r["loss"] for r in records),
         "fp16": all("loss_scale" in r for r in records),
         "layerwise": all(any(k.startswith("trust_ratio/") for k in r) for r in records),
-    }[feature]
+    }.get(feature) or (
+        feature == "muon"
+        and yaml.safe_load((run / "config.yaml").read_text())["derived"]["optimizer_split"]["muon"]
+        == {"tensors": 1, "params": 128}
+    )
 
 
 @pytest.mark.parametrize(
@@ -122,7 +135,9 @@ def test_a_supported_cell_trains(trained: Path, heading: str, feature: Feature) 
     )
     summary = json.loads((trained / run / "summary.json").read_text())
     assert summary["steps"] > 0
-    assert _acted(feature.id, metrics(trained / run)), f"{feature.name} did not act in {run}"
+    assert _acted(feature.id, metrics(trained / run), trained / run), (
+        f"{feature.name} did not act in {run}"
+    )
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from largebatch import optim
-from largebatch.config import EngineConfig, OptimConfig
+from largebatch import config, optim
+from largebatch.config import OptimConfig
 from largebatch.errors import UserError
 from largebatch.models.gpt import GPT
 from largebatch.optim import muon
@@ -220,9 +220,18 @@ def test_shard_rows_follow_torch_chunk_with_empty_last_shards() -> None:
 
 
 def test_muon_on_deepspeed_zero_1_is_refused_naming_fsdp() -> None:
+    from largebatch.engine.deepspeed import DeepSpeedEngine
+    from largebatch.engine.features import refuse
+
     with pytest.raises(UserError, match="use engine.name=fsdp"):
-        optim.check(OptimConfig(name="muon"), EngineConfig(name="deepspeed", zero_stage=1))
-    optim.check(OptimConfig(name="muon"), EngineConfig(name="deepspeed", zero_stage=0))
+        refuse(
+            DeepSpeedEngine,
+            config.load(None, ["optim.name=muon", "engine.name=deepspeed", "engine.zero_stage=1"]),
+        )
+    refuse(
+        DeepSpeedEngine,
+        config.load(None, ["optim.name=muon", "engine.name=deepspeed", "engine.zero_stage=0"]),
+    )
 
 
 @pytest.mark.parametrize(

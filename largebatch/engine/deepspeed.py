@@ -192,6 +192,17 @@ class DeepSpeedEngine(Engine):
                 for stage in (1, 2, 3)
             ),
         ),
+        "muon": (
+            YES,
+            *(
+                refused(
+                    f"orthogonalises whole weight matrices, but engine.zero_stage={stage} flattens them into "
+                    f"partitions; use engine.name=fsdp (sharded, whole-matrix Muon) or ddp, or "
+                    f"engine.zero_stage=0"
+                )
+                for stage in (1, 2, 3)
+            ),
+        ),
     }
 
     @classmethod

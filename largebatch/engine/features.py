@@ -54,6 +54,7 @@ FEATURES = (
     Feature("bf16", "train.precision", ("bf16",)),
     Feature("fp16", "train.precision", ("fp16",)),
     Feature("layerwise", "optim.name", LAYERWISE),
+    Feature("muon", "optim.name", ("muon",)),
     Feature("syncbatch", "model.norm", ("syncbatch",), needs_cuda=True),
 )
 """The rows, in the order `refuse` checks them (gns before the noise scale it needs: its refusal says more)."""

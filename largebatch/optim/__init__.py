@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from largebatch import optim_args
-from largebatch.config import EngineConfig, OptimConfig, ignored_key
+from largebatch.config import OptimConfig, ignored_key
 from largebatch.errors import UserError, check_choice
 from largebatch.optim import split
 from largebatch.optim.lamb import LAMB
@@ -146,9 +146,9 @@ def _torch_optimizer_class(cfg: OptimConfig) -> type[torch.optim.Optimizer]:
     return cls
 
 
-def check(cfg: OptimConfig, engine: EngineConfig | None = None) -> None:
-    """Fail before any process starts on an unknown optimizer, option, ignored key or impossible combination (with
-    `engine`: also one the engine cannot run)."""
+def check(cfg: OptimConfig) -> None:
+    """Fail before any process starts on an unknown optimizer, option, ignored key or impossible combination (what
+    an engine cannot run, it refuses from its declared capabilities)."""
     if cfg.name.startswith(TORCH_OPTIMIZER):
         _torch_optimizer_class(cfg)
     else:
@@ -159,8 +159,6 @@ def check(cfg: OptimConfig, engine: EngineConfig | None = None) -> None:
     scaling_rule(cfg)
     if cfg.name == "muon":
         split.options(cfg)
-        if engine is not None:
-            split.check_engine(engine)
     if cfg.name in POSITIVE_EPS:
         optim_args.check_positive_eps(cfg.name, cfg.eps, "optim.")
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from largebatch import optim_args
-from largebatch.config import EngineConfig, OptimConfig
+from largebatch.config import OptimConfig
 from largebatch.errors import UserError, check_choice
 from largebatch.optim import muon
 
@@ -64,16 +64,6 @@ def options(cfg: OptimConfig) -> dict[str, Any]:
         if not holds(merged[key]):
             raise UserError(f"optim.options.{key}={merged[key]!r} {says}")
     return merged
-
-
-def check_engine(engine: EngineConfig) -> None:
-    """ZeRO 1+ flattens parameters into partitions; Muon needs whole matrices (FSDP2 keeps them as DTensors)."""
-    if engine.name == "deepspeed" and engine.zero_stage >= 1:
-        raise UserError(
-            f"optim.name=muon orthogonalises whole weight matrices, but engine.zero_stage={engine.zero_stage} "
-            "flattens them into partitions; use engine.name=fsdp (sharded, whole-matrix Muon) or ddp, or "
-            "engine.zero_stage=0"
-        )
 
 
 def param_groups(

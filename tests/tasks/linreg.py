@@ -62,6 +62,11 @@ def model(delta: float) -> nn.Module:
     return linear
 
 
+def hidden_model(hidden: int) -> nn.Module:
+    """A linear model with a hidden weight matrix (what Muon orthogonalises; the last Linear is the output head)."""
+    return nn.Sequential(nn.Linear(DIM, hidden, bias=False), nn.Linear(hidden, 1, bias=False))
+
+
 def loss(output: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
     residual = output.squeeze(-1) - targets
     return 0.5 * (residual * residual).sum(), residual.numel()
