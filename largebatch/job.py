@@ -150,7 +150,7 @@ def prepare(
         rng_after_build = torch.get_rng_state()
         tasks.check(task, model, cfg.model.name)
         train_examples = len(task.train)
-    optim.check(cfg.optim, cfg.engine)
+    optim.check(cfg.optim, cfg.engine, model)
     engines()[cfg.engine.name].check(cfg, plan, model)
     if (
         cfg.train.noise_scale
