@@ -68,7 +68,8 @@ def parse(cfg: OptimConfig) -> list[Group]:
     """optim.groups checked (keys, optimizer names, option values, each error naming the group), resolved."""
     if cfg.name != OptimConfig().name:
         raise UserError(
-            f"optim.name={cfg.name} and optim.groups are both set; each group names its optimizer: drop optim.name"
+            f"optim.name={cfg.name} and optim.groups are both set; each group names its optimizer: "
+            "drop optim.name (or override it with its default, optim.name=sgd)"
         )
     if cfg.options:
         raise UserError(
