@@ -79,6 +79,7 @@ class Job:
             "batch.global_size": self.plan.global_batch,
             "run.seed": c.run.seed,
             "optim.name": c.optim.name,
+            "optim.groups": [f"{g['match']} → {g['name']}" for g in c.optim.groups] or None,
             "train.loss": c.train.loss,
             "train.ignore_index": c.train.ignore_index,
             "data.train_examples": self.train_examples,

@@ -297,3 +297,15 @@ def test_the_groups_split_is_written_to_config_yaml(trainings: Path) -> None:
         "[2] * → adamw",
     ]
     assert split[0]["tensors"] == 8
+
+
+def test_a_resume_with_other_groups_is_refused_in_one_line(trainings: Path, tmp_path: Path) -> None:
+    other = "optim.groups=[{match: '*', name: adamw}]"
+    checkpoint = trainings / "ddp" / "checkpoints" / "step_00000003"
+    result = cli_in_process("train", *LM, other, f"run.dir={tmp_path}", f"run.resume={checkpoint}")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert (
+        "was trained with optim.groups=['matrix → muon', 'embedding → lamb', '* → adamw']"
+        in lines[0]
+    )
