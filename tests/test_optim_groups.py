@@ -145,6 +145,38 @@ def test_mixed_lamb_and_adamw_equal_each_optimizer_on_its_own_parameters() -> No
     assert diff <= 1e-6, diff
 
 
+def test_the_muon_preset_equals_its_groups_matrix_muon_then_catch_all_adamw() -> None:
+    torch.manual_seed(0)
+    model = GPT(vocab=64, context=16, width=16, depth=2, heads=2)
+    preset = copy.deepcopy(model)
+    muon_options = {"adamw_lr": 0.003, "ns_dtype": "fp32"}
+    steppers = {
+        "groups": optim.build(
+            model,
+            OptimConfig(
+                lr=0.02,
+                weight_decay=0.1,
+                groups=[
+                    {"match": "matrix", "name": "muon", "ns_dtype": "fp32"},
+                    {"match": "*", "name": "adamw", "lr": 0.003},
+                ],
+            ),
+            0.02,
+        ),
+        "preset": optim.build(
+            preset, OptimConfig(name="muon", lr=0.02, weight_decay=0.1, options=muon_options), 0.02
+        ),
+    }
+    x = torch.randint(0, 64, (4, 16))
+    for _ in range(5):
+        for m, o in zip((model, preset), steppers.values()):
+            loss_of(m, x).backward()
+            o.step()
+            o.zero_grad()
+    diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), preset.parameters()))
+    assert diff <= 1e-6, diff
+
+
 def test_a_loaded_state_continues_as_if_never_saved_and_keeps_children_shared() -> None:
     torch.manual_seed(0)
     model = GPT(vocab=64, context=16, width=16, depth=1, heads=2)
@@ -262,6 +294,7 @@ def trainings(tmp_path_factory) -> Path:
         runs[engine] = (*LM, f"engine.name={engine}")
         resume = f"run.resume={base / engine / 'checkpoints' / 'step_00000003'}"
         runs[f"{engine}-resumed"] = (*runs[engine], resume)
+    runs["zero0"] = (*LM, "engine.name=deepspeed", "engine.zero_stage=0")
     train_in_one_job(base, runs)
     return base
 
@@ -278,12 +311,16 @@ def test_a_resumed_run_ends_with_the_parameters_of_the_straight_one(
     assert resumed["steps"] == straight["steps"] == 6
 
 
-def test_fsdp_follows_ddp_and_logs_the_lamb_groups_trust_ratios(trainings: Path) -> None:
-    ddp, fsdp = metrics(trainings / "ddp"), metrics(trainings / "fsdp")
-    for a, b in zip(ddp, fsdp):
+@pytest.mark.parametrize("engine", ["fsdp", "zero0"])
+def test_fsdp_and_zero_0_follow_ddp_and_log_the_lamb_groups_trust_ratios(
+    trainings: Path, engine: str
+) -> None:
+    ddp, other = metrics(trainings / "ddp"), metrics(trainings / engine)
+    assert len(ddp) == len(other) == 6
+    for a, b in zip(ddp, other):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
-    assert "trust_ratio/token.weight" in fsdp[-1]
-    assert fsdp[-1]["loss"] < fsdp[0]["loss"]
+    assert "trust_ratio/token.weight" in other[-1]
+    assert other[-1]["loss"] < other[0]["loss"]
 
 
 def test_the_groups_split_is_written_to_config_yaml(trainings: Path) -> None:
