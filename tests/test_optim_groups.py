@@ -239,13 +239,21 @@ ERRORS = {
     ),
     "unknown_optimizer": ("optim.groups=[{match: '*', name: lamm}]", "did you mean 'lamb'"),
     "muon_on_1d_parameters": (
-        "optim.groups=[{match: '*', name: muon}]",
+        "optim.groups=[{match: '*', name: muon}, {match: '*', name: adamw}]",
         "which Muon cannot orthogonalise; put a group for them before it, e.g. {match: 1d, name: adamw}",
     ),
     "optim_name_beside_groups": ("optim.name=lamb", "drop optim.name"),
+    "top_level_key_no_group_uses": (
+        "optim.trust_coefficient=0.02",
+        "optim.trust_coefficient is ignored with optim.groups=[lamb, adamw] (only lars and larc use it)",
+    ),
     "zero_stage_1": ("engine.name=deepspeed", "use engine.name=fsdp or ddp"),
 }
-EXTRA = {"zero_stage_1": ("engine.zero_stage=1", GROUPS), "optim_name_beside_groups": (GROUPS,)}
+EXTRA = {
+    "zero_stage_1": ("engine.zero_stage=1", GROUPS),
+    "optim_name_beside_groups": (GROUPS,),
+    "top_level_key_no_group_uses": (GROUPS,),
+}
 
 
 @pytest.mark.parametrize("case", list(ERRORS))

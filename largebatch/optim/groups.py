@@ -20,7 +20,7 @@ from torch import nn
 
 from largebatch import optim as registry
 from largebatch import optim_args
-from largebatch.config import EngineConfig, OptimConfig
+from largebatch.config import EngineConfig, OptimConfig, ignored_key
 from largebatch.errors import UserError, check_choice
 from largebatch.optim import muon, split
 from largebatch.optim.composite import Composite
@@ -76,7 +76,25 @@ def parse(cfg: OptimConfig) -> list[Group]:
             "optim.options is optim.name's; with optim.groups, set options in each group, "
             "e.g. {match: matrix, name: muon, ns_dtype: fp32}"
         )
-    return [_group(i, entry, cfg) for i, entry in enumerate(cfg.groups)]
+    groups = [_group(i, entry, cfg) for i, entry in enumerate(cfg.groups)]
+    _check_used(cfg, groups)
+    return groups
+
+
+def _check_used(cfg: OptimConfig, groups: list[Group]) -> None:
+    """Reject a top-level optimizer-specific key (registry OPTIONS) set away from its default that no group's
+    optimizer takes from there (a muon group takes only lr and weight_decay from the top level)."""
+    defaults = OptimConfig()
+    takes = {
+        k for g in groups for k in (MUON_OPTIONS[:2] if g.name == "muon" else options_of(g.name))
+    }
+    for key, users in registry.OPTIONS.items():
+        if key != "options" and key not in takes and getattr(cfg, key) != getattr(defaults, key):
+            names = "[" + ", ".join(g.name for g in groups) + "]"
+            fix = "set it in the group that needs it"
+            raise ignored_key(
+                f"optim.{key}", "optim.groups", names, [u for u in users if u != "muon"], fix
+            )
 
 
 def _group(index: int, entry: dict[str, Any], cfg: OptimConfig) -> Group:
