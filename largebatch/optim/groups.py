@@ -64,6 +64,11 @@ def options_of(name: str) -> tuple[str, ...]:
     return ("lr", "weight_decay", *own)
 
 
+def from_top_level(name: str) -> tuple[str, ...]:
+    """The optim.* keys whose top-level values a group of optimizer `name` takes when it does not set them."""
+    return ("lr", "weight_decay") if name == "muon" else options_of(name)
+
+
 def parse(cfg: OptimConfig) -> list[Group]:
     """optim.groups checked (keys, optimizer names, option values, each error naming the group), resolved."""
     if cfg.name != OptimConfig().name:
@@ -85,9 +90,7 @@ def _check_used(cfg: OptimConfig, groups: list[Group]) -> None:
     """Reject a top-level optimizer-specific key (registry OPTIONS) set away from its default that no group's
     optimizer takes from there (a muon group takes only lr and weight_decay from the top level)."""
     defaults = OptimConfig()
-    takes = {
-        k for g in groups for k in (MUON_OPTIONS[:2] if g.name == "muon" else options_of(g.name))
-    }
+    takes = {k for g in groups for k in from_top_level(g.name)}
     for key, users in registry.OPTIONS.items():
         if key != "options" and key not in takes and getattr(cfg, key) != getattr(defaults, key):
             names = "[" + ", ".join(g.name for g in groups) + "]"
@@ -122,10 +125,10 @@ def _group(index: int, entry: dict[str, Any], cfg: OptimConfig) -> Group:
         )
     else:
         resolved = dataclasses.replace(cfg, name=name, groups=[], **given)
-    used = [k for k in options_of(name) if k in optim_args.RULES]
+    used = [k for k in from_top_level(name) if k in optim_args.RULES]
     optim_args.check(
         prefix,
-        resolved.nesterov if "nesterov" in options_of(name) else False,
+        resolved.nesterov and "nesterov" in from_top_level(name),
         **{k: getattr(resolved, k) for k in used},
     )
     if "impl" in given:
