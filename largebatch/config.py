@@ -155,6 +155,13 @@ class OptimConfig:
     """torch_optimizer:<Class>: keyword options passed through, e.g. {clamp_value: 10}. muon: momentum (0.95),
     nesterov (true), ns_steps (5), ns_dtype (bf16 or fp32), adjust_lr (original, match_rms_adamw or spectral_unclamped),
     adamw_lr and adamw_weight_decay (default optim.lr and optim.weight_decay), adamw (more name patterns for AdamW)."""
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    """An optimizer per group of parameters, instead of optim.name: an ordered list of {match, name, options...};
+    the first group whose match fits a parameter takes it. match: a kind (matrix, embedding, head, bias, norm, 1d)
+    or a parameter-name pattern (fnmatch); name: sgd, adamw, lars, larc, lamb, lambc or muon; options: that
+    optimizer's optim.* keys (lr, weight_decay, betas, ...; muon: momentum, nesterov, ns_steps, ns_dtype, adjust_lr),
+    defaulting to the top-level optim.* values (muon's to its own). e.g. [{match: matrix, name: muon, lr: 0.02},
+    {match: '*', name: adamw, lr: 0.003}]."""
     scale_beta2: bool = False
     """adamw, lamb: set β2 to β2^(global batch / reference_batch) at each batch size, keeping the second moment's
     half-life fixed in examples (Marek et al. 2025)."""
@@ -456,11 +463,22 @@ def validate(cfg: Config) -> None:
         trust_coefficient=o.trust_coefficient,
         trust_clip=o.trust_clip,
     )
+    _coerce_groups(o)
     for decider, registry in REGISTRIES.items():
         entry = registry.get(mode(decider, _get(cfg, decider)))
         for check in entry.checks if entry else ():
             check(cfg)
     _check_used(cfg)
+
+
+def _coerce_groups(o: OptimConfig) -> None:
+    """Type-check the optim.* keys inside optim.groups entries as the top-level keys are (the optimizer layer checks
+    their names and values)."""
+    hints = typing.get_type_hints(OptimConfig)
+    for index, group in enumerate(o.groups):
+        for key, value in group.items():
+            if key in hints:
+                group[key] = _coerce(f"optim.groups[{index}].{key}", value, hints[key])
 
 
 def _check_finite(cfg: Config) -> None:

@@ -89,6 +89,7 @@ class Job:
             "batch.global_size": self.plan.global_batch,
             "run.seed": c.run.seed,
             "optim.name": c.optim.name,
+            "optim.groups": [f"{g['match']} → {g['name']}" for g in c.optim.groups] or None,
             "train.loss": c.train.loss,
             "train.ignore_index": c.train.ignore_index,
             "data.train_examples": self.train_examples,
@@ -162,7 +163,7 @@ def prepare(
         rng_after_build = torch.get_rng_state()
         tasks.check(task, model, cfg.model.name)
         train_examples = len(task.train)
-    optim.check(cfg.optim)
+    optim.check(cfg.optim, model)
     engines()[cfg.engine.name].check(cfg, plan, model)
     if (
         cfg.train.noise_scale

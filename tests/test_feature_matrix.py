@@ -35,13 +35,24 @@ USES = {
         "model.name=linreg:hidden_model",
         "model.args={hidden: 8}",
     ),
+    "groups": (
+        "optim.groups=[{match: matrix, name: lars}, {match: '*', name: sgd}]",
+        "model.name=linreg:hidden_model",
+        "model.args={hidden: 8}",
+    ),
     "syncbatch": ("model.norm=syncbatch",),
 }
 """Per feature id: the overrides that use it (the first is the feature's own key)."""
-GROUPS = (("noise", "gns", "fp16", "layerwise"), ("ramp", "bf16"), ("auto",), ("muon",))
+GROUPS = (
+    ("noise", "gns", "fp16", "layerwise"),
+    ("ramp", "bf16"),
+    ("auto",),
+    ("muon",),
+    ("groups",),
+)
 """Features that can share one training (a column trains one run per group holding a feature it supports): ramp and
 gns are both batch.schedule, fp16 and bf16 both train.precision, micro_size=auto takes a constant schedule, and Muon
-needs a model with a hidden matrix."""
+and optim.groups need a model with a hidden matrix (and optim.name for themselves)."""
 LINREG = (
     f"--config={ROOT / 'tests/tasks/linreg.yaml'}",
     "data.args={sigma: 8.0, size: 2048}",
@@ -117,11 +128,17 @@ def _acted(feature: str, records: list[dict], run: Path) -> bool:
         "bf16": all(r["loss"] == r["loss"] for r in records),
         "fp16": all("loss_scale" in r for r in records),
         "layerwise": all(any(k.startswith("trust_ratio/") for k in r) for r in records),
-    }.get(feature) or (
-        feature == "muon"
-        and yaml.safe_load((run / "config.yaml").read_text())["derived"]["optimizer_split"]["muon"]
-        == {"tensors": 1, "params": 128}
-    )
+    }.get(feature) or _split(run) == {
+        "muon": [(1, 128), (1, 8)],  # Muon: the hidden matrix; AdamW: the head
+        "groups": [(1, 128), (1, 8)],  # lars: the hidden matrix; sgd: the rest
+    }.get(feature)
+
+
+def _split(run: Path) -> list[tuple[int, int]]:
+    """(tensors, parameters) of each optimizer, in order, from config.yaml's derived.optimizer_split."""
+    split = yaml.safe_load((run / "config.yaml").read_text())["derived"].get("optimizer_split", [])
+    parts = split.values() if isinstance(split, dict) else split
+    return [(part["tensors"], part["params"]) for part in parts]
 
 
 @pytest.mark.parametrize(
@@ -159,7 +176,7 @@ def test_a_refused_cell_is_one_line_before_any_process_group(
         "4096",
     )
     assert result.returncode == 2 and not torch.distributed.is_initialized()
-    setting = feature.key if feature.values == (True,) else USES[feature.id][0]
+    setting = feature.key if feature.values in ((True,), None) else USES[feature.id][0]
     assert result.stderr == f"largebatch: error: {setting} {cell(engine, feature, index).reason}\n"
 
 

@@ -203,6 +203,16 @@ class DeepSpeedEngine(Engine):
                 for stage in (1, 2, 3)
             ),
         ),
+        "groups": (
+            YES,
+            *(
+                refused(
+                    f"steps each group with its own optimizer, but engine.zero_stage={stage} flattens "
+                    f"parameters into partitions; use engine.name=fsdp or ddp, or engine.zero_stage=0"
+                )
+                for stage in (1, 2, 3)
+            ),
+        ),
     }
 
     @classmethod

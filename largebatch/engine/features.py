@@ -27,20 +27,24 @@ class Feature:
     """How engines' `capabilities` and test ids name it."""
     key: str
     """The config key, `section.name`."""
-    values: tuple[Any, ...]
-    """The values that use the feature."""
+    values: tuple[Any, ...] | None
+    """The values that use the feature (None: any value set, e.g. a non-empty list)."""
     needs_cuda: bool = False
     """On every engine (checked where the model is built): supported cells read "CUDA only"."""
 
     @property
     def name(self) -> str:
         """The row as the docs write it: `train.noise_scale`, `optim.name: lars, lamb`."""
-        return self.key if self.values == (True,) else f"{self.key}: {', '.join(self.values)}"
+        if self.values in ((True,), None):
+            return self.key
+        return f"{self.key}: {', '.join(self.values)}"
 
     def setting(self, cfg: Config) -> str | None:
         """The setting as an error names it (`batch.schedule=gns`) where `cfg` uses the feature, else None."""
         section, field = self.key.split(".")
         value = getattr(getattr(cfg, section), field)
+        if self.values is None:
+            return self.key if value else None
         if value not in self.values:
             return None
         return self.key if value is True else f"{self.key}={value}"
@@ -55,6 +59,7 @@ FEATURES = (
     Feature("fp16", "train.precision", ("fp16",)),
     Feature("layerwise", "optim.name", LAYERWISE),
     Feature("muon", "optim.name", ("muon",)),
+    Feature("groups", "optim.groups", None),
     Feature("syncbatch", "model.norm", ("syncbatch",), needs_cuda=True),
 )
 """The rows, in the order `refuse` checks them (gns before the noise scale it needs: its refusal says more)."""

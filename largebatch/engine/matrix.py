@@ -46,8 +46,10 @@ def columns() -> list[tuple[str, type[Engine], int]]:
 def _text(feature: Feature, support: Cell, heading: str, refusals: dict[str, list[str]]) -> str:
     """One cell; a refusal's error goes into `refusals` ({error: the columns that give it})."""
     if support.runs == "refused":
-        value = feature.values[0] if len(feature.values) == 1 else "|".join(feature.values)
-        setting = feature.key if value is True else f"{feature.key}={value}"
+        if feature.values in ((True,), None):
+            setting = feature.key
+        else:
+            setting = f"{feature.key}={'|'.join(feature.values)}"
         refusals.setdefault(f"{setting} {support.reason}", []).append(heading)
         return f"✗ {list(refusals).index(f'{setting} {support.reason}') + 1}"
     if support.runs == "cuda" or feature.needs_cuda:

@@ -3,7 +3,8 @@
 Names: sgd, adamw, lars, larc (LARS with trust clipping), lamb, lambc (LAMB with the trust ratio
 clamped to optim.trust_clip, default 10), and torch_optimizer:<Class> for any optimizer of the
 torch-optimizer package, with optim.options passed through as keyword arguments, and muon (Muon on weight matrices,
-AdamW on the rest, options in optim.options: `split`).
+AdamW on the rest, options in optim.options: `split`). optim.groups gives groups of parameters optimizers of their
+own, stepped as one (`groups`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from largebatch import optim_args
 from largebatch.config import OptimConfig, ignored_key
 from largebatch.errors import UserError, check_choice
-from largebatch.optim import split
+from largebatch.optim import groups, split
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
 from largebatch.optim.scaling import scaling_rule
@@ -146,9 +147,13 @@ def _torch_optimizer_class(cfg: OptimConfig) -> type[torch.optim.Optimizer]:
     return cls
 
 
-def check(cfg: OptimConfig) -> None:
+def check(cfg: OptimConfig, model: nn.Module | None = None) -> None:
     """Fail before any process starts on an unknown optimizer, option, ignored key or impossible combination (what
-    an engine cannot run, it refuses from its declared capabilities)."""
+    an engine cannot run, it refuses from its declared capabilities); with `model`: optim.groups that leave a group
+    or a parameter out."""
+    if cfg.groups:
+        groups.check(cfg, model)
+        return
     if cfg.name.startswith(TORCH_OPTIMIZER):
         _torch_optimizer_class(cfg)
     else:
@@ -178,14 +183,16 @@ def _check_used(cfg: OptimConfig) -> None:
 def build(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """The optimizer named by `cfg.name` over `model`'s parameter groups, starting at `lr`."""
     check(cfg)
+    if cfg.groups:
+        return groups.build(model, cfg, lr, excluded)
     if cfg.name in MODEL_OPTIMIZERS:
         return MODEL_OPTIMIZERS[cfg.name](model, cfg, lr)
-    groups = param_groups(model, cfg)
+    by_decay = param_groups(model, cfg)
     if cfg.name.startswith(TORCH_OPTIMIZER):
-        for group in groups:
+        for group in by_decay:
             group.pop("adapt")
-        return _torch_optimizer_class(cfg)(groups, lr=lr, **cfg.options)
-    return OPTIMIZERS[cfg.name](groups, cfg, lr)
+        return _torch_optimizer_class(cfg)(by_decay, lr=lr, **cfg.options)
+    return OPTIMIZERS[cfg.name](by_decay, cfg, lr)
 
 
 def trust_ratios(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -22,6 +22,7 @@ from largebatch import optim_args
 from largebatch.config import OptimConfig
 from largebatch.errors import UserError, check_choice
 from largebatch.optim import muon
+from largebatch.optim.composite import Composite
 
 OPTIONS: dict[str, Any] = {
     "momentum": 0.95,
@@ -117,13 +118,13 @@ def build(
         ns_steps=o["ns_steps"],
         ns_dtype=o["ns_dtype"],
         adjust_lr=o["adjust_lr"],
-        replicated=_replicated(),
+        replicated=replicated(),
         betas=tuple(cfg.betas),
         eps=cfg.eps,
     )
 
 
-def _replicated() -> dist.ProcessGroup | None:
+def replicated() -> dist.ProcessGroup | None:
     """The default process group when there are 2+ ranks: there, parameters that are not DTensors are DDP's (or
     ZeRO-0's) replicas, whose Newton–Schulz work Muon splits over the ranks."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -132,7 +133,10 @@ def _replicated() -> dist.ProcessGroup | None:
 
 
 def derived(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """{"optimizer_split": {"muon": {tensors, params}, "adamw": {...}}} for config.yaml, or {} if not Muon."""
+    """{"optimizer_split": {"muon": {tensors, params}, "adamw": {...}}} for config.yaml (optim.groups: a list of
+    {group, tensors, params}), or {} if neither Muon nor optim.groups."""
+    if isinstance(optimizer, Composite):
+        return {"optimizer_split": optimizer.split()}
     if not isinstance(optimizer, muon.Muon):
         return {}
     split = {side: {"tensors": 0, "params": 0} for side in ("muon", "adamw")}
@@ -148,6 +152,11 @@ def describe(optimizer: torch.optim.Optimizer) -> str | None:
     split = derived(optimizer).get("optimizer_split")
     if split is None:
         return None
+    if isinstance(split, list):
+        return "optim.groups: " + "; ".join(
+            f"{g['group']}: {g['tensors']} tensors ({g['params'] / 1e6:.3g}M parameters)"
+            for g in split
+        )
     m, a = split["muon"], split["adamw"]
     return (
         f"optim.name=muon: Muon on {m['tensors']} matrices ({m['params'] / 1e6:.3g}M parameters), AdamW on "
