@@ -17,7 +17,7 @@ import yaml
 
 from largebatch import optim_args
 from largebatch.errors import UserError, check_choice, warn
-from largebatch.registry import FACTORY, REGISTRIES
+from largebatch.registry import FACTORY, OPTIMIZER_OPTIONS, REGISTRIES, optimizer_family
 
 
 @dataclass
@@ -335,8 +335,11 @@ def load(path: str | Path | Mapping[str, Any] | None, overrides: list[str] = ())
     cfg.origin = str(Path(path).resolve().parent) if isinstance(path, (str, Path)) else None
     reset = _reset_unused(cfg, given)
     validate(cfg)
-    if reset:
-        warn(reset)  # after validation: an error is the one line a failing command prints
+    # After validation, an error is the one line a failing command prints; a given optimizer key that the optimizer
+    # ignores is the optimizer registry's error (with its own fix), raised once torch is loaded.
+    rejected = any(key in given for key, _ in _unused_optimizer_keys(cfg))
+    if reset and not rejected:
+        warn(reset)
     return cfg
 
 
@@ -541,11 +544,31 @@ def _check_used(cfg: Config) -> None:
         raise ignored_key(key, decider, _get(cfg, decider), users)
 
 
+def _unused_optimizer_keys(cfg: Config) -> list[tuple[str, str]]:
+    """(key, "optim.name") for every optimizer-specific key set away from its default that the chosen optimizer
+    ignores (registry.OPTIMIZER_OPTIONS), for `_reset_unused`: a given one is the optimizer registry's one-line
+    error, with its own fix. None under optim.groups, which checks its top-level keys itself."""
+    family = optimizer_family(cfg.optim.name)
+    known = {name for users in OPTIMIZER_OPTIONS.values() for name in users}
+    if cfg.optim.groups or family not in known:
+        return []
+    defaults = OptimConfig()
+    return [
+        (f"optim.{key}", "optim.name")
+        for key, users in OPTIMIZER_OPTIONS.items()
+        if family not in users and getattr(cfg.optim, key) != getattr(defaults, key)
+    ]
+
+
 def _reset_unused(cfg: Config, given: set[str]) -> str | None:
     """Reset to their defaults the keys that the chosen modes ignore and that were not `given` as overrides, and
     say which: a built-in config's model.width stops mattering when model.name switches to your own model, and
     config.yaml should not carry it. The keys `given` stay for validate to reject."""
-    unused = [(key, decider) for key, decider in _unused(cfg) if key not in given]
+    unused = [
+        (key, decider)
+        for key, decider in [*_unused(cfg), *_unused_optimizer_keys(cfg)]
+        if key not in given
+    ]
     if not unused:
         return None
     defaults = Config()

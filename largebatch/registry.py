@@ -187,3 +187,29 @@ REGISTRIES: dict[str, dict[str, Entry]] = {
     "engine.name": ENGINES,
 }
 """The registry each deciding config key chooses from."""
+
+
+TORCH_OPTIMIZER_CLASS = "torch_optimizer:<Class>"
+"""How OPTIMIZER_OPTIONS names every torch_optimizer:<Class> optimizer."""
+OPTIMIZER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "momentum": ("sgd", "lars", "larc"),
+    "nesterov": ("sgd", "lars", "larc"),
+    "betas": ("adamw", "lamb", "lambc", "muon"),
+    "eps": ("adamw", "lars", "larc", "lamb", "lambc", "muon"),
+    "trust_coefficient": ("lars", "larc"),
+    "trust_clip": ("lamb", "lambc"),
+    "bias_correction": ("lamb", "lambc"),
+    "impl": ("lars", "larc", "lamb", "lambc"),
+    "options": (TORCH_OPTIMIZER_CLASS, "muon"),
+    "scale_weight_decay": ("adamw", "lamb", "lambc", "muon"),
+}
+"""optim.* keys that only some optimizers use, and which; every optimizer uses the other keys (lr,
+reference_batch, scaling, weight_decay, exclude_1d, exclude). scale_weight_decay: the optimizers whose decay is
+decoupled from the gradient, p·(1 − η·λ) per step (LAMB's scaled by the trust ratio, as its update is; Muon's with
+the unadjusted lr); sgd, lars and larc add λ·p to the gradient, where momentum and LARS's trust ratio
+(‖p‖/(‖g‖ + λ‖p‖)) reshape it."""
+
+
+def optimizer_family(name: str) -> str:
+    """The name OPTIMIZER_OPTIONS knows `name` by (every torch_optimizer:<Class> by one)."""
+    return TORCH_OPTIMIZER_CLASS if name.startswith("torch_optimizer:") else name

@@ -217,3 +217,17 @@ def test_an_hf_model_on_the_lamb_lm_config_plans_with_one_warning(tmp_path: Path
         "largebatch: warning: config keys that do not apply are reset to their defaults: "
         f"model.width (unused with model.name=hf:{gpt2})"
     ]
+
+
+def test_another_optimizer_on_a_shipped_config_resets_the_files_optimizer_keys_with_one_warning():
+    switched = cli_in_process("plan", f"--config={ROOT / 'configs/lamb-lm.yaml'}", "optim.name=sgd")
+    assert switched.returncode == 0, switched.stderr
+    assert switched.stderr.strip().splitlines() == [
+        "largebatch: warning: config keys that do not apply are reset to their defaults: "
+        "optim.betas, optim.eps (unused with optim.name=sgd)"
+    ]
+    given = cli_in_process(
+        "plan", f"--config={ROOT / 'configs/lamb-lm.yaml'}", "optim.name=sgd", "optim.eps=1e-6"
+    )
+    assert given.returncode == 2
+    assert given.stderr.startswith("largebatch: error: optim.eps is ignored with optim.name=sgd")

@@ -31,7 +31,6 @@ USES = {
     "muon": (
         "optim.name=muon",
         "optim.lr=0.001",
-        "optim.momentum=0.9",
         "model.name=linreg:hidden_model",
         "model.args={hidden: 8}",
     ),

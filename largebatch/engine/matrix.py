@@ -25,8 +25,8 @@ INTRO = f"""\
 largebatch/engine/; edit those, not this file. -->
 
 Every feature runs on every engine or is refused in one line, with the reason, before any process group starts
-(`largebatch: error: ...`, exit code 2). Columns: `ddp`, `deepspeed-N` (`engine.name=deepspeed
-engine.zero_stage=N`) and `fsdp` (FSDP2). In a cell:
+(`largebatch: error: ...`, exit code 2). Columns: `ddp`, `deepspeed-0` to `deepspeed-3`
+(`engine.name=deepspeed` with `engine.zero_stage=0` to `3`) and `fsdp` (FSDP2). In a cell:
 
 - **✓ `id`**: runs on CPU and CUDA; `make test` trains it on 2 CPU processes in `{CPU_TEST}[id]`.
 - **CUDA only**: with the `tests_gpu/` test that runs it (`make test-gpu`), or *untested*.

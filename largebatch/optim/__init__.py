@@ -23,6 +23,8 @@ from largebatch.optim import groups, split
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
 from largebatch.optim.scaling import scaling_rule
+from largebatch.registry import OPTIMIZER_OPTIONS as OPTIONS
+from largebatch.registry import optimizer_family
 
 ParamGroups = list[dict]
 TORCH_OPTIMIZER = "torch_optimizer:"
@@ -104,23 +106,6 @@ MODEL_OPTIMIZERS: dict[str, Callable[[nn.Module, OptimConfig, float], torch.opti
 }
 """Optimizers that group the parameters themselves, from the model's structure (`split`)."""
 
-OPTIONS: dict[str, tuple[str, ...]] = {
-    "momentum": ("sgd", "lars", "larc"),
-    "nesterov": ("sgd", "lars", "larc"),
-    "betas": ("adamw", "lamb", "lambc", "muon"),
-    "eps": ("adamw", "lars", "larc", "lamb", "lambc", "muon"),
-    "trust_coefficient": ("lars", "larc"),
-    "trust_clip": ("lamb", "lambc"),
-    "bias_correction": ("lamb", "lambc"),
-    "impl": ("lars", "larc", "lamb", "lambc"),
-    "options": (f"{TORCH_OPTIMIZER}<Class>", "muon"),
-    "scale_weight_decay": ("adamw", "lamb", "lambc", "muon"),
-}
-"""optim.* keys that only some optimizers use, and which; every optimizer uses the other keys (lr,
-reference_batch, scaling, weight_decay, exclude_1d, exclude). scale_weight_decay: the optimizers whose decay is
-decoupled from the gradient, p·(1 − η·λ) per step (LAMB's scaled by the trust ratio, as its update is; Muon's with
-the unadjusted lr); sgd, lars and larc add λ·p to the gradient, where momentum and LARS's trust ratio
-(‖p‖/(‖g‖ + λ‖p‖)) reshape it."""
 POSITIVE_EPS = ("adamw", "lamb", "lambc", "muon")
 """Optimizers that divide by √v + eps (optim_args.check_positive_eps)."""
 
@@ -170,7 +155,7 @@ def check(cfg: OptimConfig, model: nn.Module | None = None) -> None:
 
 def _check_used(cfg: OptimConfig) -> None:
     """Reject an optimizer-specific key (OPTIONS) set away from its default when the chosen optimizer ignores it."""
-    family = f"{TORCH_OPTIMIZER}<Class>" if cfg.name.startswith(TORCH_OPTIMIZER) else cfg.name
+    family = optimizer_family(cfg.name)
     defaults = OptimConfig()
     for key, users in OPTIONS.items():
         if family not in users and getattr(cfg, key) != getattr(defaults, key):
