@@ -245,20 +245,12 @@ def _muon(
     for name, p in named:
         key = (not excluded(name, p, cfg), id(p) in stored_transposed)
         by_kind.setdefault(key, []).append(p)
-    o = cfg.options
-    return muon.Muon(
+    return split.make(
         [
             {"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "transposed": t}
             for (decay, t), ps in sorted(by_kind.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
         ],
-        lr=lr,
-        weight_decay=cfg.weight_decay,
-        momentum=o["momentum"],
-        nesterov=o["nesterov"],
-        ns_steps=o["ns_steps"],
-        ns_dtype=o["ns_dtype"],
-        adjust_lr=o["adjust_lr"],
-        replicated=split.replicated(),
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
+        cfg,
+        cfg.options,
+        lr,
     )

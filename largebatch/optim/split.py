@@ -108,9 +108,15 @@ def build(
     model: nn.Module, cfg: OptimConfig, lr: float, excluded: Callable[..., bool]
 ) -> muon.Muon:
     """The Muon optimizer of optim.name=muon over `model`."""
-    o = options(cfg)
+    return make(param_groups(model, cfg, lr, excluded), cfg, options(cfg), lr)
+
+
+def make(groups: list[dict], cfg: OptimConfig, muon_options: dict, lr: float) -> muon.Muon:
+    """muon.Muon over `groups` with Muon's own `muon_options` (optim.options, resolved) and the AdamW side's betas
+    and eps from `cfg`; its non-DTensor parameters' Newton–Schulz split over the ranks where there are several."""
+    o = muon_options
     return muon.Muon(
-        param_groups(model, cfg, lr, excluded),
+        groups,
         lr=lr,
         weight_decay=cfg.weight_decay,
         momentum=o["momentum"],
