@@ -209,6 +209,9 @@ decoupled from the gradient, p·(1 − η·λ) per step (LAMB's scaled by the tr
 the unadjusted lr); sgd, lars and larc add λ·p to the gradient, where momentum and LARS's trust ratio
 (‖p‖/(‖g‖ + λ‖p‖)) reshape it."""
 
+POSITIVE_EPS = ("adamw", "lamb", "lambc", "muon")
+"""Optimizers that divide by √v + eps (optim_args.check_positive_eps)."""
+
 
 def optimizer_family(name: str) -> str:
     """The name OPTIMIZER_OPTIONS knows `name` by (every torch_optimizer:<Class> by one)."""

@@ -24,7 +24,7 @@ from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
 from largebatch.optim.scaling import scaling_rule
 from largebatch.registry import OPTIMIZER_OPTIONS as OPTIONS
-from largebatch.registry import optimizer_family
+from largebatch.registry import POSITIVE_EPS, optimizer_family
 
 ParamGroups = list[dict]
 TORCH_OPTIMIZER = "torch_optimizer:"
@@ -106,9 +106,6 @@ MODEL_OPTIMIZERS: dict[str, Callable[[nn.Module, OptimConfig, float], torch.opti
 }
 """Optimizers that group the parameters themselves, from the model's structure (`split`)."""
 
-POSITIVE_EPS = ("adamw", "lamb", "lambc", "muon")
-"""Optimizers that divide by √v + eps (optim_args.check_positive_eps)."""
-
 
 def _torch_optimizer_class(cfg: OptimConfig) -> type[torch.optim.Optimizer]:
     import torch_optimizer
@@ -169,7 +166,7 @@ def build(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimize
     """The optimizer named by `cfg.name` over `model`'s parameter groups, starting at `lr`."""
     check(cfg)
     if cfg.groups:
-        return groups.build(model, cfg, lr, excluded)
+        return groups.build(model, cfg, lr, excluded, OPTIMIZERS)
     if cfg.name in MODEL_OPTIMIZERS:
         return MODEL_OPTIMIZERS[cfg.name](model, cfg, lr)
     by_decay = param_groups(model, cfg)

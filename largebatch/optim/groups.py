@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from largebatch import optim as registry
 from largebatch import optim_args
 from largebatch.config import OptimConfig, ignored_key
 from largebatch.errors import UserError, check_choice
 from largebatch.optim import muon, split
 from largebatch.optim.composite import Composite
+from largebatch.registry import OPTIMIZER_OPTIONS, POSITIVE_EPS
 
 KINDS: dict[str, str] = {
     "matrix": "≥ 2-D parameters that are not embeddings or the output head",
@@ -60,7 +60,7 @@ def options_of(name: str) -> tuple[str, ...]:
     """The keys a group of optimizer `name` takes besides match and name."""
     if name == "muon":
         return MUON_OPTIONS
-    own = (k for k, users in registry.OPTIONS.items() if name in users and k != "options")
+    own = (k for k, users in OPTIMIZER_OPTIONS.items() if name in users and k != "options")
     return ("lr", "weight_decay", *own)
 
 
@@ -91,7 +91,7 @@ def _check_used(cfg: OptimConfig, groups: list[Group]) -> None:
     optimizer takes from there (a muon group takes only lr and weight_decay from the top level)."""
     defaults = OptimConfig()
     takes = {k for g in groups for k in from_top_level(g.name)}
-    for key, users in registry.OPTIONS.items():
+    for key, users in OPTIMIZER_OPTIONS.items():
         if key != "options" and key not in takes and getattr(cfg, key) != getattr(defaults, key):
             names = "[" + ", ".join(g.name for g in groups) + "]"
             fix = "set it in the group that needs it"
@@ -133,7 +133,7 @@ def _group(index: int, entry: dict[str, Any], cfg: OptimConfig) -> Group:
     )
     if "impl" in given:
         check_choice(f"{prefix}impl", given["impl"], ("auto", "fused", "foreach"))
-    if name in registry.POSITIVE_EPS:
+    if name in POSITIVE_EPS:
         optim_args.check_positive_eps(name, resolved.eps, prefix)
     return Group(index, entry["match"], name, resolved)
 
@@ -210,10 +210,14 @@ def _matches(match: str, name: str, p: torch.Tensor, kinds: dict[str, Callable[.
 
 
 def build(
-    model: nn.Module, cfg: OptimConfig, lr: float, excluded: Callable[..., bool]
+    model: nn.Module,
+    cfg: OptimConfig,
+    lr: float,
+    excluded: Callable[..., bool],
+    builders: dict[str, Callable[[list[dict], OptimConfig, float], torch.optim.Optimizer]],
 ) -> Composite:
     """One optimizer per group over its parameters, as one `Composite`; `lr` is optim.lr's peak LR, and each
-    group's peak is the same scaling of its own lr."""
+    group's peak is the same scaling of its own lr; `builders`: the optimizer registry's, by name."""
     groups = parse(cfg)
     children, labels = [], []
     for group, named in zip(groups, assign(model, groups)):
@@ -231,7 +235,7 @@ def build(
                 for adapt in (True, False)
             ]
             param_groups = [g for g in param_groups if g["params"]]
-            children.append(registry.OPTIMIZERS[group.name](param_groups, group.cfg, peak))
+            children.append(builders[group.name](param_groups, group.cfg, peak))
         labels.append(f"[{group.index}] {group.match} → {group.name}")
     return Composite(children, labels)
 
