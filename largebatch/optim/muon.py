@@ -52,6 +52,9 @@ class Muon(torch.optim.Optimizer):
 
     `replicated`: a process group over which the plain (not DTensor) parameters and gradients are the same on every
     rank (DDP's): their Newton–Schulz work is split over it as for sharded ones, with one all-gather of the results.
+
+    After each step ``state[p]["update_sumsq"]`` of a Muon matrix is the sum of squares of this rank's rows of the
+    applied update η·s·O (weight decay not included), a 0-d fp32 tensor (no host sync); `optim.update_rms` reads it.
     """
 
     def __init__(
@@ -201,8 +204,9 @@ class Muon(torch.optim.Optimizer):
         for (group, p, (rows, cols)), o in zip(
             todo, orthogonalize(matrices, process_group, 1e-7, self.replicated)
         ):
-            w = local(p)
+            w, lr = local(p), adjusted_lr(group["lr"], group["adjust_lr"], rows, cols)
             w.mul_(1 - group["lr"] * group["weight_decay"])
-            w.add_(
-                o.reshape(w.shape), alpha=-adjusted_lr(group["lr"], group["adjust_lr"], rows, cols)
+            w.add_(o.reshape(w.shape), alpha=-lr)
+            self.state[p]["update_sumsq"] = (
+                torch.linalg.vector_norm(o, dtype=torch.float32) ** 2 * lr**2
             )
