@@ -162,27 +162,30 @@ class Muon(torch.optim.Optimizer):
         )
 
     def _muon_step(self, groups: list[dict[str, Any]]) -> None:
-        """Momentum on local shards, then Newton–Schulz of whole matrices (`orthogonalize`), then decay and update."""
+        """Momentum on local shards, then Newton–Schulz of whole matrices (`orthogonalize`), then decay and update
+        (foreach ops where the update allows: the per-tensor ops' results, with fewer calls)."""
         todo: list[tuple[dict[str, Any], Tensor, tuple[int, int]]] = []
         matrices: list[Matrix] = []
         process_group = None
         for group in groups:
-            dtype, mu = NS_DTYPES[group["ns_dtype"]], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 if p.ndim < 2:
                     raise ValueError(
                         f"Muon got a {p.ndim}-D parameter of shape {tuple(p.shape)}; give it to AdamW"
                     )
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(
+                if not self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
                     )
-                grad, buf = local(p.grad), local(state["momentum_buffer"])
-                buf.lerp_(grad, 1 - mu)
-                update = grad.lerp(buf, mu) if group["nesterov"] else buf
+            if not params:
+                continue
+            grads = [local(p.grad) for p in params]
+            bufs = [local(self.state[p]["momentum_buffer"]) for p in params]
+            mu, dtype = group["momentum"], NS_DTYPES[group["ns_dtype"]]
+            torch._foreach_lerp_(bufs, grads, 1 - mu)
+            updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+            for p, update in zip(params, updates):
                 sharded, pg = placement(p)
                 if sharded:
                     if process_group is not None and pg is not process_group:
@@ -201,12 +204,13 @@ class Muon(torch.optim.Optimizer):
                 todo.append((group, p, (cols, rows) if group["transposed"] else (rows, cols)))
         if not matrices:
             return
-        for (group, p, (rows, cols)), o in zip(
-            todo, orthogonalize(matrices, process_group, 1e-7, self.replicated)
-        ):
-            w, lr = local(p), adjusted_lr(group["lr"], group["adjust_lr"], rows, cols)
-            w.mul_(1 - group["lr"] * group["weight_decay"])
+        results = orthogonalize(matrices, process_group, 1e-7, self.replicated)
+        weights = [local(p) for _, p, _ in todo]
+        torch._foreach_mul_(weights, [1 - g["lr"] * g["weight_decay"] for g, _, _ in todo])
+        lrs = [adjusted_lr(g["lr"], g["adjust_lr"], rows, cols) for g, _, (rows, cols) in todo]
+        for w, o, lr in zip(weights, results, lrs):
             w.add_(o.reshape(w.shape), alpha=-lr)
-            self.state[p]["update_sumsq"] = (
-                torch.linalg.vector_norm(o, dtype=torch.float32) ** 2 * lr**2
-            )
+        norms = torch._foreach_norm(results, dtype=torch.float32)
+        sumsq = torch._foreach_mul(torch._foreach_mul(norms, norms), [lr * lr for lr in lrs])
+        for (_, p, _), value in zip(todo, sumsq):
+            self.state[p]["update_sumsq"] = value
