@@ -228,6 +228,28 @@ def test_update_rms_is_the_rms_of_the_update_muon_added_to_each_matrix(adjust_lr
         assert logged[key] == pytest.approx(value, rel=1e-4)
 
 
+def test_bench_optim_muon_prints_both_precisions_against_torch_and_the_flop_floor(
+    monkeypatch, capsys
+) -> None:
+    from largebatch.bench import optim as bench_optim
+
+    monkeypatch.setattr(bench_optim, "GPTS", {"small": (32, 1)})
+    monkeypatch.setattr(bench_optim, "MUON_GOALS", {"small": 1.5})
+    threads = torch.get_num_threads()
+    try:
+        assert bench_optim.main(["--muon", "--steps=3", "--warmup=1", "--threads=1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    flops = sum(ns.ns_flops(r, c, 5) for r, c in bench_optim.gpt_matrix_shapes(32, 1))
+    for ns_dtype in ("bf16", "fp32"):
+        row = next(r for r in rows if r[:2] == ["small", ns_dtype])
+        assert float(row[-3]) == pytest.approx(flops / 1e9, rel=1e-3)
+        assert len(row) == (9 if HAS_TORCH_MUON else 6)
+    if HAS_TORCH_MUON:
+        assert any(r[-2:] == ["≥", "1.5)"] for r in rows)
+
+
 def test_owners_balance_newton_schulz_flops_over_ranks() -> None:
     flops = [ns.ns_flops(r, c, 5) for r, c in [(128, 32), (32, 32), (32, 32), (32, 128), (16, 16)]]
     owner = ns.owners(flops, 2)

@@ -322,7 +322,7 @@ def muon_rows(steps: int, warmup: int, threads: int) -> None:
                 row += f"{statistics.median(times['torch']):>10.2f}{median:>11.2f}{f'{q1:.2f}-{q3:.2f}':>13}"
             else:
                 row += f"{'':>34}"
-            print(row + f"{flops / 1e9:>10.3f}{floor:>10.2f}{ours / floor:>11.2f}")
+            print(row + f"{flops / 1e9:>10.4g}{floor:>10.2f}{ours / floor:>11.2f}")
     for label, goal in MUON_GOALS.items():
         if (label, "bf16") in speedups:
             print(
@@ -372,12 +372,13 @@ def print_muon_sharded(result: dict, steps: int) -> None:
         f"split over DDP replicas (1 all-gather)"
     )
     print(
-        f"{'matrices':<32}{'unsharded':>10}{'FSDP2 shards':>13}{'/unsharded':>11}{'DDP split':>10}{'/unsharded':>11}"
+        f"{'matrices':<32}{'unsharded':>11}{'FSDP2 shards':>14}{'/unsharded':>12}{'DDP split':>11}"
+        f"{'/unsharded':>12}"
     )
     for label, ms in result["ms"].items():
         base, fsdp, ddp = ms["unsharded"], ms["FSDP2 shards"], ms["DDP split"]
         print(
-            f"{label:<32}{base:>10.2f}{fsdp:>13.2f}{fsdp / base:>11.2f}{ddp:>10.2f}{ddp / base:>11.2f}"
+            f"{label:<32}{base:>11.2f}{fsdp:>14.2f}{fsdp / base:>12.2f}{ddp:>11.2f}{ddp / base:>12.2f}"
         )
     print("goal: FSDP2 shards/unsharded ≤ 0.6 on 2 processes")
 
