@@ -1,11 +1,11 @@
 """Newton–Schulz orthogonalisation of whole matrices: on one process, split over DDP replicas, or over FSDP2 shards.
 
 The iteration is torch.optim.Muon's (`_zeropower_via_newtonschulz`, Jordan 2024) in a chosen dtype; small matrices
-of one shape (up to transposition) run as one batched matmul chain. Sharded (FSDP2's dim-0 DTensors on a 1-D mesh,
-uneven or empty shards included): each matrix gets an owner rank (largest FLOPs first, each to the least loaded
-rank), one `all_to_all_single` sends the owners every shard of their matrices' U (already in the iteration's dtype),
-the owners orthogonalise whole matrices, and a second `all_to_all_single` returns each rank its rows of the result:
-two collectives per step whatever the number of matrices, and each rank does ≈ 1/world of the iterations (Dion and
+of one shape run as one batched matmul chain. Sharded (FSDP2's dim-0 DTensors on a 1-D mesh, uneven or empty shards
+included): each matrix gets an owner rank (largest FLOPs first, each to the least loaded rank), one
+`all_to_all_single` sends the owners every shard of their matrices' U (already in the iteration's dtype), the owners
+orthogonalise whole matrices, and a second `all_to_all_single` returns each rank its rows of the result: two
+collectives per step whatever the number of matrices, and each rank does ≈ 1/world of the iterations (Dion and
 torchtitan's DistMuon batch matrices world at a time instead). Replicated (DDP), the same owners orthogonalise their
 matrices and one `all_gather` gives every rank all results, equal to every rank computing them all.
 """
@@ -87,25 +87,25 @@ class Matrix:
     steps: int
     sharded: bool
 
+    @property
+    def key(self) -> tuple[int, int, int, torch.dtype]:
+        return self.rows, self.cols, self.steps, self.local.dtype
+
 
 def _orthogonalize_all(
     matrices: dict[int, Tensor], specs: dict[int, Matrix], eps: float
 ) -> dict[int, Tensor]:
-    """NS of every whole matrix in `matrices` (index → (rows, cols)); small ones batched over equal steps, dtypes and
-    shapes up to transposition (a tall matrix joins the wide ones of its transposed shape: NS(Uᵀ) = NS(U)ᵀ, and the
-    iteration runs on the wide orientation anyway)."""
+    """NS of every whole matrix in `matrices` (index → (rows, cols)); small ones batched over equal shapes, steps and
+    dtypes."""
     batches: dict[tuple, list[int]] = defaultdict(list)
     for i in matrices:
-        spec = specs[i]
-        small = spec.rows * spec.cols <= BATCHED_SIZE
-        shape = tuple(sorted((spec.rows, spec.cols)))
-        batches[(*shape, spec.steps, spec.local.dtype) if small else (i,)].append(i)
+        small = specs[i].rows * specs[i].cols <= BATCHED_SIZE
+        batches[specs[i].key if small else (i,)].append(i)
     out = {}
     for index in batches.values():
-        tall = [specs[i].rows > specs[i].cols for i in index]
-        wide = [matrices[i].mT if t else matrices[i] for i, t in zip(index, tall)]
-        result = newton_schulz(torch.stack(wide), specs[index[0]].steps, eps).unbind(0)
-        out.update((i, o.mT if t else o) for i, o, t in zip(index, result, tall))
+        steps = specs[index[0]].steps
+        result = newton_schulz(torch.stack([matrices[i] for i in index]), steps, eps)
+        out.update(zip(index, result.unbind(0)))
     return out
 
 
