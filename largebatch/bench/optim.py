@@ -224,9 +224,13 @@ def print_sharded(result: dict, steps: int) -> None:
         )
 
 
-GPTS = {"tiny GPT, width 128, 6 blocks": (128, 6), "GPT-2 small, 2 blocks": (768, 2)}
+GPTS = {
+    "tiny GPT, width 32, 8 blocks": (32, 8),
+    "GPT, width 128, 6 blocks": (128, 6),
+    "GPT-2 small, 2 blocks": (768, 2),
+}
 """Muon's workloads: (width, blocks) of the built-in GPT's blocks whose weight matrices Muon steps."""
-MUON_GOALS = {"tiny GPT, width 128, 6 blocks": 1.5, "GPT-2 small, 2 blocks": 1.0}
+MUON_GOALS = {"tiny GPT, width 32, 8 blocks": 1.5, "GPT-2 small, 2 blocks": 1.0}
 """Speed-up over torch.optim.Muon that the bf16 rows should reach (issue 26)."""
 
 

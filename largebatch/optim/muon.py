@@ -180,12 +180,11 @@ class Muon(torch.optim.Optimizer):
                     )
             if not params:
                 continue
-            grads = [local(p.grad) for p in params]
-            bufs = [local(self.state[p]["momentum_buffer"]) for p in params]
             mu, dtype = group["momentum"], NS_DTYPES[group["ns_dtype"]]
-            torch._foreach_lerp_(bufs, grads, 1 - mu)
-            updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
-            for p, update in zip(params, updates):
+            for p in params:
+                grad, buf = local(p.grad), local(self.state[p]["momentum_buffer"])
+                buf.lerp_(grad, 1 - mu)
+                update = grad.lerp(buf, mu) if group["nesterov"] else buf
                 sharded, pg = placement(p)
                 if sharded:
                     if process_group is not None and pg is not process_group:
