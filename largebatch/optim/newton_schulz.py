@@ -104,6 +104,9 @@ def _orthogonalize_all(
     out = {}
     for index in batches.values():
         steps = specs[index[0]].steps
+        if len(index) == 1:  # as newton_schulz does, without stacking a copy of a large matrix
+            out[index[0]] = _newton_schulz_2d(matrices[index[0]], steps, eps)
+            continue
         result = newton_schulz(torch.stack([matrices[i] for i in index]), steps, eps)
         out.update(zip(index, result.unbind(0)))
     return out
