@@ -5,12 +5,12 @@ on dim 0 as FSDP2 shards them (whole-parameter norms from one all-reduce per ste
 DeepSpeed's CPU Adam (the optimizer of ZeRO-Offload) and our LAMB with per-shard norms (wrong; the cost floor),
 stepping the same local shards as plain tensors.
 
-`--muon` times our Muon against torch.optim.Muon instead, on the weight matrices of a tiny GPT (many small ones) and
-of two GPT-2-small blocks, with the Newton–Schulz iteration in bf16 (torch's) and in fp32 (torch's patched), the
-same threads for both: per-step medians, the speed-up's median and quartiles over the rounds, and the step against
-its Newton–Schulz FLOPs at this machine's measured matmul rate. `--muon --sharded`: our Muon's step per rank on the
-matrices sharded on dim 0 over --nproc processes (1 thread each; FSDP2's layout, and split over DDP replicas)
-against the unsharded step on 1 thread.
+`--muon` times our Muon against torch.optim.Muon instead, on the weight matrices of the built-in GPT's blocks at
+width 32 (a tiny GPT's many small ones) and 128, and of two GPT-2-small blocks, with the Newton–Schulz iteration in
+bf16 (torch's) and in fp32 (torch's patched), the same threads for both: per-step medians, the speed-up's median and
+quartiles over the rounds, and the step against its Newton–Schulz FLOPs at this machine's measured matmul rate.
+`--muon --sharded`: our Muon's step per rank on the matrices sharded on dim 0 over --nproc processes (1 thread each;
+FSDP2's layout, and split over DDP replicas) against the unsharded step on 1 thread.
 """
 
 import json
