@@ -208,7 +208,8 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_mul_(weights, [1 - g["lr"] * g["weight_decay"] for g, _, _ in todo])
         lrs = [adjusted_lr(g["lr"], g["adjust_lr"], rows, cols) for g, _, (rows, cols) in todo]
         for w, o, lr in zip(weights, results, lrs):
-            w.add_(o.reshape(w.shape), alpha=-lr)
+            # contiguous: a tall matrix's O is a transposed view, and adding it strided is 2.5× slower on the CPU
+            w.add_(o.contiguous().reshape(w.shape), alpha=-lr)
         norms = torch._foreach_norm(results, dtype=torch.float32)
         sumsq = torch._foreach_mul(torch._foreach_mul(norms, norms), [lr * lr for lr in lrs])
         for (_, p, _), value in zip(todo, sumsq):
