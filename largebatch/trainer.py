@@ -521,6 +521,7 @@ class Trainer:
             "nonfinite_steps": s.nonfinite_steps,
             "applied_steps": s.applied_steps,
             **optim.trust_ratios(self.engine.module, self.optimizer),
+            **optim.update_rms(self.engine.module, self.optimizer),
         }
         if self.engine.loss_scale is not None:
             record["loss_scale"] = self.engine.loss_scale

@@ -206,6 +206,50 @@ def test_conv_kernels_are_orthogonalised_as_out_by_in_k_k_matrices(shape: tuple[
     torch.testing.assert_close(conv.detach(), before - 0.1 * scale * flat.reshape(shape))
 
 
+@pytest.mark.parametrize("adjust_lr", ["original", "match_rms_adamw"])
+def test_update_rms_is_the_rms_of_the_update_muon_added_to_each_matrix(adjust_lr: str) -> None:
+    torch.manual_seed(0)
+    model = GPT(vocab=64, context=16, width=32, depth=2, heads=2)
+    options = {"ns_dtype": "fp32", "adjust_lr": adjust_lr}
+    built = optim.build(
+        model, OptimConfig(name="muon", lr=0.02, weight_decay=0.1, options=options), 0.02
+    )
+    model(torch.randint(0, 64, (4, 16))).square().mean().backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    built.step()
+    matrices = [(n, p) for n, p in model.named_parameters() if p.ndim == 2 and "blocks" in n]
+    expected = {
+        f"update_rms/{n}": (before[n] * (1 - 0.02 * 0.1) - p).square().mean().sqrt().item()
+        for n, p in matrices
+    }
+    logged = optim.update_rms(model, built)
+    assert logged.keys() == expected.keys()
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value, rel=1e-4)
+
+
+def test_bench_optim_muon_prints_both_precisions_against_torch_and_the_flop_floor(
+    monkeypatch, capsys
+) -> None:
+    from largebatch.bench import optim as bench_optim
+
+    monkeypatch.setattr(bench_optim, "GPTS", {"small": (32, 1)})
+    monkeypatch.setattr(bench_optim, "MUON_GOALS", {"small": 1.5})
+    threads = torch.get_num_threads()
+    try:
+        assert bench_optim.main(["--muon", "--steps=3", "--warmup=1", "--threads=1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    flops = sum(ns.ns_flops(r, c, 5) for r, c in bench_optim.gpt_matrix_shapes(32, 1))
+    for ns_dtype in ("bf16", "fp32"):
+        row = next(r for r in rows if r[:2] == ["small", ns_dtype])
+        assert float(row[-3]) == pytest.approx(flops / 1e9, rel=1e-3)
+        assert len(row) == (9 if HAS_TORCH_MUON else 6)
+    if HAS_TORCH_MUON:
+        assert any(r[-2:] == ["≥", "1.5)"] for r in rows)
+
+
 def test_owners_balance_newton_schulz_flops_over_ranks() -> None:
     flops = [ns.ns_flops(r, c, 5) for r, c in [(128, 32), (32, 32), (32, 32), (32, 128), (16, 16)]]
     owner = ns.owners(flops, 2)
@@ -327,6 +371,16 @@ def test_fsdp_training_follows_ddp_training(results: dict, case: str) -> None:
     for a, b in zip(ddp, fsdp):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
     assert fsdp[-1]["loss"] < fsdp[0]["loss"]
+
+
+def test_update_rms_is_logged_per_matrix_and_fsdp_sums_it_over_shards(results: dict) -> None:
+    """FSDP2's update RMS of each matrix, from the squares of its shards, equals DDP's of the whole matrix."""
+    ddp, fsdp = (read(results["base"] / e, "metrics.jsonl") for e in ("ddp", "fsdp"))
+    keys = [k for k in ddp[0] if k.startswith("update_rms/")]
+    assert len(keys) == 8 and "update_rms/blocks.0.qkv.weight" in keys
+    for a, b in zip(ddp, fsdp):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-4)
 
 
 def test_a_resumed_fsdp_run_ends_with_the_parameters_of_the_straight_one(results: dict) -> None:

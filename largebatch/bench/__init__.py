@@ -17,7 +17,8 @@ BENCHMARKS = {
     "gns": "the trainer's samples/s measuring the gradient noise scale every step vs not",
     "loop": "our trainer's samples/s vs a minimal hand-written DDP loop (or DeepSpeed ZeRO vs DDP)",
     "memory": "activation memory and step time with and without gradient checkpointing; bytes per engine",
-    "optim": "our LARS/LAMB step vs torch's fused SGD/AdamW and torch-optimizer, on ResNet-50's shapes",
+    "optim": "our LARS/LAMB step vs torch's fused SGD/AdamW and torch-optimizer, on ResNet-50's shapes; "
+    "--muon: our Muon vs torch.optim.Muon on GPT matrices",
 }
 """Name → one line for `largebatch bench --help`; each benchmark's own --help (its module's docstring) says more."""
 

@@ -4,6 +4,13 @@
 on dim 0 as FSDP2 shards them (whole-parameter norms from one all-reduce per step) against torch's fused AdamW and SGD,
 DeepSpeed's CPU Adam (the optimizer of ZeRO-Offload) and our LAMB with per-shard norms (wrong; the cost floor),
 stepping the same local shards as plain tensors.
+
+`--muon` times our Muon against torch.optim.Muon instead, on the weight matrices of the built-in GPT's blocks at
+width 32 (a tiny GPT's many small ones) and 128, and of two GPT-2-small blocks, with the Newton–Schulz iteration in
+bf16 (torch's) and in fp32 (torch's patched), the same threads for both: per-step medians, the speed-up's median and
+quartiles over the rounds, and the step against its Newton–Schulz FLOPs at this machine's measured matmul rate.
+`--muon --sharded`: our Muon's step per rank on the matrices sharded on dim 0 over --nproc processes (1 thread each;
+FSDP2's layout, and split over DDP replicas) against the unsharded step on 1 thread.
 """
 
 import json
@@ -11,6 +18,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -20,6 +28,8 @@ from largebatch import bench
 from largebatch.bench import run_workers
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
+from largebatch.optim.muon import NS_DTYPES, Muon
+from largebatch.optim.newton_schulz import ns_flops
 
 _RESNET50_STAGES = ((64, 3), (128, 4), (256, 6), (512, 3))  # (width, bottleneck blocks)
 
@@ -90,16 +100,29 @@ def time_steps(optimizers: dict[str, Optimizer], steps: int, warmup: int) -> dic
     of them alike, and each step starts with caches full of another model's state, as it does
     after a backward pass.
     """
+    return {name: statistics.median(t) for name, t in step_times(optimizers, steps, warmup).items()}
+
+
+def step_times(
+    optimizers: dict[str, Optimizer],
+    steps: int,
+    warmup: int,
+    before: Callable[[], object] = lambda: None,
+) -> dict[str, list[float]]:
+    """Wall time of each round's step() per optimizer, in milliseconds (`time_steps`); `before` runs untimed before
+    every step (a barrier, so that a collective step does not time the wait for a slower rank's previous one)."""
     for optimizer in optimizers.values():
         for _ in range(warmup):
+            before()
             optimizer.step()
     times: dict[str, list[float]] = {name: [] for name in optimizers}
     for _ in range(steps):
         for name, optimizer in optimizers.items():
+            before()
             start = time.perf_counter()
             optimizer.step()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return times
 
 
 def _sharded_groups(seed: int, shard: Callable[[torch.Tensor], torch.Tensor]) -> list[dict]:
@@ -201,6 +224,169 @@ def print_sharded(result: dict, steps: int) -> None:
         )
 
 
+GPTS = {
+    "tiny GPT, width 32, 8 blocks": (32, 8),
+    "GPT, width 128, 6 blocks": (128, 6),
+    "GPT-2 small, 2 blocks": (768, 2),
+}
+"""Muon's workloads: (width, blocks) of the built-in GPT's blocks whose weight matrices Muon steps."""
+MUON_GOALS = {"tiny GPT, width 32, 8 blocks": 1.5, "GPT-2 small, 2 blocks": 1.0}
+"""Speed-up over torch.optim.Muon that the bf16 rows should reach (issue 26)."""
+
+
+def gpt_matrix_shapes(width: int, blocks: int) -> list[tuple[int, int]]:
+    """The weight matrices of `blocks` blocks of the built-in GPT, (out, in) as nn.Linear stores them: qkv, the
+    attention's projection, the MLP's two."""
+    return [(3 * width, width), (width, width), (4 * width, width), (width, 4 * width)] * blocks
+
+
+def _matrices(
+    shapes: list[tuple[int, int]], shard: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+) -> list[torch.nn.Parameter]:
+    """Weights and random gradients of `shapes` (the same values on every rank), each through `shard`."""
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(shard(torch.randn(shape, generator=gen) * 0.02))
+        p.grad = shard(torch.randn(shape, generator=gen) * 1e-3)
+        params.append(p)
+    return params
+
+
+def _fp32_zeropower(
+    grad: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
+) -> torch.Tensor:
+    """torch's `_zeropower_via_newtonschulz` with the iteration in fp32 (torch hard-codes bf16)."""
+    a, b, c = coefficients
+    tall = grad.size(0) > grad.size(1)
+    x = grad.float().T if tall else grad.float()
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def _torch_muon(params: list[torch.nn.Parameter], ns_dtype: str) -> Optimizer:
+    """torch.optim.Muon at our bench settings, its Newton–Schulz in `ns_dtype`."""
+    optimizer = torch.optim.Muon(params, lr=0.02, weight_decay=0.1)
+    if ns_dtype == "fp32":
+        step = optimizer.step
+
+        def fp32_step(closure: Callable | None = None) -> object:
+            with mock.patch("torch.optim._muon._zeropower_via_newtonschulz", _fp32_zeropower):
+                return step(closure)
+
+        optimizer.step = fp32_step
+    return optimizer
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 1024, repeats: int = 20) -> float:
+    """FLOP/s of the fastest of `repeats` (n × n) @ (n × n) matmuls in `dtype` (the fastest: other processes on the
+    machine slow some down)."""
+    a, b = (torch.randn(n, n).to(dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def muon_rows(steps: int, warmup: int, threads: int) -> None:
+    """Print our Muon against torch.optim.Muon on each of GPTS, in bf16 and fp32 (see the module)."""
+    has_torch = hasattr(torch.optim, "Muon")
+    if not has_torch:
+        print("torch.optim.Muon: not available (torch < 2.9); our rows only")
+    rates = {name: matmul_rate(dtype) for name, dtype in NS_DTYPES.items()}
+    print(
+        f"Muon on weight matrices, {threads} threads, median of {steps} steps after {warmup}; "
+        f"matmul rate (1024² @ 1024²): "
+        + ", ".join(f"{name} {rate / 1e9:.1f} GFLOP/s" for name, rate in rates.items())
+    )
+    print(
+        f"{'matrices':<32}{'NS':>5}{'ours ms':>9}{'torch ms':>10}{'torch/ours':>11}{'quartiles':>13}"
+        f"{'NS GFLOP':>10}{'floor ms':>10}{'ours/floor':>11}"
+    )
+    speedups = {}
+    for label, (width, blocks) in GPTS.items():
+        shapes = gpt_matrix_shapes(width, blocks)
+        flops = sum(ns_flops(rows, cols, 5) for rows, cols in shapes)
+        for ns_dtype in NS_DTYPES:
+            optimizers = {"ours": Muon(_matrices(shapes), lr=0.02, ns_dtype=ns_dtype)}
+            if has_torch:
+                optimizers["torch"] = _torch_muon(_matrices(shapes), ns_dtype)
+            times = step_times(optimizers, steps, warmup)
+            ours, floor = statistics.median(times["ours"]), 1e3 * flops / rates[ns_dtype]
+            row = f"{label:<32}{ns_dtype:>5}{ours:>9.2f}"
+            if has_torch:
+                ratios = [t / o for t, o in zip(times["torch"], times["ours"])]
+                q1, median, q3 = statistics.quantiles(ratios, n=4)
+                speedups[label, ns_dtype] = median
+                row += f"{statistics.median(times['torch']):>10.2f}{median:>11.2f}{f'{q1:.2f}-{q3:.2f}':>13}"
+            else:
+                row += f"{'':>34}"
+            print(row + f"{flops / 1e9:>10.4g}{floor:>10.2f}{ours / floor:>11.2f}")
+    for label, goal in MUON_GOALS.items():
+        if (label, "bf16") in speedups:
+            print(
+                f"torch.optim.Muon/ours on the {label} matrices, bf16 = {speedups[label, 'bf16']:.2f} "
+                f"(goal ≥ {goal})"
+            )
+    print(
+        "floor: the Newton–Schulz FLOPs (5 iterations of 2·(2m²n + m³) for an m × n matrix, m ≤ n) at the "
+        "1024² matmul rate"
+    )
+
+
+def muon_sharded_worker(steps: int, warmup: int) -> None:
+    """Runs under torchrun: our Muon (bf16) on GPTS unsharded, on FSDP2's dim-0 shards (DTensors) and split over the
+    ranks as DDP replicas; rank 0 prints the largest medians over ranks (a barrier before every step)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from largebatch import dist as lbdist
+
+    info = lbdist.from_env()
+    lbdist.init(info, always=True)
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (info.world_size,))
+    dtensor = lambda t: distribute_tensor(t, mesh, [Shard(0)])  # noqa: E731
+    result = {}
+    for label, (width, blocks) in GPTS.items():
+        shapes = gpt_matrix_shapes(width, blocks)
+        optimizers = {
+            "unsharded": Muon(_matrices(shapes), lr=0.02),
+            "FSDP2 shards": Muon(_matrices(shapes, dtensor), lr=0.02),
+            "DDP split": Muon(_matrices(shapes), lr=0.02, replicated=dist.group.WORLD),
+        }
+        times = step_times(optimizers, steps, warmup, before=dist.barrier)
+        largest = torch.tensor([statistics.median(t) for t in times.values()])
+        dist.all_reduce(largest, dist.ReduceOp.MAX)
+        result[label] = dict(zip(times, largest.tolist()))
+    lbdist.teardown()
+    if info.is_main:
+        print(json.dumps({"ms": result, "world": info.world_size}))
+
+
+def print_muon_sharded(result: dict, steps: int) -> None:
+    print(
+        f"Muon (bf16 Newton–Schulz) over {result['world']} processes (1 thread each), the slowest rank's median of "
+        f"{steps} steps: unsharded (every rank all matrices), on FSDP2's dim-0 shards (DTensors, 2 all-to-alls), "
+        f"split over DDP replicas (1 all-gather)"
+    )
+    print(
+        f"{'matrices':<32}{'unsharded':>11}{'FSDP2 shards':>14}{'/unsharded':>12}{'DDP split':>11}"
+        f"{'/unsharded':>12}"
+    )
+    for label, ms in result["ms"].items():
+        base, fsdp, ddp = ms["unsharded"], ms["FSDP2 shards"], ms["DDP split"]
+        print(
+            f"{label:<32}{base:>11.2f}{fsdp:>14.2f}{fsdp / base:>12.2f}{ddp:>11.2f}{ddp / base:>12.2f}"
+        )
+    print("goal: FSDP2 shards/unsharded ≤ 0.6 on 2 processes")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = bench.parser("optim", __doc__)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per optimizer")
@@ -212,16 +398,28 @@ def main(argv: list[str] | None = None) -> int:
         "--sharded", action="store_true", help="on the shards of --nproc processes (FSDP2's layout)"
     )
     parser.add_argument("--nproc", type=int, default=2, help="processes with --sharded (default 2)")
+    parser.add_argument(
+        "--muon",
+        action="store_true",
+        help="our Muon vs torch.optim.Muon on GPT matrices instead (try --steps 10 --warmup 2)",
+    )
     args = parser.parse_args(argv)
     if args.sharded:
         result = run_workers(
-            "largebatch.bench.optim", args.nproc, str(args.steps), str(args.warmup)
+            "largebatch.bench.optim",
+            args.nproc,
+            str(args.steps),
+            str(args.warmup),
+            *(["muon"] if args.muon else []),
         )
         if result is None:
             return 1
-        print_sharded(result, args.steps)
+        (print_muon_sharded if args.muon else print_sharded)(result, args.steps)
         return 0
     torch.set_num_threads(args.threads)
+    if args.muon:
+        muon_rows(args.steps, args.warmup, args.threads)
+        return 0
 
     shapes = resnet50_shapes()
     numel = sum(torch.Size(s).numel() for s in shapes)
@@ -247,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        sharded_worker(int(sys.argv[2]), int(sys.argv[3]))
+        worker = muon_sharded_worker if sys.argv[4:5] == ["muon"] else sharded_worker
+        worker(int(sys.argv[2]), int(sys.argv[3]))
     else:
         sys.exit(main())

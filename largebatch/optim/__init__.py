@@ -14,6 +14,7 @@ import inspect
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from largebatch import optim_args
@@ -22,6 +23,7 @@ from largebatch.errors import UserError, check_choice
 from largebatch.optim import groups, split
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
+from largebatch.optim.newton_schulz import placement
 from largebatch.optim.scaling import scaling_rule
 from largebatch.registry import OPTIMIZER_OPTIONS as OPTIONS
 from largebatch.registry import POSITIVE_EPS, optimizer_family
@@ -189,3 +191,27 @@ def trust_ratios(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
         return {}
     values = torch.stack([r.float() for _, r in named]).tolist()
     return {f"trust_ratio/{n}": v for (n, _), v in zip(named, values)}
+
+
+def update_rms(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """`update_rms/<parameter>` of the last step for every Muon matrix, or {}: the RMS of the update Muon added to the
+    weights, η·s·O with the adjusted lr (weight decay not included; `match_rms_adamw` aims it at 0.2·η). Sharded
+    matrices sum their shards' squares with one all-reduce (collective: every rank calls this); one host sync."""
+    named = [
+        (n, p, optimizer.state[p]["update_sumsq"])
+        for n, p in model.named_parameters()
+        if "update_sumsq" in optimizer.state.get(p, {})
+    ]
+    if not named:
+        return {}
+    sums = torch.stack([s for _, _, s in named])
+    places = [placement(p) for _, p, _ in named]
+    group = next((pg for sharded, pg in places if sharded), None)
+    if group is not None:
+        mask = torch.tensor([sharded for sharded, _ in places], device=sums.device)
+        total = torch.where(mask, sums, 0.0)
+        dist.all_reduce(total, group=group)
+        sums = torch.where(mask, total, sums)
+    sizes = torch.tensor([p.numel() for _, p, _ in named], dtype=sums.dtype, device=sums.device)
+    values = (sums / sizes).sqrt().tolist()
+    return {f"update_rms/{n}": v for (n, _, _), v in zip(named, values)}

@@ -52,6 +52,10 @@ class Muon(torch.optim.Optimizer):
 
     `replicated`: a process group over which the plain (not DTensor) parameters and gradients are the same on every
     rank (DDP's): their Newton–Schulz work is split over it as for sharded ones, with one all-gather of the results.
+
+    After each step ``state[p]["update_sumsq"]`` of a Muon matrix is the sum of squares of this rank's rows of the
+    applied update η·s·O (weight decay not included; to the iteration dtype's precision), a 0-d fp32 tensor (no host
+    sync); `optim.update_rms` reads it.
     """
 
     def __init__(
@@ -159,25 +163,27 @@ class Muon(torch.optim.Optimizer):
         )
 
     def _muon_step(self, groups: list[dict[str, Any]]) -> None:
-        """Momentum on local shards, then Newton–Schulz of whole matrices (`orthogonalize`), then decay and update."""
+        """Momentum on local shards, then Newton–Schulz of whole matrices (`orthogonalize`), then decay and update
+        (foreach ops where the update allows: the per-tensor ops' results, with fewer calls)."""
         todo: list[tuple[dict[str, Any], Tensor, tuple[int, int]]] = []
         matrices: list[Matrix] = []
         process_group = None
         for group in groups:
-            dtype, mu = NS_DTYPES[group["ns_dtype"]], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 if p.ndim < 2:
                     raise ValueError(
                         f"Muon got a {p.ndim}-D parameter of shape {tuple(p.shape)}; give it to AdamW"
                     )
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(
+                if not self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
                     )
-                grad, buf = local(p.grad), local(state["momentum_buffer"])
+            if not params:
+                continue
+            mu, dtype = group["momentum"], NS_DTYPES[group["ns_dtype"]]
+            for p in params:
+                grad, buf = local(p.grad), local(self.state[p]["momentum_buffer"])
                 buf.lerp_(grad, 1 - mu)
                 update = grad.lerp(buf, mu) if group["nesterov"] else buf
                 sharded, pg = placement(p)
@@ -198,11 +204,15 @@ class Muon(torch.optim.Optimizer):
                 todo.append((group, p, (cols, rows) if group["transposed"] else (rows, cols)))
         if not matrices:
             return
-        for (group, p, (rows, cols)), o in zip(
-            todo, orthogonalize(matrices, process_group, 1e-7, self.replicated)
-        ):
-            w = local(p)
-            w.mul_(1 - group["lr"] * group["weight_decay"])
-            w.add_(
-                o.reshape(w.shape), alpha=-adjusted_lr(group["lr"], group["adjust_lr"], rows, cols)
-            )
+        results = orthogonalize(matrices, process_group, 1e-7, self.replicated)
+        weights = [local(p) for _, p, _ in todo]
+        torch._foreach_mul_(weights, [1 - g["lr"] * g["weight_decay"] for g, _, _ in todo])
+        lrs = [adjusted_lr(g["lr"], g["adjust_lr"], rows, cols) for g, _, (rows, cols) in todo]
+        for w, o, lr in zip(weights, results, lrs):
+            # contiguous: a tall matrix's O is a transposed view, and adding it strided is 2.5× slower on the CPU
+            w.add_(o.contiguous().reshape(w.shape), alpha=-lr)
+        # in the iteration's dtype (fp32 accumulation, the result rounded): a bf16 → fp32 copy first costs 2 % of a step
+        norms = [n.float() for n in torch._foreach_norm(results)]
+        sumsq = torch._foreach_mul(torch._foreach_mul(norms, norms), [lr * lr for lr in lrs])
+        for (_, p, _), value in zip(todo, sumsq):
+            self.state[p]["update_sumsq"] = value

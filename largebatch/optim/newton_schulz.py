@@ -104,7 +104,12 @@ def _orthogonalize_all(
     out = {}
     for index in batches.values():
         steps = specs[index[0]].steps
-        result = newton_schulz(torch.stack([matrices[i] for i in index]), steps, eps)
+        stacked = (  # a view, not a stacked copy, for a matrix alone in its batch
+            matrices[index[0]][None]
+            if len(index) == 1
+            else torch.stack([matrices[i] for i in index])
+        )
+        result = newton_schulz(stacked, steps, eps)
         out.update(zip(index, result.unbind(0)))
     return out
 
