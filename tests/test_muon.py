@@ -39,7 +39,7 @@ LM = (
     "data.context=32",
     "batch.global_size=32",
     "batch.micro_size=16",
-    "train.steps=10",
+    "train.steps=20",
     "schedule.name=constant",
     "schedule.warmup_steps=2",
     "train.clip_grad_norm=0.3",
@@ -54,7 +54,7 @@ LM = (
 """The byte-level GPT (two blocks, tied embeddings) with Muon in fp32 Newton–Schulz, clipping on."""
 TRAININGS = {
     "ddp": LM,
-    "fsdp": (*LM, "engine.name=fsdp", "train.checkpoint_every=5"),
+    "fsdp": (*LM, "engine.name=fsdp", "train.checkpoint_every=10"),
     "fsdp-a2": (*LM, "engine.name=fsdp", "batch.micro_size=8"),
     "ddp-a2": (*LM, "batch.micro_size=8"),
 }
@@ -67,11 +67,34 @@ HF = (
     "optim.options.ns_dtype=fp32",
     "batch.global_size=16",
     "batch.micro_size=8",
-    "train.steps=6",
+    "train.steps=20",
+    "train.clip_grad_norm=0.3",
     "train.log_every=1",
     "logging.progress=false",
 )
 """A 1-layer hf: GPT-2 (Conv1D weights, tied head) with Muon; data.path and model.name come from the fixture."""
+USER = (
+    f"--config={ROOT / 'tests/tasks/linreg.yaml'}",
+    "model.name=linreg:hidden_model",
+    "model.args={hidden: 33}",
+    "data.args={sigma: 1.0, size: 1024}",
+    "train.noise_scale=false",
+    "batch.global_size=32",
+    "batch.micro_size=16",
+    "train.steps=20",
+    "train.clip_grad_norm=0.3",
+    "optim.name=muon",
+    "optim.lr=0.02",
+    "optim.scaling=none",
+    "optim.options.adamw_lr=0.003",
+    "optim.options.ns_dtype=fp32",
+)
+"""A user module: linear regression through a (33, 16) hidden matrix, which FSDP2 shards 17/16 rows."""
+
+
+def midway(base: Path) -> Path:
+    """The FSDP2 training's checkpoint at step 10 of 20, which the resumed trainings start from."""
+    return base / "fsdp" / "checkpoints" / "step_00000010"
 
 
 def fp32_zeropower(grad, coefficients, steps, eps):
@@ -296,7 +319,7 @@ def test_bad_muon_options_are_one_line_errors_with_the_fix(cfg: OptimConfig, mes
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     """What rank 0 of the 2-process job saved, and the trainings' base directory."""
-    from conftest import write_tiny_gpt2, write_tokens
+    from conftest import cli, write_tiny_gpt2, write_tokens
 
     base = tmp_path_factory.mktemp("muon")
     write_tiny_gpt2(base / "tiny-gpt2")
@@ -324,6 +347,15 @@ def results(tmp_path_factory) -> dict:
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
+    # The 2-process FSDP2 checkpoint, resumed on 1 process (same global batch, so accumulation 2).
+    one = cli(
+        "train",
+        *TRAININGS["fsdp"],
+        f"run.resume={midway(base)}",
+        f"run.dir={base / 'fsdp-on-1'}",
+        env={"PYTHONPATH": str(ROOT)},
+    )
+    assert one.returncode == 0, one.stderr[-4000:]
     return {**torch.load(out), "base": base, "stdout": done.stdout}
 
 
@@ -363,14 +395,22 @@ def read(run: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (run / name).read_text().splitlines()]
 
 
-@pytest.mark.parametrize("case", ["", "-a2", "-hf"])
+def final_params(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "model.pt")
+
+
+@pytest.mark.parametrize("case", ["", "-a2", "-hf", "-user", "-user-a2"])
 def test_fsdp_training_follows_ddp_training(results: dict, case: str) -> None:
-    """The built-in GPT at accumulation 1 and 2, and an hf: GPT-2 (Conv1D weights sharded on their `in` rows)."""
-    ddp, fsdp = (read(results["base"] / f"{e}{case}", "metrics.jsonl") for e in ("ddp", "fsdp"))
-    assert len(ddp) == len(fsdp) == (6 if case == "-hf" else 10)
-    for a, b in zip(ddp, fsdp):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
-    assert fsdp[-1]["loss"] < fsdp[0]["loss"]
+    """20 steps, clipping on: the built-in GPT and a user module (a (33, 16) matrix) at accumulation 1 and 2, and an
+    hf: GPT-2 (Conv1D weights sharded on their `in` rows); per-step losses and final parameters within 1e-5."""
+    ddp, fsdp = (results["base"] / f"{e}{case}" for e in ("ddp", "fsdp"))
+    ddp_log, fsdp_log = read(ddp, "metrics.jsonl"), read(fsdp, "metrics.jsonl")
+    assert len(ddp_log) == len(fsdp_log) == 20
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ddp_log, fsdp_log)) <= 1e-5
+    assert fsdp_log[-1]["loss"] < fsdp_log[0]["loss"]
+    a, b = final_params(ddp), final_params(fsdp)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 
 
 def test_update_rms_is_logged_per_matrix_and_fsdp_sums_it_over_shards(results: dict) -> None:
@@ -387,6 +427,15 @@ def test_a_resumed_fsdp_run_ends_with_the_parameters_of_the_straight_one(results
     straight = json.loads((results["base"] / "fsdp" / "summary.json").read_text())
     resumed = json.loads((results["base"] / "fsdp-resumed" / "summary.json").read_text())
     assert resumed["params_sha256"] == straight["params_sha256"]
+
+
+def test_a_2_process_fsdp_checkpoint_resumed_on_1_process_follows_the_straight_run(
+    results: dict,
+) -> None:
+    straight = {m["step"]: m["loss"] for m in read(results["base"] / "fsdp", "metrics.jsonl")}
+    resumed = read(results["base"] / "fsdp-on-1", "metrics.jsonl")
+    assert [m["step"] for m in resumed] == list(range(11, 21))
+    assert max(abs(m["loss"] - straight[m["step"]]) for m in resumed) <= 1e-5
 
 
 def test_the_split_is_printed_and_written_to_config_yaml(results: dict) -> None:
@@ -578,12 +627,15 @@ def _worker(out: Path, base: Path) -> None:
         results.update(against_torch_muon(models, train, full, x))
 
     hf = (*HF, f"data.path={base / 'train.bin'}", f"model.name=hf:{base / 'tiny-gpt2'}")
-    resume = f"run.resume={base / 'fsdp' / 'checkpoints' / 'step_00000005'}"
     runs = {
         **TRAININGS,
-        "fsdp-resumed": (*TRAININGS["fsdp"], resume),
+        "fsdp-resumed": (*TRAININGS["fsdp"], f"run.resume={midway(base)}"),
         "ddp-hf": hf,
         "fsdp-hf": (*hf, "engine.name=fsdp"),
+        "ddp-user": USER,
+        "fsdp-user": (*USER, "engine.name=fsdp"),
+        "ddp-user-a2": (*USER, "batch.micro_size=8"),
+        "fsdp-user-a2": (*USER, "engine.name=fsdp", "batch.micro_size=8"),
     }
     for name, args in runs.items():
         path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
