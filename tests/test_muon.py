@@ -4,6 +4,7 @@ The 2-process checks run in one torchrun job (gloo, CPU): this file is also the 
 torch.distributed.run ... test_muon.py OUT BASE`). It steps a model wrapped with `fully_shard` and the same model
 unsharded on the same full batch (FSDP2 averages identical gradients, so only the optimizer's handling of shards can
 make them differ), counts collectives, then trains through the trainer on DDP and FSDP2. Rank 0 saves the results.
+After the job, one process resumes the FSDP2 training from its 2-process checkpoint.
 """
 
 from __future__ import annotations
@@ -399,10 +400,6 @@ def read(run: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (run / name).read_text().splitlines()]
 
 
-def final_params(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "model.pt")
-
-
 @pytest.mark.parametrize("case", ["", "-a2", "-hf", "-user", "-user-a2"])
 def test_fsdp_training_follows_ddp_training(results: dict, case: str) -> None:
     """20 steps, clipping on: the built-in GPT and a user module (a (33, 16) matrix) at accumulation 1 and 2, and an
@@ -412,7 +409,7 @@ def test_fsdp_training_follows_ddp_training(results: dict, case: str) -> None:
     assert len(ddp_log) == len(fsdp_log) == 20
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ddp_log, fsdp_log)) <= 1e-5
     assert fsdp_log[-1]["loss"] < fsdp_log[0]["loss"]
-    a, b = final_params(ddp), final_params(fsdp)
+    a, b = torch.load(ddp / "model.pt"), torch.load(fsdp / "model.pt")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 
