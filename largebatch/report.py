@@ -300,6 +300,62 @@ def sweep_figure(result: dict[str, Any], name: str) -> Figure:
     return fig
 
 
+def frontiers_figure(sweeps: dict[str, dict[str, Any]]) -> Figure:
+    """Several target sweeps on one plot: each one's fewest steps vs examples at each batch and its fitted
+    S = S_min + E_min/B, with B_crit (± its 1-σ error) in the legend, to compare frontiers (e.g. of optimizers)."""
+    fig = Figure(figsize=(8, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, (name, result) in enumerate(sweeps.items()):
+        color = f"C{i % 10}"
+        best = set(result["best"])
+        points = [p for p in result["points"] if p["reached"] and p["run_dir"] in best]
+        ax.plot(
+            [p["examples"] for p in points],
+            [p["steps"] for p in points],
+            "o",
+            color=color,
+            zorder=3,
+        )
+        for p in points:
+            ax.annotate(
+                f"B={p['global_batch']}",
+                (p["examples"], p["steps"]),
+                textcoords="offset points",
+                xytext=(5, 3),
+                fontsize="x-small",
+                color=color,
+            )
+        f = result["fit"]
+        if f is None:
+            ax.plot([], [], "o", color=color, label=f"{name}: no fit")
+            continue
+        batches = [p["global_batch"] for p in points]
+        grid = np.geomspace(min(batches) / 4, max(batches) * 8, 200)
+        steps = f["s_min"] + f["e_min"] / grid
+        error = f" ± {f['b_crit_err']:.3g}" if math.isfinite(f["b_crit_err"]) else ""
+        ax.plot(
+            steps * grid,
+            steps,
+            "-",
+            color=color,
+            lw=1.5,
+            label=f"{name}: S_min {f['s_min']:.3g}, E_min {f['e_min']:.3g}, B_crit {f['b_crit']:.3g}{error}",
+        )
+        s = f["s_min"] + f["e_min"] / f["b_crit"]
+        ax.scatter([s * f["b_crit"]], [s], marker="*", s=160, color=color, zorder=4)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    targets = {f"{r['target']['key']} = {r['target']['value']:g}" for r in sweeps.values()}
+    _axes(
+        ax,
+        f"Steps vs examples to reach {' / '.join(sorted(targets))} (★ B_crit)",
+        "examples to target (E)",
+        "optimizer steps to target (S)",
+    )
+    ax.legend(fontsize="small")
+    return fig
+
+
 def trust_ratio_panel(runs: list[Run]) -> Figure | None:
     """One heatmap per run: log10 of each layer's trust ratio (LARS/LAMB) at each logged step."""
     tables = []
@@ -462,8 +518,9 @@ def budget_figure(sweeps: dict[str, dict[str, Any]]) -> Figure:
 
 
 def write_sweeps(sweep_dirs: list[Path], out: Path) -> list[Path]:
-    """For `largebatch sweep` directories: each one with a target, its steps-vs-examples plot (`<name>.png`); those
-    without, one plot of the final held-out metric vs global batch together (`sweeps.png`)."""
+    """For `largebatch sweep` directories: each one with a target, its steps-vs-examples plot (`<name>.png`), and
+    with two or more, their frontiers on one plot (`frontiers.png`); those without a target, one plot of the final
+    held-out metric vs global batch together (`sweeps.png`)."""
     out.mkdir(parents=True, exist_ok=True)
     results = {
         d.resolve().name: _read(d / "sweep.json", json.loads, json.JSONDecodeError)
@@ -472,6 +529,9 @@ def write_sweeps(sweep_dirs: list[Path], out: Path) -> list[Path]:
     figures = {
         name: sweep_figure(result, name) for name, result in results.items() if result["target"]
     }
+    targeted = {name: result for name, result in results.items() if result["target"]}
+    if len(targeted) > 1:
+        figures["frontiers"] = frontiers_figure(targeted)
     budgets = {name: result for name, result in results.items() if not result["target"]}
     if budgets:
         figures["sweeps"] = budget_figure(budgets)

@@ -13,6 +13,7 @@ from matplotlib import image
 
 from largebatch import report
 from largebatch.errors import UserError
+from largebatch.sweep import summarise
 
 TINY = [
     "data.size=512",
@@ -166,3 +167,40 @@ def test_a_broken_run_directory_is_a_one_line_user_error(
 def test_cli_without_run_directories_is_a_user_error():
     with pytest.raises(UserError, match="RUN_DIR"):
         report.main([])
+
+
+def test_two_target_sweeps_also_get_their_frontiers_on_one_plot(tmp_path: Path):
+    """Each target sweep keeps its own plot; together they get frontiers.png, one fitted curve and B_crit each."""
+    batches = [32, 64, 128, 256]
+    for name, s_min, e_min in (("muon", 20, 800), ("adamw", 30, 3200)):
+        points = [
+            {
+                "global_batch": b,
+                "lr": None,
+                "optimizer": None,
+                "steps": s_min + e_min / b,
+                "examples": b * s_min + e_min,
+                "reached": True,
+                "noise_scale": None,
+                "run_dir": f"{name}/b{b}",
+            }
+            for b in batches
+        ]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sweep.json").write_text(
+            json.dumps(
+                {
+                    "target": {"key": "eval/loss", "value": 2.5},
+                    "points": points,
+                    **summarise(points),
+                }
+            )
+        )
+    sweeps = [tmp_path / "muon", tmp_path / "adamw"]
+    written = report.write_sweeps(sweeps, tmp_path / "out")
+    assert [p.name for p in written] == ["muon.png", "adamw.png", "frontiers.png"]
+    assert_png(written[-1])
+    results = {d.name: json.loads((d / "sweep.json").read_text()) for d in sweeps}
+    labels = [t.get_text() for t in report.frontiers_figure(results).axes[0].get_legend().texts]
+    assert [label.split(":")[0] for label in labels] == ["muon", "adamw"]
+    assert "B_crit 40" in labels[0] and "B_crit 107" in labels[1]

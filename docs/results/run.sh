@@ -45,3 +45,13 @@ for norm in batch group; do
   $LB sweep --config $QS model.norm=$norm batch.micro_size=8 --global-sizes 512 --nproc 2 --out $OUT/6-$norm-micro8
 done
 $LB sweep --config $QS model.norm=batch --global-sizes 512 --nproc 2 --out $OUT/6-batch-micro256
+
+# 7. Muon vs AdamW vs LAMB on the tiny GPT (configs/lamb-lm.yaml, square-root rule for all three): steps and examples
+#    to held-out loss 2.6 nats/byte across global batch, 300-step cap (the cosine's length), evaluated every 2 steps.
+LM7="train.steps=300 data.eval_fraction=0.05 train.eval_every=2"
+$LB sweep --config configs/lamb-lm.yaml optim.name=muon optim.lr=0.02 optim.options.adamw_lr=0.004 $LM7 \
+    --global-sizes 32,64,128,256,512 --target eval/loss=2.6 --nproc 2 --out $OUT/7-muon
+for opt in adamw lamb; do
+  $LB sweep --config configs/lamb-lm.yaml optim.name=$opt $LM7 --global-sizes 32,64,128,256,512 --target eval/loss=2.6 \
+      --nproc 2 --out $OUT/7-$opt
+done
