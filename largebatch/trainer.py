@@ -471,9 +471,8 @@ class Trainer:
                 f"or raise batch.memory_limit"
             )
         except RuntimeError:
-            if (
-                autobatch.peer_stopped()
-            ):  # a collective failed as a peer stopped alone: it printed the line
+            # a collective failed because a peer stopped alone: that peer printed the one line
+            if autobatch.peer_stopped():
                 os._exit(1)
             raise
 

@@ -113,12 +113,7 @@ def _group(index: int, entry: dict[str, Any], cfg: OptimConfig) -> Group:
         check_choice(f"{where} key for name={name}", key, options_of(name))
     prefix = f"{where}."
     if name == "muon":
-        merged = {**split.OPTIONS, **given}
-        optim_args.check(prefix, merged["nesterov"], momentum=merged["momentum"])
-        for key in ("nesterov", "ns_steps", "ns_dtype", "adjust_lr"):
-            holds, says = split.CHECKS[key]
-            if not holds(merged[key]):
-                raise UserError(f"{prefix}{key}={merged[key]!r} {says}")
+        merged = split.checked(given, prefix)
         own = {k: given[k] for k in ("lr", "weight_decay") if k in given}
         resolved = dataclasses.replace(
             cfg, name=name, groups=[], options={k: merged[k] for k in MUON_OPTIONS[2:]}, **own

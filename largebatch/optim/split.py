@@ -59,11 +59,17 @@ def options(cfg: OptimConfig) -> dict[str, Any]:
     """optim.options over the defaults, checked: an unknown option or a value outside its rule is a UserError."""
     for key in cfg.options:
         check_choice("optim.options key for optim.name=muon", key, list(OPTIONS))
-    merged = {**OPTIONS, **cfg.options}
-    optim_args.check("optim.options.", momentum=merged["momentum"], nesterov=merged["nesterov"])
+    return checked(cfg.options, "optim.options.")
+
+
+def checked(given: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Muon's options `given` over their defaults (OPTIONS), checked: momentum and nesterov by optim_args' rules,
+    the others by CHECKS; an error names the key after `prefix` (optim.options., or an optim.groups entry's)."""
+    merged = {**OPTIONS, **given}
+    optim_args.check(prefix, merged["nesterov"], momentum=merged["momentum"])
     for key, (holds, says) in CHECKS.items():
         if not holds(merged[key]):
-            raise UserError(f"optim.options.{key}={merged[key]!r} {says}")
+            raise UserError(f"{prefix}{key}={merged[key]!r} {says}")
     return merged
 
 
