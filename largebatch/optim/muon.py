@@ -209,8 +209,7 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_mul_(weights, [1 - g["lr"] * g["weight_decay"] for g, _, _ in todo])
         lrs = [adjusted_lr(g["lr"], g["adjust_lr"], rows, cols) for g, _, (rows, cols) in todo]
         for w, o, lr in zip(weights, results, lrs):
-            # contiguous: a tall matrix's O is a transposed view, and adding it strided is 2.5× slower on the CPU
-            w.add_(o.contiguous().reshape(w.shape), alpha=-lr)
+            w.add_(o.reshape(w.shape), alpha=-lr)
         # in the iteration's dtype (fp32 accumulation, the result rounded): a bf16 → fp32 copy first costs 2 % of a step
         norms = [n.float() for n in torch._foreach_norm(results)]
         sumsq = torch._foreach_mul(torch._foreach_mul(norms, norms), [lr * lr for lr in lrs])

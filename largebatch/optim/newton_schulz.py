@@ -29,30 +29,38 @@ per-call overhead on small ones); larger ones one by one."""
 
 
 def newton_schulz(u: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """NS_steps of each matrix of `u` ([n, A, B], in the iteration's dtype), as torch's `_zeropower_via_newtonschulz`:
-    tall matrices are iterated transposed, after division by their Frobenius norm (clamped to eps). One matrix runs
-    as 2-D matmuls (on the CPU, bf16 `bmm` is up to 1.8× slower than `mm` for large matrices)."""
+    """NS_steps of each matrix of `u` ([n, A, B], in the iteration's dtype), as torch's `_zeropower_via_newtonschulz`,
+    after division by the Frobenius norm (clamped to eps). torch iterates a tall matrix transposed, X = Uᵀ; here it is
+    iterated in place of its transpose, U ← aU + U(bA + cA²) with A = UᵀU (the same products: BLAS reads the transposed
+    operand, and the result is bit for bit torch's), so the result needs no transposed copy before it is applied. One
+    matrix runs as 2-D matmuls into reused buffers (on the CPU, bf16 `bmm` is up to 1.8× slower than `mm` for large
+    matrices)."""
     if u.size(0) == 1:
         return _newton_schulz_2d(u[0], steps, eps)[None]
     a, b, c = NS_COEFFICIENTS
     tall = u.size(1) > u.size(2)
-    x = u.mT if tall else u
-    x = x / torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True).clamp(min=eps)
+    x = u / torch.linalg.vector_norm(u, dim=(1, 2), keepdim=True).clamp(min=eps)
     for _ in range(steps):
-        gram = x @ x.mT
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.mT if tall else x
+        gram = x.mT @ x if tall else x @ x.mT
+        update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, x, update, beta=a) if tall else torch.baddbmm(x, update, x, beta=a)
+    return x
 
 
 def _newton_schulz_2d(u: Tensor, steps: int, eps: float) -> Tensor:
     a, b, c = NS_COEFFICIENTS
     tall = u.size(0) > u.size(1)
-    x = u.T if tall else u
-    x = x / x.norm().clamp(min=eps)
+    x, side = u / u.norm().clamp(min=eps), min(u.shape)
+    gram, update, y = x.new_empty(side, side), x.new_empty(side, side), torch.empty_like(x)
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        torch.mm(x.T, x, out=gram) if tall else torch.mm(x, x.T, out=gram)
+        torch.addmm(gram, gram, gram, beta=b, alpha=c, out=update)
+        if tall:
+            torch.addmm(x, x, update, beta=a, out=y)
+        else:
+            torch.addmm(x, update, x, beta=a, out=y)
+        x, y = y, x
+    return x
 
 
 def ns_flops(rows: int, cols: int, steps: int) -> int:
