@@ -211,7 +211,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`plan`'s --gpus options."""
     parser.add_argument(
         "--gpus",
-        help="GPU counts to compare, e.g. 8,64,512: predicted step time, steps and time-to-target for each",
+        help="GPU counts to compare, e.g. 8,64,512: predicted step time, steps and time-to-target for each "
+        "(the config's batch plan is taken on the fewest)",
     )
     parser.add_argument(
         "--bandwidth",
@@ -297,7 +298,7 @@ def _lines(rows: list[Row], known: bool) -> list[str]:
         )
         out.append(
             f"{r.gpus:>6} {r.global_batch:>8} {r.accum_steps:>5} {_si(r.step_s):>9} {r.comm_share:>6.1%} "
-            f"{r.efficiency:>6.1%} {r.steps:>9.4g} {time_s:>14} {hours:>10}{mark}"
+            f"{r.efficiency:>6.1%} {r.steps:>9.{0 if known else 3}f} {time_s:>14} {hours:>10}{mark}"
         )
     return out
 
@@ -321,15 +322,14 @@ def main(cfg: config.Config, args: argparse.Namespace) -> int:
         raise UserError(
             f"--step-time={args.step_time} must be positive seconds, e.g. --step-time 0.25"
         )
+    fewest = gpus[0]
     plan = batch.plan(
-        args.world_size,
+        fewest,
         cfg.batch.global_size,
-        batch_schedule.micro_size(cfg.batch, args.world_size),
+        batch_schedule.micro_size(cfg.batch, fewest),
         cfg.batch.accum_steps,
     )
-    grads, example_s, how = gradient_bytes_and_rate(
-        cfg, args.world_size, plan.micro_batch, args.step_time
-    )
+    grads, example_s, how = gradient_bytes_and_rate(cfg, fewest, plan.micro_batch, args.step_time)
     common = dict(
         grad_bytes=grads,
         example_s=example_s,
@@ -342,10 +342,8 @@ def main(cfg: config.Config, args: argparse.Namespace) -> int:
         f"global batch fixed at {plan.global_batch} (the config's)": table(
             gpus, global_batch=plan.global_batch, **common
         ),
-        f"per-GPU batch fixed at {plan.per_rank} (the config's share at --world-size "
-        f"{args.world_size}; the global batch grows with the GPUs)": table(
-            gpus, per_gpu_batch=plan.per_rank, **common
-        ),
+        f"per-GPU batch fixed at {plan.per_rank} (the config's share on {fewest} GPUs; the global batch "
+        f"grows with the GPUs)": table(gpus, per_gpu_batch=plan.per_rank, **common),
     }
     print(
         f"model: {grads / 1e6:.4g} MB of gradients, micro-batch {plan.micro_batch}; compute {how}"

@@ -78,7 +78,10 @@ def test_plan_prints_both_views_answers_and_assumptions(tmp_path):
     out = result.stdout
     assert f"B_crit 900 (sweep fit in {sweep / 'sweep.json'}); S_min 250 steps" in out
     assert out.count("answer: ") == 2 and "NOT overlapped with backward" in out
-    assert "global batch fixed at 256" in out and "per-GPU batch fixed at 256" in out
+    assert (
+        "global batch fixed at 256" in out
+        and "per-GPU batch fixed at 32 (the config's share on 8 GPUs" in out
+    )
 
 
 def test_bcrit_from_noise_scale_and_cbs_files(tmp_path):
