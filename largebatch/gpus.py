@@ -342,8 +342,10 @@ def main(cfg: config.Config, args: argparse.Namespace) -> int:
         f"global batch fixed at {plan.global_batch} (the config's)": table(
             gpus, global_batch=plan.global_batch, **common
         ),
-        f"per-GPU batch fixed at {plan.per_rank} (the config's share on {fewest} GPUs; the global batch "
-        f"grows with the GPUs)": table(gpus, per_gpu_batch=plan.per_rank, **common),
+        f"per-GPU batch fixed at {plan.per_rank} (the config's share on {fewest} GPU{'s' * (fewest > 1)}; "
+        f"the global batch grows with the GPUs)": table(
+            gpus, per_gpu_batch=plan.per_rank, **common
+        ),
     }
     print(
         f"model: {grads / 1e6:.4g} MB of gradients, micro-batch {plan.micro_batch}; compute {how}"
