@@ -291,7 +291,7 @@ def _lines(rows: list[Row], known: bool) -> list[str]:
     ]
     for r in rows:
         time_s = _si(r.time_s) if known else f"{r.time_s / fastest.time_s:.3f}"
-        hours = f"{r.gpu_hours:.4g}" if known else f"{r.gpu_hours / frugal.gpu_hours:.3f}"
+        hours = f"{r.gpu_hours:.4g}" if known else f"{r.gpu_hours / fastest.gpu_hours:.3f}"
         mark = "  ← fastest" if r is fastest else ""
         mark += (
             ("  ← " if not mark else ", ") + "fewest GPU-hours within 10 %" if r is frugal else ""

@@ -95,14 +95,15 @@ def test_bcrit_from_noise_scale_and_cbs_files(tmp_path):
 
 def test_network_fit_predicts_a_second_models_gradient_all_reduce(tmp_path):
     """2 gloo processes: fit α and β on an all-reduce size sweep, predict an MLP's DDP bucket all-reduce from its
-    gradient bytes alone, within 25 % of the measured median; `plan --network` reads the fit."""
+    gradient bytes alone: each round's fit against the same round's measurement, median error within 25 %
+    (side by side, so the load of a shared machine moves both); `plan --network` reads the fit."""
     fit = tmp_path / "fit.json"
-    result = cli("bench", "comm", "--rounds", "5", "--out", str(fit))
+    result = cli("bench", "comm", "--rounds", "7", "--out", str(fit))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     saved = json.loads(fit.read_text())
     check = saved["check"]
     assert len(check["buckets"]) >= 2 and check["bytes"] > 30e6
-    assert check["predicted_s"] == pytest.approx(check["measured_s"], rel=0.25), result.stdout
+    assert abs(check["round_error"]) < 0.25, result.stdout
     planned = cli_in_process("plan", *QUICK, "--network", str(fit))
     assert planned.returncode == 0, planned.stderr
     assert f"latency {saved['latency_s'] * 1e6:.3g} µs" in planned.stdout
