@@ -169,6 +169,10 @@ def critical_batch(source: str) -> tuple[float, float | None, str]:
     )
 
 
+DEFAULTS = {"latency": "10us", "bandwidth": "100Gb/s", "intra_bandwidth": "2400Gb/s"}
+"""The network without flags: 10 µs per message, 100 Gb/s per node, 300 GB/s (2400 Gb/s) between GPUs of a node."""
+
+
 def network_of(args: argparse.Namespace) -> tuple[network.Network, str]:
     """The network model from the flags (a `--network` fit sets latency and both bandwidths unless given)."""
     latency = network.parse_latency(args.latency, "--latency") if args.latency else None
@@ -201,10 +205,6 @@ def network_of(args: argparse.Namespace) -> tuple[network.Network, str]:
         else intra
     )
     return network.Network(latency, bandwidth, intra, args.gpus_per_node), where
-
-
-DEFAULTS = {"latency": "10us", "bandwidth": "100Gb/s", "intra_bandwidth": "2400Gb/s"}
-"""The network without flags: 10 µs per message, 100 Gb/s per node, 300 GB/s (2400 Gb/s) between GPUs of a node."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -323,12 +323,17 @@ def main(cfg: config.Config, args: argparse.Namespace) -> int:
             f"--step-time={args.step_time} must be positive seconds, e.g. --step-time 0.25"
         )
     fewest = gpus[0]
-    plan = batch.plan(
-        fewest,
-        cfg.batch.global_size,
-        batch_schedule.micro_size(cfg.batch, fewest),
-        cfg.batch.accum_steps,
-    )
+    try:
+        plan = batch.plan(
+            fewest,
+            cfg.batch.global_size,
+            batch_schedule.micro_size(cfg.batch, fewest),
+            cfg.batch.accum_steps,
+        )
+    except UserError as exc:
+        raise UserError(
+            f"the config's batch plan on the fewest --gpus count, {fewest}: {exc}"
+        ) from None
     grads, example_s, how = gradient_bytes_and_rate(cfg, fewest, plan.micro_batch, args.step_time)
     common = dict(
         grad_bytes=grads,
@@ -374,7 +379,7 @@ def main(cfg: config.Config, args: argparse.Namespace) -> int:
         )
     print(
         "\nassumptions: S(B) = S_min(1 + B_crit/B) (McCandlish et al. 2018); compute scales perfectly "
-        "(per-example time fixed, whatever the per-GPU batch); one hierarchical ring all-reduce of all fp32 "
+        "(per-example time fixed, whatever the per-GPU batch); one hierarchical ring all-reduce of all "
         "gradients per step, per DDP bucket (1 MiB, then 25 MiB), after the last micro-step, NOT overlapped with "
         "backward (an upper bound); no stragglers, congestion or topology beyond node/network; engine ddp's "
         "traffic (FSDP and ZeRO-3 also all-gather parameters: not counted); efficiency = speed-up over 1 GPU ÷ GPUs"

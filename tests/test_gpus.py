@@ -122,6 +122,10 @@ def test_network_fit_predicts_a_second_models_gradient_all_reduce(tmp_path):
         (["--gpus", "8", "--bcrit", "no/sweep"], "--bcrit no/sweep: no such file"),
         (["--gpus", "8", "--bcrit", "-5"], "--bcrit=-5 must be a positive batch size"),
         (["--gpus", "8"], "--gpus needs the critical batch"),
+        (
+            ["--gpus", "3,8", "--bcrit", "10"],
+            "batch plan on the fewest --gpus count, 3: batch.global_size=256",
+        ),
         (["--bcrit", "10"], "--bcrit only apply with --gpus"),
         ([*QUICK[:4], "--step-time", "0"], "--step-time=0.0 must be positive seconds"),
         ([*QUICK, "--gpus-per-node", "0"], "--gpus-per-node=0 must be 1 or more"),
