@@ -259,6 +259,9 @@ def gradient_bytes_and_rate(
         how = f"--step-time {step_time:g} s per micro-step of {micro}"
         example_s = step_time / micro
     else:
+        cfg.train.noise_scale = (
+            False  # timing one step measures no noise scale; it would refuse a world of 1
+        )
         prepared = job.prepare(cfg, world_size)
         model = prepared.model
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
