@@ -42,7 +42,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
-    from largebatch import dist, job
+    from largebatch import dist, gpus, job
+
+    if args.gpus is not None:
+        return gpus.main(cfg, args)
+    gpus.refuse_without_gpus(args)
 
     local = args.world_size if args.nproc_per_node is None else args.nproc_per_node
     if args.nproc_per_node is not None and (local < 1 or args.world_size % local):
@@ -144,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan for a training set of this size without reading the data "
         "(e.g. 1281167 for ImageNet before it is on this machine)",
     )
+    from largebatch import gpus
+
+    gpus.add_arguments(plan)
     plan.set_defaults(func=_plan)
 
     build = commands.add_parser(

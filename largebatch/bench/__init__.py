@@ -13,6 +13,7 @@ from typing import Any
 from largebatch.errors import ArgumentParser, check_choice
 
 BENCHMARKS = {
+    "comm": "all-reduce time vs size on gloo: the fitted latency and bandwidth (--out FIT.json for plan --gpus)",
     "data": "our image-folder loader vs torchvision's ImageFolder + DataLoader; is training input-bound",
     "gns": "the trainer's samples/s measuring the gradient noise scale every step vs not",
     "loop": "our trainer's samples/s vs a minimal hand-written DDP loop (or DeepSpeed ZeRO vs DDP)",
