@@ -109,8 +109,6 @@ class FollowNoise:
 SUFFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9}
 """batch.thresholds' count suffixes (decimal, as OLMo-core and Megatron-LM write token counts)."""
 THRESHOLD = re.compile(r"(\d+(?:\.\d+)?)([kMG]?):(\d+)")
-FIXED_TOKENS = ("text", "tokens")
-"""data.name values whose every example is data.context tokens (batch.threshold_unit=tokens converts by it)."""
 
 
 def parse_thresholds(text: str) -> tuple[tuple[int, int], ...]:
@@ -144,11 +142,6 @@ def parse_thresholds(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
-def tokens_per_example(cfg: Config) -> int | None:
-    """The tokens each training example holds where the data fixes it (data.context for text and tokens)."""
-    return cfg.data.context if cfg.data.name in FIXED_TOKENS else None
-
-
 @dataclass(frozen=True)
 class Steps:
     changes: tuple[tuple[int, int], ...]
@@ -161,7 +154,7 @@ class Steps:
         pairs = parse_thresholds(cfg.batch.thresholds)
         if cfg.batch.threshold_unit == "examples":
             return Steps(pairs)
-        unit = tokens_per_example(cfg)
+        unit = cfg.data.context  # registry.FIXED_TOKENS: every example holds data.context tokens
         return Steps(
             tuple((-(-count // unit), size) for count, size in pairs), tuple(c for c, _ in pairs)
         )

@@ -170,6 +170,10 @@ def _gns(cfg: Config) -> None:
         )
 
 
+FIXED_TOKENS = ("text", "tokens")
+"""data.name values whose every example holds data.context tokens (batch.threshold_unit=tokens converts by it)."""
+
+
 def _steps(cfg: Config) -> None:
     if not cfg.batch.thresholds:
         raise UserError(
@@ -177,7 +181,7 @@ def _steps(cfg: Config) -> None:
             "e.g. '0:64 200k:128 1M:256'"
         )
     check_choice("batch.threshold_unit", cfg.batch.threshold_unit, ("examples", "tokens"))
-    if cfg.batch.threshold_unit == "tokens" and cfg.data.name not in ("text", "tokens"):
+    if cfg.batch.threshold_unit == "tokens" and cfg.data.name not in FIXED_TOKENS:
         raise UserError(
             f"batch.threshold_unit=tokens needs a fixed number of tokens per example (data.name=text or "
             f"tokens: data.context each), which data.name={cfg.data.name} has not; give batch.thresholds "
