@@ -108,13 +108,21 @@ class BatchConfig:
     memory_limit: str | None = None
     """Per-process memory budget for micro_size=auto, e.g. 2GiB (default: the GPU's memory; none on CPU)."""
     schedule: str = "constant"
-    """How the global batch changes: constant, ramp (linear in examples, Megatron-style) or gns (follows the
-    measured noise scale, AdaptDL-style); ramp and gns change accumulation only, at step boundaries."""
+    """How the global batch changes: constant, ramp (linear in examples, Megatron-style), gns (follows the
+    measured noise scale, AdaptDL-style) or steps (integer factors at batch.thresholds, OLMo-core-style); ramp, gns
+    and steps change accumulation only, at step boundaries."""
     start_size: int | None = None
     """ramp, gns: the global batch of the first step (a multiple of world × micro-batch); batch.global_size is the
     largest (ramp's end, gns's cap)."""
     ramp_samples: int | None = None
     """ramp: training examples over which the global batch grows linearly from start_size to global_size."""
+    thresholds: str | None = None
+    """steps: count:size pairs, the global batch from each count of examples trained on, e.g. '0:64 200k:128 1M:256'
+    (suffixes k, M, G): first count 0, each size an integer multiple of the one before and of world × micro-batch,
+    the last size batch.global_size."""
+    threshold_unit: str = "examples"
+    """steps: what batch.thresholds counts: examples, or tokens (data.name=text or tokens, data.context tokens per
+    example; a threshold becomes the first whole example count at or past it)."""
 
 
 @dataclass

@@ -116,7 +116,8 @@ class Job:
             if k not in CADENCE
         }
         flat |= {
-            f"batch.{k}": getattr(c.batch, k) for k in ("schedule", "start_size", "ramp_samples")
+            f"batch.{k}": getattr(c.batch, k)
+            for k in ("schedule", "start_size", "ramp_samples", "thresholds", "threshold_unit")
         }
         return {**flat, "micro_batch": self.plan.micro_batch, "world_size": self.plan.world_size}
 
@@ -132,6 +133,11 @@ class Job:
             "accum_steps": self.plan.accum_steps,
             "peak_lr": self.peak_lr,
             "scaling": scaling_rule(self.cfg.optim),
+            **(
+                {"batch_schedule": batch_schedule.build(self.cfg, self.plan).describe()}
+                if self.cfg.batch.schedule != "constant"
+                else {}
+            ),
             **({"weight_decay": self.weight_decay} if self.cfg.optim.scale_weight_decay else {}),
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,

@@ -170,12 +170,37 @@ def _gns(cfg: Config) -> None:
         )
 
 
+FIXED_TOKENS = ("text", "tokens")
+"""data.name values whose every example holds data.context tokens (batch.threshold_unit=tokens converts by it)."""
+
+
+def _steps(cfg: Config) -> None:
+    if not cfg.batch.thresholds:
+        raise UserError(
+            "batch.schedule=steps needs batch.thresholds, the global batch from each count of examples on, "
+            "e.g. '0:64 200k:128 1M:256'"
+        )
+    check_choice("batch.threshold_unit", cfg.batch.threshold_unit, ("examples", "tokens"))
+    if cfg.batch.threshold_unit == "tokens" and cfg.data.name not in FIXED_TOKENS:
+        raise UserError(
+            f"batch.threshold_unit=tokens needs a fixed number of tokens per example (data.name=text or "
+            f"tokens: data.context each), which data.name={cfg.data.name} has not; give batch.thresholds "
+            f"in examples"
+        )
+
+
 BATCH_SCHEDULES = _table(
     Entry("constant", code="largebatch.batch_schedule:Constant"),
     Entry(
         "ramp", ("batch.start_size", "batch.ramp_samples"), code="largebatch.batch_schedule:Ramp"
     ),
     Entry("gns", ("batch.start_size",), (_gns,), "largebatch.batch_schedule:FollowNoise"),
+    Entry(
+        "steps",
+        ("batch.thresholds", "batch.threshold_unit"),
+        (_steps,),
+        "largebatch.batch_schedule:Steps",
+    ),
 )
 """batch.schedule: code is the schedule class, built by its `of(cfg, final, quantum)`."""
 

@@ -201,7 +201,7 @@ class Trainer:
             Schedule(self.cfg.schedule, job.total_steps, job.warmup_steps),
             job.plan.global_batch,
         )
-        self.batch_schedule = batch_schedule.build(self.cfg.batch, job.plan)
+        self.batch_schedule = batch_schedule.build(self.cfg, job.plan)
         self.plan = batch_schedule.at(job.plan, self.s.global_batch)
         self.budget = autobatch.budget_bytes(job.memory_limit, info.device)
         self.meter = (
@@ -266,8 +266,8 @@ class Trainer:
                 print(split, flush=True)
             if self.cfg.batch.schedule != "constant":
                 print(
-                    f"batch.schedule={self.cfg.batch.schedule}: global batch {self.plan.global_batch} now, up to "
-                    f"{job.plan.global_batch}; {job.total_samples} examples in all",
+                    f"batch.schedule={self.cfg.batch.schedule}: {self.batch_schedule.describe()}; global batch "
+                    f"{self.plan.global_batch} now; {job.total_samples} examples in all",
                     flush=True,
                 )
             if job.resume_from is not None:

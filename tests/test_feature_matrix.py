@@ -24,6 +24,7 @@ USES = {
     "noise": ("train.noise_scale=true",),
     "gns": ("batch.schedule=gns", "batch.start_size=32", "train.noise_scale=true"),
     "ramp": ("batch.schedule=ramp", "batch.start_size=32", "batch.ramp_samples=256"),
+    "steps": ("batch.schedule=steps", "batch.thresholds=0:32,64:64,192:128"),
     "auto": ("batch.micro_size=auto", "batch.memory_limit=3KiB"),
     "bf16": ("train.precision=bf16",),
     "fp16": ("train.precision=fp16", "train.fp16_init_scale=1024"),
@@ -46,12 +47,13 @@ GROUPS = (
     ("noise", "gns", "fp16", "layerwise"),
     ("ramp", "bf16"),
     ("auto",),
-    ("muon",),
+    ("muon", "steps"),
     ("groups",),
 )
-"""Features that can share one training (a column trains one run per group holding a feature it supports): ramp and
-gns are both batch.schedule, fp16 and bf16 both train.precision, micro_size=auto takes a constant schedule, and Muon
-and optim.groups need a model with a hidden matrix (and optim.name for themselves)."""
+"""Features that can share one training (a column trains one run per group holding a feature it supports): ramp,
+steps and gns are all batch.schedule, fp16 and bf16 both train.precision, micro_size=auto takes a constant
+schedule, and Muon and optim.groups need a model with a hidden matrix (and optim.name for themselves); steps rides
+with Muon (alone where Muon is refused)."""
 LINREG = (
     f"--config={ROOT / 'tests/tasks/linreg.yaml'}",
     "data.args={sigma: 8.0, size: 2048}",
@@ -123,6 +125,7 @@ def _acted(feature: str, records: list[dict], run: Path) -> bool:
         "noise": any("gns" in r for r in records),
         "gns": sizes[0] == 32 and max(sizes) > 32,
         "ramp": sizes[0] == 32 and sizes == sorted(sizes) and sizes[-1] == 128,
+        "steps": sizes == [32, 32, 64, 64, 128, 128, 128],
         "auto": all(r["micro_batch"] < share for r, share in zip(records, per_rank)),
         "bf16": all(r["loss"] == r["loss"] for r in records),
         "fp16": all("loss_scale" in r for r in records),

@@ -53,6 +53,7 @@ class Feature:
 FEATURES = (
     Feature("gns", "batch.schedule", ("gns",)),
     Feature("ramp", "batch.schedule", ("ramp",)),
+    Feature("steps", "batch.schedule", ("steps",)),
     Feature("noise", "train.noise_scale", (True,)),
     Feature("auto", "batch.micro_size", ("auto",)),
     Feature("bf16", "train.precision", ("bf16",)),

@@ -82,6 +82,10 @@ class Hyperparameters:
     def describe_change(self, before: int, after: int) -> str:
         """What follows the global batch from `before` to `after`, for the batch change's line."""
         line = f"peak lr {self.peak_lr(before):.6g} → {self.peak_lr(after):.6g}"
+        betas = next((p["betas"][1] for p in self.peaks if "betas" in p), None)
+        if self.cfg.scale_beta2 and betas is not None:
+            reference = self.cfg.reference_batch
+            line += f"; β2 {betas ** (before / reference):.6g} → {betas ** (after / reference):.6g}"
         if self.cfg.scale_weight_decay:
             line += f"; weight decay {self.weight_decays(before)} → {self.weight_decays(after)}"
         return line
