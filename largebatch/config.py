@@ -225,6 +225,15 @@ class TrainConfig:
     """Measure the noise scale every N steps. Default: every step under batch.schedule=gns (the schedule follows
     it, so its cadence is part of the trajectory), else train.log_every (measured where logged: on DDP, measuring
     leaves the gradients bit-identical, so neither cadence changes the trajectory)."""
+    cbs_every: int = 0
+    """Every N steps, measure the critical batch by branching (largebatch.cbs: short continuations at
+    train.cbs_sizes for train.cbs_examples each, in memory, the run unchanged); one line per measurement in cbs.jsonl.
+    0: never."""
+    cbs_sizes: list[int] = field(default_factory=list)
+    """train.cbs_every's global batches (multiples of world × micro-batch). Default: ⅛× to 4× batch.global_size in
+    powers of two."""
+    cbs_examples: int | None = None
+    """train.cbs_every's examples per branch. Default: 8 × the largest of train.cbs_sizes."""
     nonfinite: str = "skip"
     """A NaN/inf loss or gradient: skip the step (counted and logged) or stop the run."""
     target: str | None = None
@@ -417,6 +426,7 @@ def validate(cfg: Config) -> None:
         "train.epochs": cfg.train.epochs,
         "train.log_every": cfg.train.log_every,
         "train.noise_every": cfg.train.noise_every,
+        "train.cbs_examples": cfg.train.cbs_examples,
         "train.clip_grad_norm": cfg.train.clip_grad_norm,
         "schedule.power": cfg.schedule.power,
         "train.checkpoint_keep": cfg.train.checkpoint_keep,
@@ -430,6 +440,7 @@ def validate(cfg: Config) -> None:
         "data.workers": cfg.data.workers,
         "train.eval_every": cfg.train.eval_every,
         "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.cbs_every": cfg.train.cbs_every,
         "model.grad_checkpointing": cfg.model.grad_checkpointing,
         "schedule.warmup_steps": cfg.schedule.warmup_steps,
         "schedule.warmup_epochs": cfg.schedule.warmup_epochs,

@@ -16,7 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from largebatch import autobatch, batch_schedule, checkpoint, config, counted_loss, flops, optim
+from largebatch import (
+    autobatch,
+    batch_schedule,
+    cbs,
+    checkpoint,
+    config,
+    counted_loss,
+    flops,
+    optim,
+)
 from largebatch.batch import BatchPlan, GlobalBatchSampler, Position, advance
 from largebatch.dist import DistInfo, all_reduce_sum, broadcast_from_main
 from largebatch.engine import Engine, engines
@@ -225,6 +234,8 @@ class Trainer:
                 result = self.train_step()
                 self._update_noise(result)
                 self._after_step(result)
+                if self.cfg.train.cbs_every and self.s.step % self.cfg.train.cbs_every == 0:
+                    cbs.during_run(self)
                 self._follow_batch_schedule()
         finally:
             self.flags.uninstall()
