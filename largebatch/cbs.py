@@ -308,21 +308,49 @@ def main(argv: list[str] | None = None) -> int:
         help="branch points, each --examples further on in the data (default %(default)s)",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
-    if not 0 < args.tolerance < 1:
-        raise UserError(
-            f"--tolerance={args.tolerance} must be between 0 and 1 (a fraction of progress)"
-        )
-    if args.repeats < 1:
-        raise UserError(f"--repeats={args.repeats} must be at least 1")
+    args = parser.parse_intermixed_args(argv)  # section.key=value before or after the options
     try:
-        sizes = sorted({int(b) for b in args.global_sizes.split(",")})
+        sizes = [int(b) for b in args.global_sizes.split(",")]
     except ValueError:
         raise UserError(
             f"--global-sizes={args.global_sizes} must be comma-separated integers, e.g. 64,128,256"
         ) from None
-    source, state, manifest = noise_probe.state_of(args.checkpoint)
-    cfg = config.load(args.config, args.overrides)
+    result = critical_batch(
+        args.config,
+        args.checkpoint,
+        sizes,
+        overrides=args.overrides,
+        examples=args.examples,
+        tolerance=args.tolerance,
+        repeats=args.repeats,
+    )
+    report(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def critical_batch(
+    config_or_path: str | Path | dict[str, Any] | None,
+    checkpoint: str | Path,
+    global_sizes: list[int],
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    examples: int | None = None,
+    tolerance: float = TOLERANCE,
+    repeats: int = REPEATS,
+) -> dict[str, Any]:
+    """The branched critical batch at `checkpoint` of a run trained with `config_or_path` (+ `overrides`), on this
+    process: each size's eval loss after `examples` (default 8 × the largest size) per repeat, the critical batch
+    and its interval, and the run's global batch and noise scale (`largebatch cbs --json` writes this dict).
+    Raises UserError on what cannot be measured."""
+    if not 0 < tolerance < 1:
+        raise UserError(f"--tolerance={tolerance} must be between 0 and 1 (a fraction of progress)")
+    if repeats < 1:
+        raise UserError(f"--repeats={repeats} must be at least 1")
+    sizes = sorted(set(global_sizes))
+    source, state, manifest = noise_probe.state_of(Path(checkpoint))
+    cfg = config.load(config_or_path, list(overrides))
     saved = manifest.get("meta", {})
     if saved.get("engine.name", "ddp") != "ddp":
         raise UserError(
@@ -340,42 +368,38 @@ def main(argv: list[str] | None = None) -> int:
             "cbs compares branches on the held-out loss: the task has no eval data; give it some "
             "(data.eval_fraction)"
         )
-    examples = args.examples or default_examples(sizes)
+    examples = examples or default_examples(sizes)
     check_sizes(
-        sizes, examples, micro, prepared.train_examples, f"--global-sizes={args.global_sizes}"
+        sizes,
+        examples,
+        micro,
+        prepared.train_examples,
+        f"--global-sizes={','.join(map(str, sizes))}",
     )
     noise_probe.load_weights(prepared.model, state["model"], source, cfg)
     fresh = "optimizer" not in state
     torch.set_num_threads(prepared.threads)
     info = DistInfo(0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    full = _engine_state(prepared, info, state, fresh)
-    position = tuple(state.get("position", (0, 0)))
-    applied = state.get("applied_samples", 0)
-    result = measure(
+    measured = measure(
         prepared,
         info,
-        full,
-        position,
-        applied,
+        _engine_state(prepared, info, state, fresh),
+        tuple(state.get("position", (0, 0))),
+        state.get("applied_samples", 0),
         micro,
         sizes,
         examples,
-        args.repeats,
-        args.tolerance,
+        repeats,
+        tolerance,
     )
-    b_noise = _noise_of(state)
-    step = manifest.get("step")
-    report(source, step, result, prepared.plan.global_batch, b_noise, fresh)
-    if args.json:
-        out = {
-            "checkpoint": str(source),
-            "step": step,
-            **result.record(),
-            "global_batch": prepared.plan.global_batch,
-            "gns": b_noise,
-        }
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-    return 0
+    return {
+        "checkpoint": str(source),
+        "step": manifest.get("step"),
+        "fresh_optimizer": fresh,
+        **measured.record(),
+        "global_batch": prepared.plan.global_batch,
+        "gns": _noise_of(state),
+    }
 
 
 def _engine_state(
@@ -398,48 +422,42 @@ def _noise_of(state: dict[str, Any]) -> float | None:
     return measured.value
 
 
-def report(
-    source: Path,
-    step: int | None,
-    result: Measurement,
-    global_batch: int,
-    b_noise: float | None,
-    fresh: bool,
-) -> None:
-    """The human-readable lines: each branch's loss, the critical batch and interval, where the run stands."""
+def report(result: dict[str, Any]) -> None:
+    """The human-readable lines of `critical_batch`'s result: each branch's loss, the critical batch and its
+    interval, where the run's batch and noise scale stand."""
+    step = result["step"]
     where = f"step {step}" if step is not None else "final weights"
     print(
-        f"branched critical batch at {source} ({where}): {result.examples} examples per branch, "
-        f"{len(result.losses)} repeat(s); {KEEPS}"
-        + ("; optimizer moments fresh (model.pt has none)" if fresh else "")
+        f"branched critical batch at {result['checkpoint']} ({where}): {result['examples']} examples per branch, "
+        f"{len(result['losses'])} repeat(s); {KEEPS}"
+        + ("; optimizer moments fresh (model.pt has none)" if result["fresh_optimizer"] else "")
     )
-    print(f"held-out loss at the branch point L_0 = {result.start_loss:.6g}")
-    print(f"{'batch':>8} {'loss after N':>13} {'progress':>9} {'within':>7}  per repeat")
-    progress = result.start_loss - result.mean_losses[0]
-    for i, (size, loss, ok) in enumerate(
-        zip(result.sizes, result.mean_losses, result.within(result.mean_losses))
-    ):
-        share = (result.start_loss - loss) / progress if progress > 0 else math.nan
-        per = " ".join(f"{row[i]:.5g}" for row in result.losses)
-        print(f"{size:>8} {loss:>13.6g} {share:>9.1%} {'yes' if ok else 'no':>7}  {per}")
-    critical = result.critical
+    start, mean = result["start_loss"], result["mean_losses"]
+    print(f"held-out loss at the branch point L_0 = {start:.6g}")
+    print(f"{'batch':>8} {'loss after N':>13} {'progress':>9}  per repeat")
+    for i, (size, loss) in enumerate(zip(result["sizes"], mean)):
+        share = (start - loss) / (start - mean[0]) if start > mean[0] else math.nan
+        per = " ".join(f"{row[i]:.5g}" for row in result["losses"])
+        print(f"{size:>8} {loss:>13.6g} {share:>9.1%}  {per}")
+    critical = result["critical_batch"]
     if critical is None:
         print(
             "no critical batch: the smallest batch made no progress in N examples; raise --examples or the LR"
         )
         return
-    low, high = result.interval
-    upper = f"{high}" if high is not None else f"> {result.sizes[-1]} (untested)"
+    low, high = result["interval"]
+    upper = f"{high}" if high is not None else f"> {result['sizes'][-1]} (untested)"
     print(
-        f"critical batch = {critical} (largest within tolerance {result.tolerance:g} of the smallest batch's "
-        f"progress); interval [{low}, {upper}]"
+        f"critical batch = {critical}: the largest whose progress is at least {1 - result['tolerance']:.0%} of "
+        f"the smallest batch's (--tolerance {result['tolerance']:g}); interval [{low}, {upper}] over repeats"
     )
-    print(f"run's global batch {global_batch} = {global_batch / critical:.3g} × the critical batch")
-    if b_noise is None:
+    batch = result["global_batch"]
+    print(f"run's global batch {batch} = {batch / critical:.3g} × the critical batch")
+    if result["gns"] is None:
         print(
-            "noise scale: the checkpoint has none (train with train.noise_scale=true, or run noise-scale)"
+            "noise scale: the checkpoint has none (train with train.noise_scale=true, or run largebatch noise-scale)"
         )
     else:
         print(
-            f"noise scale B_noise = {b_noise:.4g} = {b_noise / critical:.3g} × the critical batch"
+            f"noise scale B_noise = {result['gns']:.4g} = {result['gns'] / critical:.3g} × the critical batch"
         )
