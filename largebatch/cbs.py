@@ -174,6 +174,9 @@ def branch_config(cfg: config.Config, micro: int) -> config.Config:
     out = copy.deepcopy(cfg)
     out.batch.schedule, out.batch.micro_size, out.batch.accum_steps = "constant", micro, None
     out.train.noise_scale, out.train.noise_every, out.train.cbs_every = False, None, 0
+    out.train.nonfinite = (
+        "skip"  # a branch past its stable LR diverges: its loss says so, the run goes on
+    )
     out.run.resume = "never"
     return out
 

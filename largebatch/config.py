@@ -409,6 +409,11 @@ def validate(cfg: Config) -> None:
             f"train.noise_every={cfg.train.noise_every} sets how often the noise scale is measured: "
             f"set train.noise_scale=true, or drop train.noise_every"
         )
+    if (cfg.train.cbs_sizes or cfg.train.cbs_examples) and not cfg.train.cbs_every:
+        raise UserError(
+            "train.cbs_sizes and train.cbs_examples set up train.cbs_every's measurement: set "
+            "train.cbs_every (steps between measurements), or drop them"
+        )
     if isinstance(cfg.batch.micro_size, str):
         check_choice("batch.micro_size", cfg.batch.micro_size, list(MODES["batch.micro_size"]))
     _check_finite(cfg)

@@ -199,3 +199,12 @@ def test_report_draws_the_branched_critical_batch_and_the_noise_scale_on_one_plo
     assert any("branched critical batch" in label for label in labels)
     assert any("noise scale" in label for label in labels)
     assert len(ax.containers) == 1 and len(ax.containers[0].lines[0].get_xdata()) == 2
+
+
+def test_cbs_sizes_without_cbs_every_is_one_line():
+    result = cli_in_process("plan", "--config", CONFIG, "train.cbs_sizes=[8,16]")
+    assert result.returncode == 2
+    assert result.stderr == (
+        "largebatch: error: train.cbs_sizes and train.cbs_examples set up train.cbs_every's measurement: set "
+        "train.cbs_every (steps between measurements), or drop them\n"
+    )
