@@ -200,7 +200,11 @@ def measure(
 
     cfg = branch_config(parent.cfg, micro)
     branch_job = dataclasses.replace(parent, cfg=cfg, resume_from=None)
-    eval_batch, workers = 2 * micro, cfg.data.workers
+
+    def held_out(branch: Trainer) -> float:
+        metrics = evaluate(branch.engine.module, parent.task, info, 2 * micro, cfg.data.workers)
+        return metrics["loss"]
+
     start_loss, losses = None, []
     for repeat in range(repeats):
         start = position
@@ -213,13 +217,9 @@ def measure(
             )
             branch.engine.load_state_dict(copy.deepcopy(state), Path("<branch point>"))
             if start_loss is None:
-                start_loss = evaluate(branch.engine.module, parent.task, info, eval_batch, workers)[
-                    "loss"
-                ]
+                start_loss = held_out(branch)
             _run(branch, batch.plan(info.world_size, size, micro), start, applied_samples, examples)
-            row.append(
-                evaluate(branch.engine.module, parent.task, info, eval_batch, workers)["loss"]
-            )
+            row.append(held_out(branch))
             del branch
         losses.append(row)
     return Measurement(sizes, examples, tolerance, start_loss, losses)
@@ -231,9 +231,8 @@ def _run(
     """Train `branch` for `examples` at `plan` from `position`, the LR schedule at `applied` examples."""
     s = branch.s
     s.position, s.applied_samples = position, applied
-    s.samples = (
-        branch.job.total_samples - examples
-    )  # the sampler serves what the run has left: N examples
+    # the sampler serves the examples the run has left: N of them
+    s.samples = branch.job.total_samples - examples
     branch.plan, s.global_batch = plan, plan.global_batch
     branch.engine.set_plan(plan)
     branch.hyper.set(plan.global_batch, applied)
