@@ -208,3 +208,37 @@ def test_cbs_sizes_without_cbs_every_is_one_line():
         "largebatch: error: train.cbs_sizes and train.cbs_examples set up train.cbs_every's measurement: set "
         "train.cbs_every (steps between measurements), or drop them\n"
     )
+
+
+def test_the_critical_batch_is_the_largest_size_keeping_the_tolerated_share_of_progress():
+    measured = cbs.Measurement(
+        sizes=[8, 16, 32, 64],
+        examples=64,
+        tolerance=0.5,
+        start_loss=2.0,
+        losses=[
+            [1.0, 1.2, 1.6, 1.9],
+            [1.0, 1.4, 1.4, 1.9],
+        ],  # progress 100 %, 80 %, 40 %, 10 % / 100, 60, 60, 10
+    )
+    assert measured.critical == 32  # mean progress 100, 70, 50, 10 %
+    assert measured.interval == (16, 64)  # the repeats' 16 and 32, and the size above 32
+
+
+def test_the_runs_noise_scale_is_read_from_the_checkpoint_and_printed(capsys):
+    from largebatch.noise import NoiseScale
+
+    state = {"noise": NoiseScale(g2=2.0, trace=68.0, count=20).state_dict()}
+    assert cbs._noise_of(state) == 34.0 and cbs._noise_of({"noise": None}) is None
+    result = {
+        "checkpoint": "ckpt",
+        "step": 10,
+        "fresh_optimizer": False,
+        **cbs.Measurement([8, 16], 32, 0.5, 2.0, [[1.0, 1.2]]).record(),
+        "global_batch": 64,
+        "gns": 34.0,
+    }
+    cbs.report(result)
+    out = capsys.readouterr().out
+    assert "run's global batch 64 = 4 × the critical batch" in out
+    assert "noise scale B_noise = 34 = 2.12 × the critical batch" in out
