@@ -105,6 +105,12 @@ def _noise_scale(argv: list[str]) -> int:
     return noise_probe.main(argv)
 
 
+def _cbs(argv: list[str]) -> int:
+    from largebatch import cbs
+
+    return cbs.main(argv)
+
+
 def _sweep(argv: list[str]) -> int:
     from largebatch import sweep
 
@@ -112,6 +118,7 @@ def _sweep(argv: list[str]) -> int:
 
 
 SUBPROGRAMS = {
+    "cbs": _cbs,
     "find-batch": _find_batch,
     "noise-scale": _noise_scale,
     "report": _report,
@@ -178,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "noise-scale",
         help="the gradient noise scale B_simple at a checkpoint, fitted over batch sizes",
+    )
+    commands.add_parser(
+        "cbs",
+        help="the critical batch at a checkpoint, by branching short runs at several global batches",
     )
     commands.add_parser("report", help="PNG plots and one HTML page from run directories")
     commands.add_parser(

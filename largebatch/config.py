@@ -233,6 +233,15 @@ class TrainConfig:
     """Measure the noise scale every N steps. Default: every step under batch.schedule=gns (the schedule follows
     it, so its cadence is part of the trajectory), else train.log_every (measured where logged: on DDP, measuring
     leaves the gradients bit-identical, so neither cadence changes the trajectory)."""
+    cbs_every: int = 0
+    """Every N steps, measure the critical batch by branching (largebatch.cbs: short continuations at
+    train.cbs_sizes for train.cbs_examples each, in memory, the run unchanged); one line per measurement in cbs.jsonl.
+    0: never."""
+    cbs_sizes: list[int] = field(default_factory=list)
+    """train.cbs_every's global batches (multiples of world × micro-batch). Default: ⅛× to 4× batch.global_size in
+    powers of two."""
+    cbs_examples: int | None = None
+    """train.cbs_every's examples per branch. Default: 8 × the largest of train.cbs_sizes."""
     nonfinite: str = "skip"
     """A NaN/inf loss or gradient: skip the step (counted and logged) or stop the run."""
     target: str | None = None
@@ -408,6 +417,11 @@ def validate(cfg: Config) -> None:
             f"train.noise_every={cfg.train.noise_every} sets how often the noise scale is measured: "
             f"set train.noise_scale=true, or drop train.noise_every"
         )
+    if (cfg.train.cbs_sizes or cfg.train.cbs_examples) and not cfg.train.cbs_every:
+        raise UserError(
+            "train.cbs_sizes and train.cbs_examples set up train.cbs_every's measurement: set "
+            "train.cbs_every (steps between measurements), or drop them"
+        )
     if isinstance(cfg.batch.micro_size, str):
         check_choice("batch.micro_size", cfg.batch.micro_size, list(MODES["batch.micro_size"]))
     _check_finite(cfg)
@@ -425,6 +439,7 @@ def validate(cfg: Config) -> None:
         "train.epochs": cfg.train.epochs,
         "train.log_every": cfg.train.log_every,
         "train.noise_every": cfg.train.noise_every,
+        "train.cbs_examples": cfg.train.cbs_examples,
         "train.clip_grad_norm": cfg.train.clip_grad_norm,
         "schedule.power": cfg.schedule.power,
         "train.checkpoint_keep": cfg.train.checkpoint_keep,
@@ -438,6 +453,7 @@ def validate(cfg: Config) -> None:
         "data.workers": cfg.data.workers,
         "train.eval_every": cfg.train.eval_every,
         "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.cbs_every": cfg.train.cbs_every,
         "model.grad_checkpointing": cfg.model.grad_checkpointing,
         "schedule.warmup_steps": cfg.schedule.warmup_steps,
         "schedule.warmup_epochs": cfg.schedule.warmup_epochs,

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from largebatch import batch, batch_schedule, checkpoint, dist, memory, optim
+from largebatch import batch, batch_schedule, cbs, checkpoint, dist, memory, optim
 from largebatch import task as tasks
 from largebatch.config import Config
 from largebatch.engine import engines
@@ -220,6 +220,7 @@ def prepare(
     job.resume_from = (
         _resume_point(job) if task is not None else None
     )  # planning only: nothing to resume
+    cbs.check(job)
     return job
 
 

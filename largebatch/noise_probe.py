@@ -41,9 +41,9 @@ class Fit:
     intervals: dict[str, tuple[float, float]]
 
 
-def weights_of(source: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
-    """The model weights at `source` (a checkpoint directory, a run directory or a model.pt file), the path they
-    were read from, and the checkpoint's manifest ({} for model.pt)."""
+def state_of(source: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """The training state at `source` (a checkpoint directory, a run directory or a model.pt file: then only its
+    "model"), the path it was read from, and the checkpoint's manifest ({} for model.pt)."""
     if not source.exists():
         raise UserError(
             f"--checkpoint {source} does not exist; give a checkpoint directory, a run directory or a "
@@ -61,7 +61,7 @@ def weights_of(source: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, A
         source = found or source / FINAL_WEIGHTS
     if source.is_file():
         try:
-            return source, torch.load(source, map_location="cpu", weights_only=True), {}
+            return source, {"model": torch.load(source, map_location="cpu", weights_only=True)}, {}
         except Exception as exc:
             raise UserError(
                 f"{source} is not a readable state dict ({type(exc).__name__}); give a checkpoint "
@@ -85,7 +85,30 @@ def weights_of(source: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, A
             f"checkpoint {source} holds engine.name={engine} shards, which load only in that engine's "
             f"process group; give the run's {FINAL_WEIGHTS} (written when it finishes) instead"
         )
-    return source, state["model"], manifest
+    return source, state, manifest
+
+
+def check_trained_with(source: Path, saved: dict[str, Any], prepared: job.Job) -> None:
+    """Raise UserError if the checkpoint's meta (`saved`) names other data or another model than `prepared`."""
+    for key, value in prepared.identity().items():
+        if key.startswith(("data.", "model.")) and key in saved and saved[key] != value:
+            raise UserError(
+                f"checkpoint {source} was trained with {key}={saved[key]}, this config has {value}; "
+                f"pass the config it was trained with"
+            )
+
+
+def load_weights(
+    model: nn.Module, weights: dict[str, torch.Tensor], source: Path, cfg: config.Config
+) -> None:
+    """Load `weights` into the model job.prepare built; UserError when they belong to another model."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise UserError(
+            f"{source} does not fit model.name={cfg.model.name} ({str(exc).strip().splitlines()[0]}); "
+            f"pass the config it was trained with"
+        ) from None
 
 
 def default_sizes(largest: int, count: int = 8) -> list[int]:
@@ -213,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(
             f"--batches={args.batches} must be at least 2 (the spread between them is the uncertainty)"
         )
-    source, weights, manifest = weights_of(args.checkpoint)
+    source, state, manifest = state_of(args.checkpoint)
     cfg = config.load(args.config, args.overrides)
     micro = cfg.batch.micro_size if isinstance(cfg.batch.micro_size, int) else None
     if (
@@ -222,26 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg.batch.micro_size = cfg.batch.accum_steps = None
     cfg.run.resume, cfg.train.noise_scale = "never", False
     prepared = job.prepare(cfg, 1)
-    saved = manifest.get("meta", {})
-    for key, value in prepared.identity().items():
-        if key.startswith(("data.", "model.")) and key in saved and saved[key] != value:
-            raise UserError(
-                f"checkpoint {source} was trained with {key}={saved[key]}, this config has {value}; "
-                f"pass the config it was trained with"
-            )
+    check_trained_with(source, manifest.get("meta", {}), prepared)
     sizes = _sizes(args.sizes, args.batches, prepared.plan.global_batch, prepared.train_examples)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(prepared.threads)
     # job.prepare built and checked the model once; the checkpoint's weights replace its own
     model = prepared.model
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise UserError(
-            f"{source} does not fit model.name={cfg.model.name} ({str(exc).strip().splitlines()[0]}); "
-            f"pass the config it was trained with"
-        ) from None
+    load_weights(model, state["model"], source, cfg)
     sq = squared_norms(
         model.to(device),
         prepared.task,

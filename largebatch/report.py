@@ -12,7 +12,7 @@ import itertools
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class Run:
     summary: dict[str, Any]
     derived: dict[str, Any]
     color: str = "C0"
+    cbs: list[dict[str, Any]] = field(default_factory=list)
+    """cbs.jsonl's lines (train.cbs_every): the branched critical batch over training."""
 
     @property
     def global_batch(self) -> int | None:
@@ -88,7 +90,16 @@ def load_run(run_dir: Path, name: str | None = None) -> Run:
         )
     summary = _read(run_dir / "summary.json", json.loads, json.JSONDecodeError)
     config = _read(run_dir / "config.yaml", yaml.safe_load, yaml.YAMLError)
-    return Run(name or run_dir.name, records, summary, config.get("derived") or {})
+    cbs = run_dir / "cbs.jsonl"
+    measured = []
+    if cbs.is_file():
+        try:
+            measured = [json.loads(line) for line in cbs.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f"{cbs} holds a line that is not valid JSON ({exc.msg}); delete or fix that line"
+            ) from None
+    return Run(name or run_dir.name, records, summary, config.get("derived") or {}, cbs=measured)
 
 
 def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
@@ -229,6 +240,47 @@ def noise_scale_panel(runs: list[Run]) -> Figure | None:
             label=f"{run.label}: global batch",
         )
     _axes(ax, "Gradient noise scale B_noise and the global batch", SAMPLES, "examples", log=True)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def critical_batch_panel(runs: list[Run]) -> Figure | None:
+    """The branched critical batch (train.cbs_every, with its interval) and the noise scale B_noise against
+    examples seen, on one plot, each run's global batch dashed: the two measurements of the critical batch."""
+    measured = [run for run in runs if any(_number(m.get("critical_batch")) for m in run.cbs)]
+    if not measured:
+        return None
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for run in measured:
+        points = [m for m in run.cbs if _number(m.get("critical_batch"))]
+        xs = [m["samples"] for m in points]
+        ys = [m["critical_batch"] for m in points]
+        low = [y - (m["interval"][0] or y) for y, m in zip(ys, points)]
+        high = [(m["interval"][1] or y) - y for y, m in zip(ys, points)]
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=[low, high],
+            color=run.color,
+            marker="o",
+            capsize=3,
+            label=f"{run.label}: branched critical batch",
+        )
+        gns_x, gns_y = run.series("gns", "samples")
+        if not gns_x:
+            gns_x = [m["samples"] for m in run.cbs if _number(m.get("gns"))]
+            gns_y = [m["gns"] for m in run.cbs if _number(m.get("gns"))]
+        if gns_x:
+            ax.plot(
+                gns_x, gns_y, color=run.color, ls=":", label=f"{run.label}: noise scale B_noise"
+            )
+        batch_x, batch_y = run.series("global_batch", "samples")
+        if batch_x:
+            ax.step(batch_x, batch_y, where="post", color=run.color, ls="--", lw=1, alpha=0.6)
+    _axes(
+        ax, "Critical batch: branched (Merrill et al.) and noise scale", SAMPLES, "batch", log=True
+    )
     ax.legend(fontsize="small")
     return fig
 
@@ -423,6 +475,13 @@ PANELS: list[tuple[str, str, Callable[[list[Run]], Figure | None]]] = [
         "dashed: where the batch is below B_noise a larger one would still cut steps almost in proportion; above it, "
         "it costs examples for few steps saved.",
         noise_scale_panel,
+    ),
+    (
+        "critical_batch",
+        "The critical batch measured two ways against examples seen: by branching short runs at several batches "
+        "(train.cbs_every; bars: the interval) and the gradient noise scale B_noise (dotted); each run's global "
+        "batch dashed.",
+        critical_batch_panel,
     ),
     ("trust_ratio", "Per-layer trust ratios (LARS/LAMB) over training.", trust_ratio_panel),
 ]

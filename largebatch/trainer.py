@@ -18,6 +18,7 @@ from torch import nn
 
 from largebatch import autobatch, batch_schedule, checkpoint, config, counted_loss, flops, optim
 from largebatch.batch import BatchPlan, GlobalBatchSampler, Position, advance
+from largebatch.cbs import during_run as measure_critical_batch
 from largebatch.dist import DistInfo, all_reduce_sum, broadcast_from_main
 from largebatch.engine import Engine, engines
 from largebatch.errors import Preempted, TrainingStopped, warn
@@ -225,6 +226,8 @@ class Trainer:
                 result = self.train_step()
                 self._update_noise(result)
                 self._after_step(result)
+                if self.cfg.train.cbs_every and self.s.step % self.cfg.train.cbs_every == 0:
+                    measure_critical_batch(self)
                 self._follow_batch_schedule()
         finally:
             self.flags.uninstall()

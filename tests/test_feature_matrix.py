@@ -41,19 +41,20 @@ USES = {
         "model.args={hidden: 8}",
     ),
     "syncbatch": ("model.norm=syncbatch",),
+    "cbs": ("train.cbs_every=2", "train.cbs_sizes=[32,64]", "train.cbs_examples=64"),
 }
 """Per feature id: the overrides that use it (the first is the feature's own key)."""
 GROUPS = (
     ("noise", "gns", "fp16", "layerwise"),
-    ("ramp", "bf16"),
+    ("ramp", "bf16", "cbs"),
     ("auto",),
     ("muon", "steps"),
     ("groups",),
 )
 """Features that can share one training (a column trains one run per group holding a feature it supports): ramp,
-steps and gns are all batch.schedule, fp16 and bf16 both train.precision, micro_size=auto takes a constant
-schedule, and Muon and optim.groups need a model with a hidden matrix (and optim.name for themselves); steps rides
-with Muon (alone where Muon is refused)."""
+steps and gns are all batch.schedule, fp16 and bf16 both train.precision, micro_size=auto takes a constant schedule
+(and train.cbs_every a fixed micro-batch), and Muon and optim.groups need a model with a hidden matrix (and
+optim.name for themselves); steps rides with Muon (alone where Muon is refused)."""
 LINREG = (
     f"--config={ROOT / 'tests/tasks/linreg.yaml'}",
     "data.args={sigma: 8.0, size: 2048}",
@@ -130,6 +131,7 @@ def _acted(feature: str, records: list[dict], run: Path) -> bool:
         "bf16": all(r["loss"] == r["loss"] for r in records),
         "fp16": all("loss_scale" in r for r in records),
         "layerwise": all(any(k.startswith("trust_ratio/") for k in r) for r in records),
+        "cbs": (run / "cbs.jsonl").is_file(),
     }.get(feature) or _split(run) == {
         "muon": [(1, 128), (1, 8)],  # Muon: the hidden matrix; AdamW: the head
         "groups": [(1, 128), (1, 8)],  # lars: the hidden matrix; sgd: the rest

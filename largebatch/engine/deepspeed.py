@@ -169,6 +169,10 @@ class DeepSpeedEngine(Engine):
                 for stage in (2, 3)
             ),
         ),
+        "cbs": refused(
+            "branches copy the engine's whole training state in memory, which engine.name=deepspeed holds in its "
+            "own engine (not built); use engine.name=ddp, or largebatch cbs on a ddp run's checkpoint"
+        ),
         "auto": refused(
             "is not supported with engine.name=deepspeed; set batch.micro_size (largebatch find-batch "
             "measures it)"

@@ -55,6 +55,7 @@ FEATURES = (
     Feature("ramp", "batch.schedule", ("ramp",)),
     Feature("steps", "batch.schedule", ("steps",)),
     Feature("noise", "train.noise_scale", (True,)),
+    Feature("cbs", "train.cbs_every", None),
     Feature("auto", "batch.micro_size", ("auto",)),
     Feature("bf16", "train.precision", ("bf16",)),
     Feature("fp16", "train.precision", ("fp16",)),

@@ -131,9 +131,13 @@ class FSDPEngine(Engine):
     others inside a collective, so micro_size=auto is found before the first step and a mid-run one stops the job."""
 
     capabilities = {
+        "cbs": refused(
+            "branches copy the engine's whole training state in memory, which engine.name=fsdp shards (not "
+            "built); use engine.name=ddp, or largebatch cbs on a ddp run's checkpoint"
+        ),
         "syncbatch": refused(
             "is not supported with engine.name=fsdp; use model.norm=group or layer, or engine.name=ddp"
-        )
+        ),
     }
 
     @classmethod
