@@ -72,7 +72,7 @@ def _param_groups(seed: int) -> list[dict]:
 
 
 class _FirstPass:
-    """Stands in for an optimizer in `time_steps`: the first pass of our LARS/LAMB alone (no update of the weights)."""
+    """Stands in for an optimizer in `step_times`: the first pass of our LARS/LAMB alone (no update of the weights)."""
 
     def __init__(self, optimizer: LAMB | LARS) -> None:
         self.optimizer = optimizer
@@ -114,16 +114,6 @@ def _candidates() -> dict[str, Callable[[list[dict]], Optimizer]]:
     return candidates
 
 
-def time_steps(optimizers: dict[str, Optimizer], steps: int, warmup: int) -> dict[str, float]:
-    """Median wall time of one step() per optimizer, in milliseconds, after `warmup` untimed steps.
-
-    The optimizers take turns, one step each per round, so that load from other processes hits all
-    of them alike, and each step starts with caches full of another model's state, as it does
-    after a backward pass.
-    """
-    return {name: statistics.median(t) for name, t in step_times(optimizers, steps, warmup).items()}
-
-
 def step_times(
     optimizers: dict[str, Optimizer],
     steps: int,
@@ -131,9 +121,13 @@ def step_times(
     before: Callable[[], object] = lambda: None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """Time of each round's step() per optimizer by `clock` (wall time unless given), in milliseconds (`time_steps`);
-    `before` runs untimed before every step (a barrier, so that a collective step does not time the wait for a slower
-    rank's previous one)."""
+    """Time of each round's step() per optimizer by `clock` (wall time unless given), in milliseconds, after `warmup`
+    untimed steps each; `before` runs untimed before every step (a barrier, so that a collective step does not time the
+    wait for a slower rank's previous one).
+
+    The optimizers take turns, one step each per round, so that load from other processes hits all of them alike, and
+    each step starts with caches full of another model's state, as it does after a backward pass.
+    """
     for optimizer in optimizers.values():
         for _ in range(warmup):
             before()
@@ -148,7 +142,7 @@ def step_times(
     return times
 
 
-def ratio_quartiles(
+def _ratio_quartiles(
     times: dict[str, list[float]], name: str, base: str
 ) -> tuple[float, float, float]:
     """The median and quartiles of the per-round ratios of `name`'s step time to `base`'s."""
@@ -158,7 +152,7 @@ def ratio_quartiles(
 
 
 def _ratio_line(times: dict[str, list[float]], name: str, base: str, goal: str = "") -> str:
-    median, q1, q3 = ratio_quartiles(times, name, base)
+    median, q1, q3 = _ratio_quartiles(times, name, base)
     return (
         f"{name}/{base} = {median:.2f} (quartiles {q1:.2f}-{q3:.2f}){f' ({goal})' if goal else ''}"
     )
@@ -230,7 +224,7 @@ def sharded_worker(steps: int, warmup: int) -> None:
 
 
 class _AllReduce:
-    """Stands in for an optimizer in `time_steps`: the all-reduce of LAMB's per-parameter sums alone."""
+    """Stands in for an optimizer in `step_times`: the all-reduce of LAMB's per-parameter sums alone."""
 
     def __init__(self, sums: torch.Tensor) -> None:
         self.sums = sums
