@@ -2,13 +2,16 @@
 
 The build lands in $TORCH_EXTENSIONS_DIR (torch's default cache when unset) under a name keyed on
 the SIMD level torch detected (`torch.backends.cpu.get_cpu_capability()`), so a cache shared by
-machines with different CPUs never loads code built for instructions the CPU lacks. torch's loader
+machines with different CPUs never loads code built for instructions the CPU lacks, and on the
+source (its text and its path, which the build recipe names), so an edited source or another
+checkout gets a build of its own instead of loading a stale one or rebuilding over it. torch's loader
 holds a file lock while building, so concurrent processes build once. A build (about 30 s) is
 announced in one line before and after; the trainer `warm`s the kernel before it times any step,
 and `largebatch build` builds it ahead.
 """
 
 import functools
+import hashlib
 import threading
 import warnings
 from pathlib import Path
@@ -36,12 +39,18 @@ def check_impl(impl: str) -> str:
     return impl
 
 
+def _source_key() -> str:
+    """Ten hex digits of the SHA-256 of the source's path and text."""
+    digest = hashlib.sha256(str(SOURCE.resolve()).encode() + b"\0" + SOURCE.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 @functools.cache
 def _build() -> ModuleType | str:
     """The compiled module, or the reason it could not be built (cached: a failed build runs once)."""
     capability = torch.backends.cpu.get_cpu_capability()
     cpp_extension = builds.cpp_extension()
-    name = f"largebatch_fused_optim_{capability.lower()}"
+    name = f"largebatch_fused_optim_{capability.lower()}_{_source_key()}"
     try:
         with builds.announced(WHAT, name, [SOURCE]):
             return cpp_extension.load(

@@ -2,14 +2,17 @@
 //
 // A trust ratio needs a whole tensor's norms before any of it can be updated, so each tensor takes
 // two passes: the first reduces the norms (LAMB also updates its moments there), the second
-// applies the update. Finishing one tensor before starting the next keeps it in the last-level
-// cache for the second pass (lars_step, lamb_step). Sharded tensors need every shard's sums before
-// any ratio, so the sharded path runs the first pass over all tensors (lars_sums, lamb_sums),
-// leaves the reduction of the sums across processes to the caller, and then the second pass
-// (lars_apply, lamb_apply); both paths share the arithmetic, so without a reduction they agree bit
-// for bit. Tensors of up to one chunk go whole to one thread; larger ones are split into fixed
-// chunks shared by all threads. Norms sum per chunk and then in chunk order, so they do not depend
-// on the thread count.
+// applies the update. Finishing one tensor before starting the next keeps it in cache for the
+// second pass (lars_step, lamb_step). Sharded tensors need every shard's sums before any ratio, so
+// the sharded path runs the first pass over all tensors (lars_sums, lamb_sums), leaves the
+// reduction of the sums across processes to the caller, and then the second pass (lars_apply,
+// lamb_apply); both paths share the arithmetic, so without a reduction they agree bit for bit.
+// Tensors of up to one chunk go whole to one thread; larger ones are split into fixed chunks
+// shared by all threads. Norms sum per chunk and then in chunk order, so they do not depend on the
+// thread count. The second pass walks backwards through what the first pass walked forwards (each
+// thread its own chunks, last first; in the sharded path also the tensors, last first): it starts
+// with what the first pass touched last, still in the thread's cache, where a forward walk would
+// evict each chunk just before reading it (a least-recently-used cache smaller than the data).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -60,11 +63,12 @@ SumSquares chunked_sums(int64_t t, int64_t numel, const Pass1& pass1) {
   return sums;
 }
 
-// second.update(t, begin, end, ratio) on each chunk of the large tensor t.
+// second.update(t, begin, end, ratio) on each chunk of the large tensor t: each thread takes the
+// chunks it took in chunked_sums (parallel_for splits a range alike every time), last first.
 template <typename Second>
 void chunked_update(int64_t t, int64_t numel, float ratio, const Second& second) {
   at::parallel_for(0, chunks_of(numel), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) {
+    for (int64_t c = hi - 1; c >= lo; --c) {
       second.update(t, c * kChunk, std::min((c + 1) * kChunk, numel), ratio);
     }
   });
@@ -106,7 +110,8 @@ at::Tensor first_pass(const std::vector<int64_t>& numels, const Pass1& pass1) {
   return sums;
 }
 
-// The second of two_passes for every tensor, with the sums in the rows of `sums`.
+// The second of two_passes for every tensor, with the sums in the rows of `sums`: first_pass's
+// order reversed.
 template <typename Second>
 void second_pass(const std::vector<int64_t>& numels, const at::Tensor& sums, const Second& second) {
   const auto n = static_cast<int64_t>(numels.size());
@@ -116,13 +121,15 @@ void second_pass(const std::vector<int64_t>& numels, const at::Tensor& sums, con
   const double* in = sums.data_ptr<double>();
   const auto ratio = [&](int64_t t) { return second.ratio(t, SumSquares{in[2 * t], in[2 * t + 1]}); };
   const BySize tensors = by_size(numels);
+  for (auto t = tensors.large.rbegin(); t != tensors.large.rend(); ++t) {
+    chunked_update(*t, numels[*t], ratio(*t), second);
+  }
   at::parallel_for(0, static_cast<int64_t>(tensors.small.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
+    for (int64_t i = hi - 1; i >= lo; --i) {
       const int64_t t = tensors.small[i];
       second.update(t, 0, numels[t], ratio(t));
     }
   });
-  for (const int64_t t : tensors.large) chunked_update(t, numels[t], ratio(t), second);
 }
 
 // Whether every list holds contiguous fp32 CPU tensors shaped like the first list's.
