@@ -58,6 +58,9 @@ def test_run_directory_holds_resolved_config_metrics_and_summary(run_dirs):
         summary["world_size"],
     ) == (64, 16, 4, 1)
     assert summary["peak_lr"] == pytest.approx(0.2) and len(summary["params_sha256"]) == 64
+    assert (
+        0 < summary["first_step_s"] < summary["wall_s"] + 60
+    )  # from the process's start: imports, the plan, ...
 
 
 def test_logged_lr_follows_warmup_then_cosine(run_dirs):
