@@ -40,18 +40,19 @@ USES = {
         "model.args={hidden: 8}",
     ),
     "syncbatch": ("model.norm=syncbatch",),
+    "compile": ("train.compile=aot_eager",),
 }
 """Per feature id: the overrides that use it (the first is the feature's own key)."""
 GROUPS = (
     ("noise", "gns", "fp16", "layerwise"),
     ("ramp", "bf16"),
     ("auto",),
-    ("muon",),
+    ("muon", "compile"),
     ("groups",),
 )
 """Features that can share one training (a column trains one run per group holding a feature it supports): ramp and
 gns are both batch.schedule, fp16 and bf16 both train.precision, micro_size=auto takes a constant schedule, and Muon
-and optim.groups need a model with a hidden matrix (and optim.name for themselves)."""
+and optim.groups need a model with a hidden matrix (and optim.name for themselves); train.compile goes with any."""
 LINREG = (
     f"--config={ROOT / 'tests/tasks/linreg.yaml'}",
     "data.args={sigma: 8.0, size: 2048}",
@@ -127,15 +128,20 @@ def _acted(feature: str, records: list[dict], run: Path) -> bool:
         "bf16": all(r["loss"] == r["loss"] for r in records),
         "fp16": all("loss_scale" in r for r in records),
         "layerwise": all(any(k.startswith("trust_ratio/") for k in r) for r in records),
+        "compile": bool(_derived(run).get("compiled")),
     }.get(feature) or _split(run) == {
         "muon": [(1, 128), (1, 8)],  # Muon: the hidden matrix; AdamW: the head
         "groups": [(1, 128), (1, 8)],  # lars: the hidden matrix; sgd: the rest
     }.get(feature)
 
 
+def _derived(run: Path) -> dict:
+    return yaml.safe_load((run / "config.yaml").read_text())["derived"]
+
+
 def _split(run: Path) -> list[tuple[int, int]]:
     """(tensors, parameters) of each optimizer, in order, from config.yaml's derived.optimizer_split."""
-    split = yaml.safe_load((run / "config.yaml").read_text())["derived"].get("optimizer_split", [])
+    split = _derived(run).get("optimizer_split", [])
     parts = split.values() if isinstance(split, dict) else split
     return [(part["tensors"], part["params"]) for part in parts]
 

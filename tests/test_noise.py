@@ -76,7 +76,7 @@ def test_two_ranks_and_one_rank_with_accumulation_measure_a_consistent_noise_sca
 
 
 def test_noise_scale_without_two_batch_sizes_is_a_one_line_error():
-    result = cli("train", "train.noise_scale=true")
+    result = cli_in_process("train", "train.noise_scale=true")
     assert result.returncode == 2 and "train.noise_scale compares two batch sizes" in result.stderr
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cli, metrics, train
+from conftest import cli_in_process, metrics, train
 
 from largebatch import models
 from largebatch.config import ModelConfig
@@ -112,7 +112,9 @@ def test_checkpointing_under_ddp_with_accumulation_and_bf16_matches_without(run_
 
 
 def test_syncbatchnorm_on_cpu_is_a_one_line_error():
-    result = cli("train", "data.name=digits", "model.name=resnet", "model.norm=syncbatch")
+    result = cli_in_process(
+        "train", "data.name=digits", "model.name=resnet", "model.norm=syncbatch"
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (
         "largebatch: error: model.norm=syncbatch needs CUDA (SyncBatchNorm runs on NCCL); "
@@ -121,5 +123,5 @@ def test_syncbatchnorm_on_cpu_is_a_one_line_error():
 
 
 def test_grad_checkpointing_on_a_model_without_blocks_is_a_one_line_error():
-    result = cli("train", "model.grad_checkpointing=true")
+    result = cli_in_process("train", "model.grad_checkpointing=true")
     assert result.returncode == 2 and "found no blocks to recompute in mlp" in result.stderr
