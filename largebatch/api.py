@@ -57,11 +57,11 @@ def train(
 def run(cfg: config.Config, **objects: Any) -> dict[str, Any]:
     """Prepare (before any process group), join the group, train, leave it; returns rank's summary."""
     from largebatch import dist, job, task, trainer
-    from largebatch.engine import engines
+    from largebatch.engine import engine_class
 
     info = dist.from_env()
     prepared = job.prepare(cfg, info.world_size, task=task.build(cfg, **objects))
-    dist.init(info, engines()[cfg.engine.name].needs_process_group)
+    dist.init(info, engine_class(cfg.engine.name).needs_process_group)
     stopped = None
     try:
         summary = trainer.fit(prepared, info)

@@ -214,6 +214,11 @@ class TrainConfig:
     datasets (jsonl), excluded from the count of train.loss=model (nanoGPT's model ignores -1)."""
     clip_grad_norm: float | None = None
     """Clip the global gradient norm to this value (after the all-reduce)."""
+    compile: bool | str = False
+    """torch.compile the model in place (its state-dict keys unchanged): true (inductor) or a torch.compile backend
+    name (aot_eager tells a compile bug from a model bug). DDP compiles its wrapper, FSDP each sharded block (else the
+    whole model); refused on DeepSpeed. Off by default: on CPU the first step compiles for tens of seconds and the
+    steps after barely gain (docs/benchmarks.md)."""
     precision: str = "fp32"
     """fp32, bf16 (autocast) or fp16 (autocast + GradScaler)."""
     eval_every: int = 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -26,6 +28,19 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def process_age_s() -> float | None:
+    """Seconds since the operating system started this process (Linux: /proc/self/stat's start time against the
+    boot clock, 10 ms resolution), or None elsewhere: start-up time measured from before the interpreter ran."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+        started = int(fields[19]) / os.sysconf(
+            "SC_CLK_TCK"
+        )  # field 22; fields counted from the 3rd
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, AttributeError, ValueError, IndexError):
+        return None
 
 
 def _env_int(name: str, default: int) -> int:

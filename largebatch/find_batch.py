@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from largebatch import batch, config, job, optim
-from largebatch.engine import engines
+from largebatch.engine import engine_class
 from largebatch.errors import ArgumentParser, UserError
 from largebatch.memory import ActivationMeter, parse_size, peak_bytes, state_bytes, training_state
 from largebatch.precision import Precision
@@ -119,7 +119,7 @@ def measure(
 
         seconds = _timed(run, repeats, device)
         whole = training_state(model, optimizer)
-        mine = engines()[cfg.engine.name].per_rank(cfg, prepared.plan.world_size, whole)
+        mine = engine_class(cfg.engine.name).per_rank(cfg, prepared.plan.world_size, whole)
         peak = peak_bytes(device, activations, model, optimizer) - whole.total + mine.total
     return peak, micro / seconds
 
@@ -151,7 +151,7 @@ def _state_line(prepared: job.Job, device: torch.device) -> str:
     torch.manual_seed(cfg.run.seed)
     model = prepared.task.build_model().to(device)
     whole = training_state(model, optim.build(model, cfg.optim, prepared.peak_lr))
-    mine = engines()[cfg.engine.name].per_rank(cfg, prepared.plan.world_size, whole)
+    mine = engine_class(cfg.engine.name).per_rank(cfg, prepared.plan.world_size, whole)
     return (
         f"per rank parameters {_mib(mine.params)}, gradients {_mib(mine.grads)}, optimizer state "
         f"{_mib(mine.optimizer)} ({mine.total / whole.total:.2f}× one process's {_mib(whole.total)})"

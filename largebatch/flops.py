@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from largebatch.dist import DistInfo, all_reduce_sum
 from largebatch.models.gpt import GPT, Block
@@ -172,6 +171,9 @@ def matmul_params(module: nn.Module) -> int:
 def counted_flops(module: nn.Module, score: Any, inputs: Any, targets: torch.Tensor) -> int:
     """Forward + loss + backward FLOPs of one batch, counted on a meta-device copy of `module`; `score(model,
     inputs, targets)` returns (sum of loss terms, ...), as Task.score does."""
+    # imported here: it imports triton where installed (0.3 s), which a run without this count never needs
+    from torch.utils.flop_counter import FlopCounterMode
+
     ghost = meta_copy(module)
     ghost.train()
     meta = torch.device("meta")

@@ -14,7 +14,7 @@ from torch import nn
 from largebatch import batch, batch_schedule, cbs, checkpoint, dist, memory, optim
 from largebatch import task as tasks
 from largebatch.config import Config
-from largebatch.engine import engines
+from largebatch.engine import engine_class
 from largebatch.errors import UserError, warn
 from largebatch.optim.scaling import peak_lr, scaling_rule, weight_decay_factor
 
@@ -170,7 +170,7 @@ def prepare(
         tasks.check(task, model, cfg.model.name)
         train_examples = len(task.train)
     optim.check(cfg.optim, model)
-    engines()[cfg.engine.name].check(cfg, plan, model)
+    engine_class(cfg.engine.name).check(cfg, plan, model)
     if (
         cfg.train.noise_scale
         and plan.world_size == 1

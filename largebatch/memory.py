@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import re
 import resource
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from largebatch.errors import UserError
 
@@ -111,8 +111,10 @@ class ActivationMeter:
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
-    """This rank's own tensor of a parameter (FSDP2's are DTensors, whose wrapper has no storage)."""
-    return param.to_local() if isinstance(param, DTensor) else param
+    """This rank's own tensor of a parameter (FSDP2's are DTensors, whose wrapper has no storage). DTensor's module is
+    not imported here (1 s): without it loaded, no parameter is one."""
+    tensors = sys.modules.get("torch.distributed.tensor")
+    return param.to_local() if tensors and isinstance(param, tensors.DTensor) else param
 
 
 def peak_bytes(

@@ -19,8 +19,8 @@ from torch import nn
 from largebatch import autobatch, batch_schedule, checkpoint, config, counted_loss, flops, optim
 from largebatch.batch import BatchPlan, GlobalBatchSampler, Position, advance
 from largebatch.cbs import during_run as measure_critical_batch
-from largebatch.dist import DistInfo, all_reduce_sum, broadcast_from_main
-from largebatch.engine import Engine, engines
+from largebatch.dist import DistInfo, all_reduce_sum, broadcast_from_main, process_age_s
+from largebatch.engine import Engine, engine_class
 from largebatch.errors import Preempted, TrainingStopped, warn
 from largebatch.job import Job
 from largebatch.memory import process_peak_mib
@@ -98,7 +98,7 @@ def build_state(job: Job, info: DistInfo) -> TrainState:
     # CUDA's generators from the seed; the CPU one goes on from where the build left it.
     torch.manual_seed(cfg.run.seed)
     torch.set_rng_state(job.rng_after_build)
-    engine = engines()[cfg.engine.name](
+    engine = engine_class(cfg.engine.name)(
         job.model,
         lambda module: optim.build(module, cfg.optim, job.peak_lr),
         cfg,
@@ -217,6 +217,8 @@ class Trainer:
         self.reached: dict[str, Any] | None = None
         """Where train.target was first met: {step, samples, value}."""
         self.warned_target = False
+        self.first_step_s: float | None = None
+        """Seconds from this process's start to the end of its first step (`largebatch bench start`)."""
 
     def fit(self) -> dict[str, Any]:
         self._start()
@@ -224,6 +226,8 @@ class Trainer:
         try:
             while self.s.samples < self.job.total_samples and self.reached is None:
                 result = self.train_step()
+                if self.first_step_s is None:
+                    self.first_step_s = process_age_s()
                 self._update_noise(result)
                 self._after_step(result)
                 if self.cfg.train.cbs_every and self.s.step % self.cfg.train.cbs_every == 0:
@@ -628,6 +632,7 @@ class Trainer:
             "threads": job.threads,
             "applied_steps": s.applied_steps,
             "nonfinite_steps": s.nonfinite_steps,
+            "first_step_s": self.first_step_s,
         }
         if self.target is not None:
             summary["target"] = {

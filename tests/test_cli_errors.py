@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import cli, cli_in_process
+from conftest import cli_in_process
 
 CASES = {
     "unknown_key": (["train", "optim.lrr=0.1"], "did you mean 'lr'"),
@@ -146,7 +146,7 @@ def test_user_error_is_one_line_and_exit_2(name):
 def test_invalid_yaml_names_the_line(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  lr: 0.1\n  name: [sgd\n")
-    result = cli("train", "--config", str(bad))
+    result = cli_in_process("train", "--config", str(bad))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "is not valid YAML at line" in result.stderr
 
@@ -154,7 +154,7 @@ def test_invalid_yaml_names_the_line(tmp_path: Path):
 def test_non_mapping_yaml_is_rejected(tmp_path: Path):
     bad = tmp_path / "list.yaml"
     bad.write_text("- 1\n- 2\n")
-    result = cli("train", "--config", str(bad))
+    result = cli_in_process("train", "--config", str(bad))
     assert result.returncode == 2 and "must be a mapping of sections" in result.stderr
 
 

@@ -42,19 +42,20 @@ USES = {
     ),
     "syncbatch": ("model.norm=syncbatch",),
     "cbs": ("train.cbs_every=2", "train.cbs_sizes=[32,64]", "train.cbs_examples=64"),
+    "compile": ("train.compile=aot_eager",),
 }
 """Per feature id: the overrides that use it (the first is the feature's own key)."""
 GROUPS = (
     ("noise", "gns", "fp16", "layerwise"),
     ("ramp", "bf16", "cbs"),
     ("auto",),
-    ("muon", "steps"),
+    ("muon", "steps", "compile"),
     ("groups",),
 )
 """Features that can share one training (a column trains one run per group holding a feature it supports): ramp,
 steps and gns are all batch.schedule, fp16 and bf16 both train.precision, micro_size=auto takes a constant schedule
 (and train.cbs_every a fixed micro-batch), and Muon and optim.groups need a model with a hidden matrix (and
-optim.name for themselves); steps rides with Muon (alone where Muon is refused)."""
+optim.name for themselves); steps rides with Muon (alone where Muon is refused), train.compile goes with any."""
 LINREG = (
     f"--config={ROOT / 'tests/tasks/linreg.yaml'}",
     "data.args={sigma: 8.0, size: 2048}",
@@ -132,15 +133,20 @@ def _acted(feature: str, records: list[dict], run: Path) -> bool:
         "fp16": all("loss_scale" in r for r in records),
         "layerwise": all(any(k.startswith("trust_ratio/") for k in r) for r in records),
         "cbs": (run / "cbs.jsonl").is_file(),
+        "compile": bool(_derived(run).get("compiled")),
     }.get(feature) or _split(run) == {
         "muon": [(1, 128), (1, 8)],  # Muon: the hidden matrix; AdamW: the head
         "groups": [(1, 128), (1, 8)],  # lars: the hidden matrix; sgd: the rest
     }.get(feature)
 
 
+def _derived(run: Path) -> dict:
+    return yaml.safe_load((run / "config.yaml").read_text())["derived"]
+
+
 def _split(run: Path) -> list[tuple[int, int]]:
     """(tensors, parameters) of each optimizer, in order, from config.yaml's derived.optimizer_split."""
-    split = yaml.safe_load((run / "config.yaml").read_text())["derived"].get("optimizer_split", [])
+    split = _derived(run).get("optimizer_split", [])
     parts = split.values() if isinstance(split, dict) else split
     return [(part["tensors"], part["params"]) for part in parts]
 

@@ -58,12 +58,14 @@ COMMON = (
 
 
 def test_two_ranks_and_one_rank_with_accumulation_measure_a_consistent_noise_scale(run_dirs):
-    two = run_dirs("two")
-    one = run_dirs("one")
-    plain = run_dirs("plain")
+    two, single = run_dirs("two"), run_dirs("single")
     train(two, *COMMON, "train.noise_scale=true", nproc=2)
-    train(one, *COMMON, "train.noise_scale=true", "batch.micro_size=32")
-    train(plain, *COMMON, "batch.micro_size=32")
+    single.mkdir()
+    accumulated = (*COMMON, "batch.micro_size=32")
+    train_in_one_job(
+        single, {"one": (*accumulated, "train.noise_scale=true"), "plain": accumulated}, nproc=1
+    )
+    one, plain = single / "one", single / "plain"
     assert all("gns/trace" in r for r in metrics(two) + metrics(one))  # every log step measured
     gns_two = [
         r["gns"] for r in metrics(two) if "gns" in r
@@ -76,7 +78,7 @@ def test_two_ranks_and_one_rank_with_accumulation_measure_a_consistent_noise_sca
 
 
 def test_noise_scale_without_two_batch_sizes_is_a_one_line_error():
-    result = cli("train", "train.noise_scale=true")
+    result = cli_in_process("train", "train.noise_scale=true")
     assert result.returncode == 2 and "train.noise_scale compares two batch sizes" in result.stderr
 
 

@@ -2,53 +2,61 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from conftest import cli, metrics, train
+from conftest import ROOT, cli_in_process, metrics, train_in_one_job
 
 from largebatch import models
 from largebatch.config import ModelConfig
 from largebatch.data import Data
 
-QUICK = ("--config", "configs/quickstart.yaml")
+QUICK = (
+    f"--config={ROOT / 'configs/quickstart.yaml'}",
+    "train.epochs=10",
+    "logging.progress=false",
+)
+OVERFLOW = (
+    "data.size=512",
+    "model.width=32",
+    "train.steps=40",
+    "train.log_every=1",
+    "train.precision=fp16",
+    "train.fp16_init_scale=1e12",
+    "schedule.warmup_steps=10",
+    "train.nonfinite=stop",
+    "logging.progress=false",
+)
 
 
 @pytest.fixture(scope="module")
-def fp32_curve(tmp_path_factory):
-    run = tmp_path_factory.mktemp("fp32")
-    train(run, "train.epochs=10", "train.precision=fp32", config=QUICK[1])
-    return [r["loss"] for r in metrics(run)]
+def single(tmp_path_factory):
+    """This file's single-process runs, one after another in one process."""
+    base = tmp_path_factory.mktemp("precision")
+    runs = {p: (*QUICK, f"train.precision={p}") for p in ("fp32", "bf16", "fp16")}
+    train_in_one_job(base, {**runs, "fp16_overflow": OVERFLOW}, nproc=1)
+    return base
 
 
 @pytest.mark.parametrize("precision, tolerance", [("bf16", 0.05), ("fp16", 0.02)])
-def test_mixed_precision_tracks_the_fp32_loss_curve(run_dirs, fp32_curve, precision, tolerance):
+def test_mixed_precision_tracks_the_fp32_loss_curve(single, precision, tolerance):
     """Stated tolerance: every logged loss within `tolerance` absolute of fp32 on the quickstart task (10 epochs)."""
-    run = run_dirs(precision)
-    summary = train(run, "train.epochs=10", f"train.precision={precision}", config=QUICK[1])
-    curve = [r["loss"] for r in metrics(run)]
+    fp32_curve = [r["loss"] for r in metrics(single / "fp32")]
+    curve = [r["loss"] for r in metrics(single / precision)]
     assert len(curve) == len(fp32_curve)
     assert max(abs(a - b) for a, b in zip(curve, fp32_curve)) <= tolerance
-    assert summary["nonfinite_steps"] == 0
+    assert json.loads((single / precision / "summary.json").read_text())["nonfinite_steps"] == 0
 
 
 def test_fp16_overflow_belongs_to_the_loss_scale_is_not_nonfinite_and_does_not_advance_the_schedule(
-    run_dirs,
+    single,
 ):
     """A loss scale of 1e12 overflows the first gradients: the GradScaler skips those updates and lowers the scale.
     That is routine, so nothing counts as non-finite (train.nonfinite=stop keeps going), and the LR warmup
     waits for the applied steps."""
-    run = run_dirs("fp16_overflow")
-    summary = train(
-        run,
-        "data.size=512",
-        "model.width=32",
-        "train.steps=40",
-        "train.log_every=1",
-        "train.precision=fp16",
-        "train.fp16_init_scale=1e12",
-        "schedule.warmup_steps=10",
-        "train.nonfinite=stop",
-    )
+    run = single / "fp16_overflow"
+    summary = json.loads((run / "summary.json").read_text())
     records = metrics(run)
     assert summary["nonfinite_steps"] == 0
     assert 0 < summary["applied_steps"] < 40
@@ -104,15 +112,18 @@ def test_checkpointing_under_ddp_with_accumulation_and_bf16_matches_without(run_
         "train.log_every=1",
         "train.precision=bf16",
     )
-    a, b = run_dirs("plain"), run_dirs("ckpt")
-    train(a, *common, nproc=2)
-    train(b, *common, "model.grad_checkpointing=true", nproc=2)
+    base = run_dirs("ddp")
+    base.mkdir()
+    train_in_one_job(base, {"plain": common, "ckpt": (*common, "model.grad_checkpointing=true")})
+    a, b = base / "plain", base / "ckpt"
     for x, y in zip(metrics(a), metrics(b)):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
 
 
 def test_syncbatchnorm_on_cpu_is_a_one_line_error():
-    result = cli("train", "data.name=digits", "model.name=resnet", "model.norm=syncbatch")
+    result = cli_in_process(
+        "train", "data.name=digits", "model.name=resnet", "model.norm=syncbatch"
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (
         "largebatch: error: model.norm=syncbatch needs CUDA (SyncBatchNorm runs on NCCL); "
@@ -121,5 +132,5 @@ def test_syncbatchnorm_on_cpu_is_a_one_line_error():
 
 
 def test_grad_checkpointing_on_a_model_without_blocks_is_a_one_line_error():
-    result = cli("train", "model.grad_checkpointing=true")
+    result = cli_in_process("train", "model.grad_checkpointing=true")
     assert result.returncode == 2 and "found no blocks to recompute in mlp" in result.stderr

@@ -272,3 +272,15 @@ def test_the_api_trains_the_module_instance_it_is_given(tmp_path):
         train_data=ArrayDataset(x, (x[:, 0] > 0).long()),
     )
     assert params_sha256(given.state_dict()) == summary["params_sha256"]
+
+
+def test_process_age_counts_from_when_the_operating_system_started_the_process():
+    import psutil
+
+    from largebatch.dist import process_age_s
+
+    before = process_age_s()
+    time.sleep(0.1)
+    assert 0.1 <= process_age_s() - before < 0.5
+    # psutil's start time counts from the boot time in whole seconds (/proc/stat's btime)
+    assert before == pytest.approx(time.time() - psutil.Process().create_time(), abs=1.1)

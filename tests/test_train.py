@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import cli, metrics, train
+from conftest import cli, metrics, train, train_in_one_job
 
 from largebatch.config import ScheduleConfig
 from largebatch.optim.schedules import Schedule
@@ -58,55 +58,77 @@ def test_run_directory_holds_resolved_config_metrics_and_summary(run_dirs):
         summary["world_size"],
     ) == (64, 16, 4, 1)
     assert summary["peak_lr"] == pytest.approx(0.2) and len(summary["params_sha256"]) == 64
+    assert (
+        0 < summary["first_step_s"] < summary["wall_s"] + 60
+    )  # from the process's start: imports, the plan, ...
 
 
-def test_logged_lr_follows_warmup_then_cosine(run_dirs):
-    run = run_dirs("lr")
-    train(
-        run,
-        *SMALL,
-        "train.log_every=1",
-        "schedule.name=cosine",
-        "schedule.warmup_steps=5",
-        "optim.scaling=none",
-        "optim.lr=0.3",
-    )
+NORMS = ("batch", "group", "layer", "none")
+RESNET = (
+    "data.name=digits",
+    "model.name=resnet",
+    "model.width=8",
+    "model.depth=1",
+    "train.steps=30",
+    "train.log_every=1",
+    "batch.global_size=128",
+    "optim.lr=0.2",
+    "optim.scaling=none",
+)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The single-process runs of this file, trained one after another in one process (one interpreter start)."""
+    base = tmp_path_factory.mktemp("one_process")
+    quiet = (*SMALL, "logging.progress=false")
+    runs = {
+        "lr": (
+            *quiet,
+            "train.log_every=1",
+            "schedule.name=cosine",
+            "schedule.warmup_steps=5",
+            "optim.scaling=none",
+            "optim.lr=0.3",
+        ),
+        "a": quiet,
+        "b": quiet,
+        "c": (*quiet, "run.seed=1"),
+        "w0": (*quiet, "data.workers=0"),
+        "w2": (*quiet, "data.workers=2"),
+        "threads": (*quiet, "run.threads=1"),
+        **{norm: (*RESNET, f"model.norm={norm}", "logging.progress=false") for norm in NORMS},
+    }
+    train_in_one_job(base, runs, nproc=1)
+    return base
+
+
+def _summary(run) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def test_logged_lr_follows_warmup_then_cosine(one_process):
     schedule = Schedule(ScheduleConfig(name="cosine"), total_steps=20, warmup_steps=5)
-    assert [r["lr"] for r in metrics(run)] == pytest.approx(
+    assert [r["lr"] for r in metrics(one_process / "lr")] == pytest.approx(
         [0.3 * schedule.factor(s) for s in range(20)]
     )
 
 
-def test_same_seed_is_bit_identical_and_another_seed_is_not(run_dirs):
-    a = train(run_dirs("a"), *SMALL)["params_sha256"]
-    b = train(run_dirs("b"), *SMALL)["params_sha256"]
-    c = train(run_dirs("c"), *SMALL, "run.seed=1")["params_sha256"]
+def test_same_seed_is_bit_identical_and_another_seed_is_not(one_process):
+    a, b, c = (_summary(one_process / name)["params_sha256"] for name in "abc")
     assert a == b != c
 
 
-def test_results_do_not_depend_on_dataloader_workers(run_dirs):
-    a = train(run_dirs("w0"), *SMALL, "data.workers=0")["params_sha256"]
-    b = train(run_dirs("w2"), *SMALL, "data.workers=2")["params_sha256"]
-    assert a == b
-
-
-@pytest.mark.parametrize("norm", ["batch", "group", "layer", "none"])
-def test_resnet_trains_with_each_norm(run_dirs, norm):
-    run = run_dirs(norm)
-    train(
-        run,
-        "data.name=digits",
-        "model.name=resnet",
-        f"model.norm={norm}",
-        "model.width=8",
-        "model.depth=1",
-        "train.steps=30",
-        "train.log_every=1",
-        "batch.global_size=128",
-        "optim.lr=0.2",
-        "optim.scaling=none",
+def test_results_do_not_depend_on_dataloader_workers(one_process):
+    assert (
+        _summary(one_process / "w0")["params_sha256"]
+        == _summary(one_process / "w2")["params_sha256"]
     )
-    losses = [r["loss"] for r in metrics(run)]
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_resnet_trains_with_each_norm(one_process, norm):
+    losses = [r["loss"] for r in metrics(one_process / norm)]
     assert sum(losses[-5:]) < sum(losses[:5])
 
 
@@ -159,8 +181,7 @@ def test_eval_and_the_saved_model_use_the_same_batchnorm_statistics_on_every_ran
     assert saved["loss"] == pytest.approx(logged["loss"], rel=1e-6)
 
 
-def test_the_thread_count_is_recorded_in_config_and_summary(run_dirs):
-    run = run_dirs("threads")
-    summary = train(run, *SMALL, "run.threads=1")
-    assert summary["threads"] == 1
+def test_the_thread_count_is_recorded_in_config_and_summary(one_process):
+    run = one_process / "threads"
+    assert _summary(run)["threads"] == 1
     assert yaml.safe_load((run / "config.yaml").read_text())["derived"]["threads"] == 1

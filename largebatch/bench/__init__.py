@@ -20,6 +20,7 @@ BENCHMARKS = {
     "memory": "activation memory and step time with and without gradient checkpointing; bytes per engine",
     "optim": "our LARS/LAMB step vs torch's fused SGD/AdamW and torch-optimizer, on ResNet-50's shapes; "
     "--muon: our Muon vs torch.optim.Muon on GPT matrices",
+    "start": "seconds from `largebatch train` to its first finished step vs `python -c 'import torch'`",
 }
 """Name → one line for `largebatch bench --help`; each benchmark's own --help (its module's docstring) says more."""
 

@@ -54,6 +54,8 @@ class Engine(ABC):
     """Where support varies with a setting: {the matrix's column heading: the override that selects it}, in the
     order of the `capabilities` tuples and of `column`; {} is one column, headed by the engine's name."""
 
+    compiled: dict[str, int] = {}  # noqa: RUF012 - replaced, never changed in place
+    """train.compile: {class name: how many} of the modules compiled, for config.yaml's derived values."""
     module: nn.Module
     """The bare model, for eval (`full_state_dict` for its weights: ZeRO-3 partitions them)."""
     model: nn.Module
@@ -90,6 +92,15 @@ class Engine(ABC):
         """Raise UserError on what this engine cannot run, before any process group starts (`model`: a freshly built
         one, or None when only the plan is wanted): a feature its `capabilities` refuse."""
         refuse(cls, cfg)
+        if isinstance(cfg.train.compile, str):
+            import torch._dynamo
+
+            known = torch._dynamo.list_backends(exclude_tags=())
+            if cfg.train.compile not in known:
+                raise UserError(
+                    f"train.compile={cfg.train.compile} is not a torch.compile backend; use true (inductor), "
+                    f"false, or one of {', '.join(known)}"
+                )
 
     @staticmethod
     def per_rank(cfg: Config, world_size: int, whole: State) -> State:
@@ -172,7 +183,16 @@ class Engine(ABC):
     def derived(self) -> dict[str, Any]:
         """What this engine decided from the config and the model, written under `derived` in config.yaml beside
         the job's values (e.g. FSDP's shard units), so the config keeps what the user wrote."""
-        return {}
+        return {"compiled": self.compiled} if self.compiled else {}
+
+    def compile_in_place(self, module: nn.Module, backend: bool | str) -> None:
+        """`train.compile`: torch.compile `module`'s forward in place (`nn.Module.compile`), so the object, its hooks
+        and its state-dict keys stay (`torch.compile(module)` would wrap it and prefix every key with `_orig_mod.`);
+        counted in `compiled`."""
+        if backend:
+            module.compile(backend="inductor" if backend is True else backend)
+            name = type(module).__name__
+            self.compiled = {**self.compiled, name: self.compiled.get(name, 0) + 1}
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:

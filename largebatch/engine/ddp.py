@@ -42,6 +42,8 @@ class DDPEngine(Engine):
         if info.world_size > 1:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.module, device_ids=device_ids)
+        # the DDP module, as torch advises: dynamo then splits the graph at DDP's buckets, keeping the overlap
+        self.compile_in_place(self.model, cfg.train.compile)
         self.optimizer = make_optimizer(self.module)
         self.precision = Precision(cfg.train.precision, info.device, cfg.train.fp16_init_scale)
         self.params = trainable(self.module)

@@ -217,6 +217,10 @@ class DeepSpeedEngine(Engine):
                 for stage in (1, 2, 3)
             ),
         ),
+        "compile": refused(
+            "is not wired to DeepSpeed's engine.compile here (its ZeRO hooks and our step would need testing "
+            "together); use engine.name=ddp or fsdp, or train.compile=false"
+        ),
     }
 
     @classmethod

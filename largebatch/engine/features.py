@@ -63,6 +63,7 @@ FEATURES = (
     Feature("muon", "optim.name", ("muon",)),
     Feature("groups", "optim.groups", None),
     Feature("syncbatch", "model.norm", ("syncbatch",), needs_cuda=True),
+    Feature("compile", "train.compile", None),
 )
 """The rows, in the order `refuse` checks them (gns before the noise scale it needs: its refusal says more)."""
 

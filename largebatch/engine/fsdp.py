@@ -178,7 +178,10 @@ class FSDPEngine(Engine):
         # by class, before fully_shard renames the classes (Block → FSDPBlock)
         self.unit_classes = dict(Counter(type(u).__name__ for u in self.units))
         for unit in self.units:
+            self.compile_in_place(unit, cfg.train.compile)  # per block, as torchtitan does
             fully_shard(unit, mesh=mesh, mp_policy=policy)
+        if not self.units:
+            self.compile_in_place(module, cfg.train.compile)
         self.module = self.model = fully_shard(module, mesh=mesh, mp_policy=policy)
         self.params = trainable(self.module)
         self.optimizer = make_optimizer(self.module)
@@ -286,4 +289,4 @@ class FSDPEngine(Engine):
     def derived(self) -> dict[str, Any]:
         """`shard_blocks`: the classes sharded as units and how many of each ({} when the whole model is one unit);
         the root, with what is left, is one more unit."""
-        return {"shard_blocks": self.unit_classes}
+        return {**super().derived(), "shard_blocks": self.unit_classes}
