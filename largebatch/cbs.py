@@ -31,7 +31,7 @@ import torch
 
 from largebatch import batch, config, job, noise_probe
 from largebatch.dist import DistInfo
-from largebatch.errors import ArgumentParser, UserError
+from largebatch.errors import UserError
 from largebatch.noise import NoiseScale
 
 if TYPE_CHECKING:
@@ -279,14 +279,10 @@ def during_run(trainer: Trainer) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="largebatch cbs", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config file the checkpoint was trained with")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        type=Path,
-        help="checkpoint directory, or run directory (its latest good checkpoint, else model.pt with fresh "
+    parser = noise_probe.checkpoint_parser(
+        "cbs",
+        __doc__,
+        "checkpoint directory, or run directory (its latest good checkpoint, else model.pt with fresh "
         "optimizer moments)",
     )
     parser.add_argument(

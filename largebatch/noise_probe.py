@@ -208,16 +208,20 @@ def tradeoff(batch: int, b_noise: float) -> tuple[float, float]:
     return 1 + b_noise / batch, 1 + batch / b_noise
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="largebatch noise-scale", description=__doc__.splitlines()[0])
+def checkpoint_parser(command: str, doc: str, checkpoint_help: str) -> ArgumentParser:
+    """The parser of a `largebatch COMMAND` that measures at a checkpoint: --config, overrides and --checkpoint."""
+    parser = ArgumentParser(prog=f"largebatch {command}", description=doc.splitlines()[0])
     parser.add_argument("--config", help="YAML config file the checkpoint was trained with")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        type=Path,
-        help="checkpoint directory, run directory (its latest good checkpoint, else model.pt), "
-        "or model.pt",
+    parser.add_argument("--checkpoint", required=True, type=Path, help=checkpoint_help)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = checkpoint_parser(
+        "noise-scale",
+        __doc__,
+        "checkpoint directory, run directory (its latest good checkpoint, else model.pt), or model.pt",
     )
     parser.add_argument(
         "--batches",
