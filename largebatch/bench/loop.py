@@ -229,7 +229,9 @@ def worker(engine: str, steps: int, repeats: int) -> None:
 
 def spread(ratios: list[float]) -> str:
     """The median, quartiles and range of per-repeat ratios."""
-    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    q1, median, q3 = (
+        statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    )
     return f"per repeat: median {median:.3f}, quartiles {q1:.3f}–{q3:.3f}, range {min(ratios):.3f}–{max(ratios):.3f}"
 
 
