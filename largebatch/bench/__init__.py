@@ -16,7 +16,8 @@ BENCHMARKS = {
     "comm": "all-reduce time vs size on gloo: the fitted latency and bandwidth (--out FIT.json for plan --gpus)",
     "data": "our image-folder loader vs torchvision's ImageFolder + DataLoader; is training input-bound",
     "gns": "the trainer's samples/s measuring the gradient noise scale every step vs not",
-    "loop": "our trainer's samples/s vs a minimal hand-written DDP loop (or DeepSpeed ZeRO vs DDP)",
+    "loop": "our trainer's samples/s vs a minimal hand-written DDP or FSDP2 loop, or a nanoGPT-style loop on a GPT "
+    "(or DeepSpeed ZeRO vs DDP)",
     "memory": "activation memory and step time with and without gradient checkpointing; bytes per engine",
     "optim": "our LARS/LAMB step vs torch's fused SGD/AdamW and torch-optimizer, on ResNet-50's shapes; "
     "--muon: our Muon vs torch.optim.Muon on GPT matrices",

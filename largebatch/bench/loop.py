@@ -1,13 +1,19 @@
-"""Trainer overhead: samples/s of `trainer.fit` vs a minimal hand-written DDP loop, same model, data and batch.
+"""Trainer overhead: samples/s of `trainer.fit` vs a minimal hand-written loop, same model, data and batch.
 
-Both run in the same torchrun job, alternating, so they see the same machine state; the ratio of
-medians is printed (goal ≥ 0.98). Throughput counts the training loop only, not the final eval.
-`--engine deepspeed` alternates the trainer on engine ddp, DeepSpeed ZeRO-0 and ZeRO-2 instead, and prints
-each ZeRO stage's ratio to DDP.
+Both run in the same torchrun job, alternating, so they see the same machine state; the ratio of medians is
+printed with the median and spread of the per-repeat ratios (goal ≥ 0.99). Throughput counts the training loop
+only, not the final eval. `--engine ddp` (the default) and `--engine fsdp` compare the trainer on that engine with a
+hand-written DDP or FSDP2 loop on an MLP with SGD; `--gpt` compares the trainer on the built-in GPT with a loop
+doing what nanoGPT's train.py step does (no_sync micro-steps, clipping at 1, fused AdamW, compile off; goal ≥ 1.0).
+`--engine deepspeed` alternates the trainer on engine ddp, DeepSpeed ZeRO-0 and ZeRO-2 instead, and prints each
+ZeRO stage's ratio to DDP. The hand-written loops are pinned by hash (tests/test_bench_loop.py): speed the
+trainer, not slow the baseline.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -30,16 +36,44 @@ CONFIG = (
     "logging.progress=false",
     "train.log_every=10",
 )
+GPT_CONFIG = (
+    "data.name=text",
+    "data.context=64",
+    "model.name=gpt",
+    "model.width=128",
+    "model.depth=4",
+    "model.heads=4",
+    "batch.global_size=64",
+    "batch.micro_size=16",
+    "optim.name=adamw",
+    "optim.lr=1e-3",
+    "optim.reference_batch=64",
+    "optim.scaling=none",
+    "optim.weight_decay=0.1",
+    "optim.betas=[0.9,0.99]",
+    "train.clip_grad_norm=1.0",
+    "logging.progress=false",
+    "train.log_every=10",
+)
+"""gpt-char's model and batch (configs/gpt-char.yaml) at micro-batch 16, clipped as nanoGPT's train.py."""
 DEEPSPEED = ("engine.name=deepspeed",)
+FSDP = ("engine.name=fsdp",)
 LOOPS = {
     "ddp": {"hand-written": ("hand-written DDP loop", None), "trainer": ("largebatch trainer", ())},
+    "fsdp": {
+        "hand-written": ("hand-written FSDP2 loop", None),
+        "trainer": ("largebatch trainer, fsdp", FSDP),
+    },
+    "gpt": {"nanoGPT-style": ("nanoGPT-style loop", None), "trainer": ("largebatch trainer", ())},
     "deepspeed": {
         "DDP": ("trainer, engine ddp", ()),
         "ZeRO-0": ("trainer, ZeRO-0", (*DEEPSPEED, "engine.zero_stage=0")),
         "ZeRO-2": ("trainer, ZeRO-2", (*DEEPSPEED, "engine.zero_stage=2")),
     },
 }
-"""--engine → the loops compared, baseline first: name → (label, overrides of CONFIG; None: the hand-written loop)."""
+"""--engine (or gpt, for --gpt) → the loops compared, baseline first: name → (label, overrides of its job's config;
+None: the hand-written loop)."""
+GOALS = {"ddp": 0.99, "fsdp": 0.99, "gpt": 1.0}
 
 
 def handwritten(job, info) -> float:
@@ -72,11 +106,94 @@ def handwritten(job, info) -> float:
     return job.total_steps * plan.global_batch / (time.perf_counter() - start)
 
 
-def measure(job, info, hand_written: bool) -> float:
-    """Samples/s of one run of the hand-written loop or of `trainer.fit`."""
+def handwritten_fsdp(job, info) -> float:
+    """torch's FSDP2 recipe: fully_shard the model, reduce-scatter on the last micro-step only, step. Samples/s."""
+    import torch
+    import torch.nn.functional as F
+    from torch.distributed.fsdp import fully_shard
+
+    from largebatch.dist import all_reduce_sum
+
+    torch.manual_seed(job.cfg.run.seed)
+    model = fully_shard(job.task.build_model())
+    opt = torch.optim.SGD(model.parameters(), lr=job.peak_lr, momentum=0.9, foreach=True)
+    x_all, y_all = job.task.train.inputs, job.task.train.labels
+    plan, n = job.plan, len(y_all)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    for step in range(job.total_steps):
+        first = (step * plan.global_batch + info.rank * plan.per_rank) % (n - plan.global_batch)
+        for m in range(plan.accum_steps):
+            idx = order[first + m * plan.micro_batch : first + (m + 1) * plan.micro_batch]
+            model.set_requires_gradient_sync(m == plan.accum_steps - 1)
+            model.set_reshard_after_backward(m == plan.accum_steps - 1)
+            loss = F.cross_entropy(model(x_all[idx]), y_all[idx]) / plan.accum_steps
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % job.cfg.train.log_every == 0:
+            all_reduce_sum(loss.detach().clone()).item()
+    return job.total_steps * plan.global_batch / (time.perf_counter() - start)
+
+
+def handwritten_gpt(job, info) -> float:
+    """nanoGPT's train.py step: no_sync on all but the last micro-step, the next batch fetched after forward, clip
+    at 1, fused AdamW with decay on 2-D weights, the LR set every step, rank 0's loss read on log steps. Samples/s."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(job.cfg.run.seed)
+    model = job.task.build_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if info.world_size > 1 else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=job.peak_lr, betas=(0.9, 0.99), fused=True)
+    x_all, y_all = job.task.train.inputs, job.task.train.labels
+    plan, n = job.plan, len(y_all)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+
+    def get_batch(step, m):
+        first = (step * plan.global_batch + info.rank * plan.per_rank) % (n - plan.global_batch)
+        idx = order[first + m * plan.micro_batch : first + (m + 1) * plan.micro_batch]
+        return x_all[idx], y_all[idx]
+
+    x, y = get_batch(0, 0)
+    start = time.perf_counter()
+    for step in range(job.total_steps):
+        for group in opt.param_groups:
+            group["lr"] = job.peak_lr
+        for m in range(plan.accum_steps):
+            if info.world_size > 1:
+                ddp.require_backward_grad_sync = m == plan.accum_steps - 1
+            logits = ddp(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)) / plan.accum_steps
+            last = m == plan.accum_steps - 1
+            x, y = get_batch(step + last, 0 if last else m + 1)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % job.cfg.train.log_every == 0 and info.rank == 0:
+            loss.item()
+    return job.total_steps * plan.global_batch / (time.perf_counter() - start)
+
+
+BASELINES = {"ddp": handwritten, "fsdp": handwritten_fsdp, "gpt": handwritten_gpt}
+"""--engine (or gpt) → its hand-written loop; their sources are pinned by hash in tests/test_bench_loop.py."""
+
+
+def measure(job, info, hand_written: bool, loop: str = "ddp") -> float:
+    """Samples/s of one run of `loop`'s hand-written loop or of `trainer.fit`, on a fresh copy of the job's built
+    model (FSDP2 shards a module once; each run starts from the same weights)."""
     from largebatch import trainer
 
-    return handwritten(job, info) if hand_written else trainer.fit(job, info)["samples_per_s"]
+    if hand_written:
+        return BASELINES[loop](job, info)
+    fresh = dataclasses.replace(job, model=copy.deepcopy(job.model))
+    return trainer.fit(fresh, info)["samples_per_s"]
 
 
 def worker(engine: str, steps: int, repeats: int) -> None:
@@ -84,7 +201,8 @@ def worker(engine: str, steps: int, repeats: int) -> None:
     from largebatch import config, dist, job
 
     info = dist.from_env()
-    dist.init(info, always=engine == "deepspeed")
+    dist.init(info, always=engine in ("deepspeed", "fsdp"))
+    base = GPT_CONFIG if engine == "gpt" else CONFIG
     loops = LOOPS[engine]
     samples_per_s: dict[str, list[float]] = {name: [] for name in loops}
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,54 +210,72 @@ def worker(engine: str, steps: int, repeats: int) -> None:
             name: job.prepare(
                 config.load(
                     None,
-                    [*CONFIG, *(overrides or ()), f"train.steps={steps}", f"run.dir={tmp}/{name}"],
+                    [*base, *(overrides or ()), f"train.steps={steps}", f"run.dir={tmp}/{name}"],
                 ),
                 info.world_size,
             )
             for name, (_, overrides) in loops.items()
         }
         first = next(iter(loops))
-        measure(
-            jobs[first], info, loops[first][1] is None
-        )  # warm-up: allocator, thread pools, gloo buffers
+        for name, (_, overrides) in loops.items():  # warm-up: allocator, thread pools, gloo buffers
+            measure(jobs[name], info, overrides is None, engine)
         for _ in range(repeats):
             for name, (_, overrides) in loops.items():
-                samples_per_s[name].append(measure(jobs[name], info, overrides is None))
+                samples_per_s[name].append(measure(jobs[name], info, overrides is None, engine))
     dist.teardown()
     if info.is_main:
         print(json.dumps({"samples_per_s": samples_per_s, "plan": jobs[first].plan.describe()}))
 
 
+def spread(ratios: list[float]) -> str:
+    """The median, quartiles and range of per-repeat ratios."""
+    q1, median, q3 = (
+        statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    )
+    return f"per repeat: median {median:.3f}, quartiles {q1:.3f}–{q3:.3f}, range {min(ratios):.3f}–{max(ratios):.3f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = bench.parser("loop", __doc__)
     parser.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per measurement")
+    parser.add_argument(
+        "--steps", type=int, help="optimizer steps per measurement (default 40; --gpt: 10)"
+    )
     parser.add_argument(
         "--repeats", type=int, default=9, help="alternating measurements of each loop"
     )
     parser.add_argument(
         "--engine",
-        choices=list(LOOPS),
+        choices=[name for name in LOOPS if name != "gpt"],
         default="ddp",
-        help="ddp: the trainer against a hand-written loop; deepspeed: ZeRO-0 and ZeRO-2 against DDP",
+        help="ddp, fsdp: the trainer on it against a hand-written loop; deepspeed: ZeRO-0 and ZeRO-2 against DDP",
+    )
+    parser.add_argument(
+        "--gpt",
+        action="store_true",
+        help="the trainer on the built-in GPT against a nanoGPT-style loop (DDP)",
     )
     args = parser.parse_args(argv)
+    loop = "gpt" if args.gpt else args.engine
+    args.steps = args.steps or (10 if args.gpt else 40)
     res = bench.run_workers(
-        "largebatch.bench.loop", args.nproc, args.engine, str(args.steps), str(args.repeats)
+        "largebatch.bench.loop", args.nproc, loop, str(args.steps), str(args.repeats)
     )
     if res is None:
         return 1
-    loops = LOOPS[args.engine]
-    median = {name: statistics.median(values) for name, values in res["samples_per_s"].items()}
+    loops = LOOPS[loop]
+    runs = res["samples_per_s"]
+    median = {name: statistics.median(values) for name, values in runs.items()}
     print(
         f"{res['plan']}, {args.nproc} processes, {args.steps} steps × {args.repeats} repeats (median)"
     )
     for name, (label, _) in loops.items():
-        print(f"{label:24} {median[name]:10.0f} samples/s")
+        print(f"{label:26} {median[name]:10.0f} samples/s")
     base, *others = loops
-    goal = " (goal ≥ 0.98)" if args.engine == "ddp" else ""
+    goal = f" (goal ≥ {GOALS[loop]})" if loop in GOALS else ""
     for name in others:
-        print(f"ratio {name} / {base} = {median[name] / median[base]:.3f}{goal}")
+        ratios = [mine / theirs for mine, theirs in zip(runs[name], runs[base])]
+        print(f"ratio {name} / {base} = {median[name] / median[base]:.3f}{goal}; {spread(ratios)}")
     return 0
 
 
