@@ -113,9 +113,10 @@ def default_examples(sizes: list[int]) -> int:
 
 
 def check_sizes(
-    sizes: list[int], examples: int, quantum: int, train_examples: int, where: str
+    sizes: list[int], examples: int, quantum: int, train_examples: int, where: str, budget: str
 ) -> None:
-    """Raise UserError unless the sizes split into the quantum, the budget into every size, and fit the data."""
+    """Raise UserError unless the sizes split into the quantum, the budget into every size, and fit the data;
+    `where` and `budget` name the options that set the sizes and the budget."""
     if len(sizes) < 2 or sizes[0] < 1:
         raise UserError(f"{where} needs at least two positive global batches, e.g. 64,128,256")
     odd = [b for b in sizes if b % quantum]
@@ -128,11 +129,17 @@ def check_sizes(
     if examples % lcm:
         raise UserError(
             f"the example budget {examples} is not a multiple of every size ({lcm}), so the branches would not see "
-            f"the same examples; use {max(lcm, examples // lcm * lcm)}"
+            f"the same examples; set {budget} to {max(lcm, examples // lcm * lcm)}"
         )
     if examples > train_examples:
+        fits = train_examples // lcm * lcm
+        fix = (
+            f"set {budget} to at most {fits} (a multiple of {lcm}), or branch at smaller sizes than {where}"
+            if fits
+            else f"branch at smaller sizes than {where}, with {budget} at most {train_examples}"
+        )
         raise UserError(
-            f"the example budget {examples} exceeds the training set ({train_examples}); use fewer examples"
+            f"the example budget {examples} exceeds the training set ({train_examples}); {fix}"
         )
 
 
@@ -157,6 +164,7 @@ def check(prepared: job.Job) -> None:
         prepared.plan.world_size * prepared.plan.micro_batch,
         prepared.train_examples,
         f"train.cbs_sizes={sizes}",
+        "train.cbs_examples",
     )
 
 
@@ -373,6 +381,7 @@ def critical_batch(
         micro,
         prepared.train_examples,
         f"--global-sizes={','.join(map(str, sizes))}",
+        "--examples",
     )
     noise_probe.load_weights(prepared.model, state["model"], source, cfg)
     fresh = "optimizer" not in state

@@ -372,7 +372,7 @@ def _parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # section.key=value before or after the options
     headroom = _fraction(
         args.headroom, "--headroom", "the share of the budget kept free, e.g. --headroom 0.15"
     )

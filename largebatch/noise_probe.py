@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "K batches of fit in the training set, and 7 powers of two below it)",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # section.key=value before or after the options
     if args.batches < 2:
         raise UserError(
             f"--batches={args.batches} must be at least 2 (the spread between them is the uncertainty)"

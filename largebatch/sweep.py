@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--nproc", type=int, default=1, help="processes per training (torchrun on this machine)"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # section.key=value before or after the options
     if args.nproc < 1:
         raise UserError(f"--nproc={args.nproc} must be at least 1")
     result = sweep(
