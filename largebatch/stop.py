@@ -2,8 +2,7 @@
 
 Slurm, Kubernetes and torchrun's agent send SIGTERM; a terminal sends SIGINT. Either is only noted here;
 the trainer acts on it at the next step boundary, after every rank has agreed (one small all-reduce per step
-that also carries the loss, started before the step's last backward so it runs behind it: a signal noted during that
-backward is acted on a step later), so that all ranks stop after the same step, write one checkpoint and exit with
+that also carries the loss), so that all ranks stop after the same step, write one checkpoint and exit with
 `128 + signal` (143 for SIGTERM, 130 for SIGINT). A write that fails on any rank (full disk, permissions),
 whatever type torch.save, torch.distributed.checkpoint or DeepSpeed raise it as, is agreed the same way: every
 rank stops with the failing rank's reason, which rank 0 prints as the one line.
