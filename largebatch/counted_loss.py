@@ -46,8 +46,3 @@ def small_batch_sq(grad_sq: float, plan: BatchPlan, count: float) -> float:
     """The squared norm of a gradient from before the reduction (Σ terms ÷ per-rank share), as the mean over its
     own `count` terms; NaN (no measurement) when it has none."""
     return grad_sq * (plan.per_rank / count) ** 2 if count else math.nan
-
-
-def small_batch_scale(plan: BatchPlan, count: torch.Tensor) -> torch.Tensor:
-    """`small_batch_sq`'s factor as a float64 tensor (no host sync), for a count known before the gradient is."""
-    return (plan.per_rank / count.double()).square()

@@ -354,11 +354,18 @@ class Trainer:
             sums = self._accumulate_or_stop(manual_sync, measuring)
         else:
             sums = self.accumulate(manual_sync, measuring)
+        local_sq = self._local_sq(sums) if across_ranks else 0.0
         if manual_sync:
-            local_sq = self._local_sq(sums) if across_ranks else 0.0
-            self.engine.carry(self._agreement(sums.loss, sums.count, local_sq))
             self.engine.reduce_gradients()
-        summed = self.engine.carried()
+        summed = all_reduce_sum(
+            torch.cat(
+                [
+                    torch.stack([sums.loss, sums.count]).double(),
+                    torch.tensor([local_sq], dtype=torch.float64, device=info.device),
+                    self.flags.as_tensor(info.device).double(),
+                ]
+            )
+        )
         stop_signal = self.flags.agree(summed[3:])
         loss_sum, count, sq_sum = summed[:3].tolist()
         small = None
@@ -386,9 +393,7 @@ class Trainer:
         """Forward and backward over this rank's micro-batches of the step; gradients sync on the last one (or,
         with `manual_sync`, not at all: the caller all-reduces once every rank got through).
 
-        Each micro-step back-propagates `counted_loss.micro_loss`; `train_step` normalises after its all-reduce.
-        Unless `manual_sync`, the step's agreement starts before the last backward (`Engine.carry`), so its sum
-        runs behind that backward: a signal that arrives during it is acted on one step later."""
+        Each micro-step back-propagates `counted_loss.micro_loss`; `train_step` normalises after its all-reduce."""
         plan, info = self.plan, self.info
         loss_sum, count = torch.zeros((), device=info.device), torch.zeros((), device=info.device)
         first = None
@@ -404,29 +409,13 @@ class Trainer:
                     self.engine.autocast(),
                 ):
                     total, terms, _ = self.job.task.score(self.engine.model, inputs, targets)
-                loss_sum += total.detach().float()
-                count += terms
-                if last and not manual_sync:
-                    across_ranks = measuring and info.world_size > 1
-                    sq_scale = counted_loss.small_batch_scale(plan, count) if across_ranks else None
-                    self.engine.carry(self._agreement(loss_sum, count, 0.0), sq_scale)
                 self.engine.backward(counted_loss.micro_loss(total, plan))
+            loss_sum += total.detach().float()
+            count += terms
             if micro_step == 0 and measuring and info.world_size == 1:
                 sq = counted_loss.small_batch_sq(self.engine.local_grad_sq(), plan, float(terms))
                 first = (sq, plan.micro_batch)
         return Sums(loss_sum, count, first)
-
-    def _agreement(
-        self, loss_sum: torch.Tensor, count: torch.Tensor, local_sq: float
-    ) -> torch.Tensor:
-        """What the step sums over ranks: [loss sum, count, small batch's squared norm, stop flags...], float64."""
-        return torch.cat(
-            [
-                torch.stack([loss_sum, count]).double(),
-                torch.tensor([local_sq], dtype=torch.float64, device=self.info.device),
-                self.flags.as_tensor(self.info.device).double(),
-            ]
-        )
 
     def _local_sq(self, sums: Sums) -> float:
         """This rank's share of the noise scale's small batch: the squared norm of its own gradient before the

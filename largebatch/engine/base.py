@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from largebatch.batch import BatchPlan
@@ -126,27 +125,6 @@ class Engine(ABC):
     def set_plan(self, plan: BatchPlan) -> None:  # noqa: B027 - a default: most engines have no work here
         """Train the next steps under `plan`: a batch schedule changed accumulation, at a step boundary. The trainer
         sets each step's boundary, so only an engine that keeps its own count of it has work here."""
-
-    def carry(self, values: torch.Tensor, sq_scale: torch.Tensor | None = None) -> None:
-        """Start summing the step's agreement `values` (float64: loss sum, count, small-batch squared norm, stop
-        flags) over ranks, called before the last micro-step's backward so the sum runs behind it; `carried()`
-        returns it. With `sq_scale`, slot 2 is first set to `local_grad_sq()` × `sq_scale`, which needs the step's
-        reduction: the sum then starts in `carried()` (DDP's comm hook starts it after its last bucket)."""
-        self._pending = values, sq_scale
-        self._work = None
-        if sq_scale is None and dist.is_initialized():
-            self._work = dist.all_reduce(values, async_op=True)
-
-    def carried(self) -> torch.Tensor:
-        """The sum over ranks of what `carry` was given (collective, after the step's backward)."""
-        values, sq_scale = self._pending
-        if sq_scale is not None and self._work is None:
-            values[2] = self.local_grad_sq() * sq_scale
-            if dist.is_initialized():
-                self._work = dist.all_reduce(values, async_op=True)
-        if self._work is not None:
-            self._work.wait()
-        return values
 
     @abstractmethod
     def local_grad_sq(self) -> float:

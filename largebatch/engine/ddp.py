@@ -49,9 +49,8 @@ class DDPEngine(Engine):
         self.params = trainable(self.module)
         self.bucket_sq: list[torch.Tensor] = []
         """Each bucket's local squared gradient norm, taken by the comm hook in the last synced backward."""
-        self.hooked = isinstance(self.model, DistributedDataParallel) and cfg.train.noise_scale
-        if self.hooked:
-            self.model.register_comm_hook(self, _mean_with_local_sq)
+        if isinstance(self.model, DistributedDataParallel) and cfg.train.noise_scale:
+            self.model.register_comm_hook(self.bucket_sq, _mean_with_local_sq)
 
     def micro_step(self, sync: bool) -> contextlib.AbstractContextManager:
         """All-reduce gradients in this micro-step's backward only if `sync` (what `no_sync()` toggles); forget the
@@ -60,14 +59,6 @@ class DDPEngine(Engine):
             self.model.require_backward_grad_sync = sync
         self.bucket_sq.clear()
         return contextlib.nullcontext()
-
-    def carry(self, values: torch.Tensor, sq_scale: torch.Tensor | None = None) -> None:
-        """As the base, except that with `sq_scale` the comm hook fills slot 2 and starts the sum as soon as the
-        last bucket is measured, so it runs behind that bucket's all-reduce."""
-        if sq_scale is None or not self.hooked:
-            super().carry(values, sq_scale)
-        else:
-            self._pending, self._work = (values, sq_scale), None
 
     def reduce_gradients(self) -> None:
         """Average gradients over ranks by hand, for steps whose micro-steps all ran with sync off."""
@@ -115,22 +106,14 @@ class DDPEngine(Engine):
         self.precision.load_state_dict(state["scaler"])
 
 
-def _mean_with_local_sq(engine, bucket):
+def _mean_with_local_sq(bucket_sq, bucket):
     """DDP's own reduction of a gradient bucket (× 1/world, then an all-reduce sum: bit for bit what its reducer does
     without a hook; dividing instead rounds differently on 3 processes), after noting the bucket's local squared
     norm: the noise scale's small batch, measured without changing how the gradients are reduced (AdaptDL, and
-    k-diffusion's DDPGradientStatsHook, measure it the same way). After the last bucket, the step's agreement
-    (`DDPEngine.carry`) starts with the local squared norm in it. `engine`: the DDPEngine; `bucket`: a
+    k-diffusion's DDPGradientStatsHook, measure it the same way). `bucket_sq`: a list of tensors; `bucket`: a
     dist.GradBucket; returns a Future of the reduced bucket. Unannotated: DDP checks a hook's annotations against
     torch's classes, and `from __future__ import annotations` makes them strings."""
     grads = bucket.buffer()
-    engine.bucket_sq.append(torch.linalg.vector_norm(grads, dtype=torch.float32).square())
+    bucket_sq.append(torch.linalg.vector_norm(grads, dtype=torch.float32).square())
     grads.mul_(1.0 / dist.get_world_size())
-    future = dist.all_reduce(grads, async_op=True).get_future().then(lambda fut: fut.value()[0])
-    values, sq_scale = getattr(engine, "_pending", (None, None))
-    if bucket.is_last() and sq_scale is not None and engine._work is None:
-        values[2] = (
-            torch.stack(engine.bucket_sq).sum().double() / engine.precision.loss_scale**2 * sq_scale
-        )
-        engine._work = dist.all_reduce(values, async_op=True)
-    return future
+    return dist.all_reduce(grads, async_op=True).get_future().then(lambda fut: fut.value()[0])
