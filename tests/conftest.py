@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +23,51 @@ ROOT = Path(__file__).resolve().parent.parent
 # (2 threads per process beside CPU hogs made single steps up to 40x slower in OpenMP barriers). Set before torch
 # is imported, so it holds in this process too. tests/test_threads.py checks the rule itself.
 os.environ["OMP_NUM_THREADS"] = "1"
+
+HEAVIEST_FIRST = (
+    "test_user_data.py",
+    "test_checkpoint.py",
+    "test_deepspeed.py",
+    "test_precision.py",
+    "test_full_disk.py",
+    "test_noise.py",
+    "test_fsdp.py",
+    "test_launch.py",
+    "test_fsdp_features.py",
+    "test_train.py",
+    "test_multinode.py",
+    "test_autobatch.py",
+)
+"""The files that take longest (pytest --durations), in that order. pytest-xdist hands whole files to its workers
+in collection order (pyproject's addopts), so these go first and the run ends with short files on both workers."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Collect the heaviest files first, the rest in their usual order (the sort is stable)."""
+    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Under pytest-xdist, a test marked `alone` (it times something that another worker's load would distort) runs
+    while no other test does: it holds the run's lock file exclusively, every other test holds it shared, from its
+    fixtures' setup to their teardown."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:
+        return (yield)
+    with open(Path(tempfile.gettempdir()) / f"largebatch-tests-{run}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if item.get_closest_marker("alone") else fcntl.LOCK_SH)
+        try:
+            return (yield)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: a worker per core, at most 8 (each may start a 2-process torchrun job, and every process holds
+    torch in memory)."""
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
 
 
 def torchrun(nproc: int, *options: str) -> list[str]:

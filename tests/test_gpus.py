@@ -93,6 +93,7 @@ def test_bcrit_from_noise_scale_and_cbs_files(tmp_path):
     assert gpus.critical_batch(str(cbs))[:2] == (128.0, None)
 
 
+@pytest.mark.alone
 def test_network_fit_predicts_a_second_models_gradient_all_reduce(tmp_path):
     """2 gloo processes: fit α and β on an all-reduce size sweep, predict an MLP's DDP bucket all-reduce from its
     gradient bytes alone: each round's fit against the same round's measurement, median error within 25 %
