@@ -41,7 +41,10 @@ class DDPEngine(Engine):
         self.model: nn.Module = self.module
         if info.world_size > 1:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.module, device_ids=device_ids)
+            # gradients as views of DDP's buckets: the reduced bucket is the gradient, not copied back into it
+            self.model = DistributedDataParallel(
+                self.module, device_ids=device_ids, gradient_as_bucket_view=True
+            )
         # the DDP module, as torch advises: dynamo then splits the graph at DDP's buckets, keeping the overlap
         self.compile_in_place(self.model, cfg.train.compile)
         self.optimizer = make_optimizer(self.module)
