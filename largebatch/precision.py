@@ -74,7 +74,7 @@ class Precision:
         (torch's clip_grad_norm_ when `scale` is 1); returns the global norm of the scaled gradients before
         clipping."""
         self.unscale(optimizer)
-        norm = grad_norm(params) * scale
+        norm = grad_norm(params) if scale == 1.0 else grad_norm(params) * scale
         if clip is None and scale == 1.0:
             return norm
         factor = scale if clip is None else scale * torch.clamp(clip / (norm + 1e-6), max=1.0)
