@@ -74,7 +74,8 @@ class DataConfig:
     text_key: str = "text"
     """jsonl: the field of each JSON line that holds the text."""
     workers: int = 0
-    """DataLoader worker processes per rank; results do not depend on it."""
+    """DataLoader worker processes per rank (0: the main process fetches each micro-batch itself, without a
+    DataLoader); results do not depend on it."""
 
 
 @dataclass

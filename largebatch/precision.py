@@ -64,13 +64,22 @@ class Precision:
         self.scaler.unscale_(optimizer)
 
     def unscale_and_clip(
-        self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], clip: float | None
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: list[torch.Tensor],
+        clip: float | None,
+        scale: float = 1.0,
     ) -> torch.Tensor:
-        """Unscale the (already all-reduced) gradients and clip them; returns the global norm before clipping."""
+        """Unscale the (already all-reduced) gradients, multiply them by `scale` and clip them, in one multiply
+        (torch's clip_grad_norm_ when `scale` is 1); returns the global norm of the scaled gradients before
+        clipping."""
         self.unscale(optimizer)
-        if clip is not None:
-            return torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-        return grad_norm(params)
+        norm = grad_norm(params) if scale == 1.0 else grad_norm(params) * scale
+        if clip is None and scale == 1.0:
+            return norm
+        factor = scale if clip is None else scale * torch.clamp(clip / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
+        return norm
 
     def step(self, optimizer: torch.optim.Optimizer, loss: float, norm: float) -> StepOutcome:
         """Step the optimizer if the step is usable. Under fp16 the GradScaler owns overflow: it skips the update

@@ -66,24 +66,25 @@ class StopFlags:
                 f"free space or fix the permissions of run.dir"
             )
 
-    def as_tensor(self, device: torch.device) -> torch.Tensor:
+    def values(self) -> list[float]:
         """[SIGTERM seen, SIGINT seen, fault] as floats, to be summed over ranks with the step's loss."""
-        return torch.tensor(
-            [self.signum == signal.SIGTERM, self.signum == signal.SIGINT, self.fault is not None],
-            dtype=torch.float32,
-            device=device,
-        )
+        return [
+            float(self.signum == signal.SIGTERM),
+            float(self.signum == signal.SIGINT),
+            float(self.fault is not None),
+        ]
 
-    def agree(self, summed: torch.Tensor) -> int:
-        """Raise if any rank saw a fault; else the signal to stop on (SIGTERM over SIGINT), or 0."""
-        term, interrupt, fault = summed.tolist()
+    def agree(self, summed: list[float]) -> int:
+        """Raise if any rank saw a fault; else the signal to stop on (SIGTERM over SIGINT), or 0. `summed`: `values`
+        summed over ranks."""
+        term, interrupt, fault = summed
         if fault:
             raise TrainingStopped(_first_fault(self.fault))
         return signal.SIGTERM if term else signal.SIGINT if interrupt else 0
 
     def agree_now(self, device: torch.device) -> int:
         """`agree` outside a step (before the first, after the last): one collective on its own."""
-        return self.agree(all_reduce_sum(self.as_tensor(device)))
+        return self.agree(all_reduce_sum(torch.tensor(self.values(), device=device)).tolist())
 
 
 def _first_fault(mine: str | None) -> str:

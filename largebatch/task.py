@@ -212,7 +212,8 @@ def collate_of(dataset: Dataset) -> Callable[[list], Any]:
 
 
 def take(dataset: Dataset, indices: Sequence[int]) -> Batch:
-    """Examples `indices` of `dataset` as one collated batch (without training-time augmentation)."""
+    """Examples `indices` of `dataset` as one collated batch, as a DataLoader without workers fetches them (plain
+    indices come without training-time augmentation; (seed, epoch, index) draws with it)."""
     getitems = getattr(dataset, "__getitems__", None)
     items = getitems(list(indices)) if getitems else [dataset[i] for i in indices]
     return collate_of(dataset)(items)

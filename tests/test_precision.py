@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -134,3 +135,38 @@ def test_syncbatchnorm_on_cpu_is_a_one_line_error():
 def test_grad_checkpointing_on_a_model_without_blocks_is_a_one_line_error():
     result = cli_in_process("train", "model.grad_checkpointing=true")
     assert result.returncode == 2 and "found no blocks to recompute in mlp" in result.stderr
+
+
+def _grads(seed: int) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((64, 32), (32,), (10, 64))]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    return params
+
+
+@pytest.mark.parametrize("clip", [None, 0.5, 1e3])
+@pytest.mark.parametrize("scale", [1.0, 1 / 64])
+def test_the_counted_loss_factor_rides_clippings_multiply(clip, scale):
+    """unscale_and_clip(..., scale): the gradients and norm of multiplying by `scale`, then torch's clip_grad_norm_
+    (bit for bit at scale 1), in one pass over the gradients."""
+    from largebatch.precision import Precision
+
+    mine, theirs = _grads(0), _grads(0)
+    optimizer = torch.optim.SGD(mine, lr=0.1)
+    norm = Precision("fp32", torch.device("cpu")).unscale_and_clip(optimizer, mine, clip, scale)
+    torch._foreach_mul_([p.grad for p in theirs], scale)
+    expected = (
+        torch.nn.utils.clip_grad_norm_(theirs, clip, foreach=True)
+        if clip is not None
+        else torch.nn.utils.get_total_norm([p.grad for p in theirs])
+    )
+    if scale == 1.0:
+        assert torch.equal(norm, expected)
+        assert all(torch.equal(a.grad, b.grad) for a, b in zip(mine, theirs))
+    else:
+        assert norm.item() == pytest.approx(expected.item(), rel=1e-6)
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+    clipped = torch.nn.utils.get_total_norm([p.grad for p in mine]).item()
+    assert clipped == pytest.approx(min(clip or math.inf, expected.item()), rel=1e-5)

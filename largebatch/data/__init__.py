@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -63,7 +64,8 @@ class ArrayDataset(Dataset):
         return self.inputs[index], self.labels[index]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices)
+        # through numpy: 5 µs for 128 indices, torch.as_tensor(list) takes 30 µs
+        index = torch.from_numpy(np.asarray(indices))
         return self.inputs[index], self.labels[index]
 
     @staticmethod

@@ -119,7 +119,8 @@ class Engine(ABC):
         self.precision.backward(loss)
 
     def scale_gradients(self, factor: float) -> None:
-        """Multiply this rank's gradients (its shards, where sharded) by `factor`."""
+        """Multiply this rank's gradients (its shards, where sharded) by `factor`: now, or (where the engine folds it
+        into clipping's multiply) in the next `step`."""
         torch._foreach_mul_([local(p.grad) for p in self.params if p.grad is not None], factor)
 
     def set_plan(self, plan: BatchPlan) -> None:  # noqa: B027 - a default: most engines have no work here

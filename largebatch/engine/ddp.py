@@ -41,12 +41,17 @@ class DDPEngine(Engine):
         self.model: nn.Module = self.module
         if info.world_size > 1:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.module, device_ids=device_ids)
+            # gradients as views of DDP's buckets: the reduced bucket is the gradient, not copied back into it
+            self.model = DistributedDataParallel(
+                self.module, device_ids=device_ids, gradient_as_bucket_view=True
+            )
         # the DDP module, as torch advises: dynamo then splits the graph at DDP's buckets, keeping the overlap
         self.compile_in_place(self.model, cfg.train.compile)
         self.optimizer = make_optimizer(self.module)
         self.precision = Precision(cfg.train.precision, info.device, cfg.train.fp16_init_scale)
         self.params = trainable(self.module)
+        self.grad_scale = 1.0
+        """The counted loss's factor for the next `step` (`scale_gradients`)."""
         self.bucket_sq: list[torch.Tensor] = []
         """Each bucket's local squared gradient norm, taken by the comm hook in the last synced backward."""
         if isinstance(self.model, DistributedDataParallel) and cfg.train.noise_scale:
@@ -80,8 +85,13 @@ class DDPEngine(Engine):
         )
         return sq / self.precision.loss_scale**2
 
+    def scale_gradients(self, factor: float) -> None:
+        """Multiply the gradients by `factor` in the next `step`, in the pass that clips them."""
+        self.grad_scale = factor
+
     def step(self, loss: float, max_norm: float | None) -> StepOutcome:
-        norm = self.precision.unscale_and_clip(self.optimizer, self.params, max_norm).item()
+        scale, self.grad_scale = self.grad_scale, 1.0
+        norm = self.precision.unscale_and_clip(self.optimizer, self.params, max_norm, scale).item()
         outcome = self.precision.step(self.optimizer, loss, norm)
         self.optimizer.zero_grad(set_to_none=True)
         return outcome
