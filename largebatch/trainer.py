@@ -363,18 +363,22 @@ class Trainer:
         local_sq = self._local_sq(sums) if across_ranks else 0.0
         if manual_sync:
             self.engine.reduce_gradients()
-        mine = torch.stack([sums.loss, sums.count]).double()
+        share = self.engine.norm_share()  # sharded gradients: their global norm rides the agreement
+        mine = torch.stack(
+            [sums.loss, sums.count, torch.zeros_like(sums.count) if share is None else share]
+        )
+        mine = mine.double()
         summed = all_reduce_sum(
             torch.cat([mine, mine.new_tensor([local_sq, *self.flags.values()])])
         ).tolist()
-        stop_signal = self.flags.agree(summed[3:])
-        loss_sum, count, sq_sum = summed[:3]
+        stop_signal = self.flags.agree(summed[4:])
+        loss_sum, count, norm_sq, sq_sum = summed[:4]
         small = None
         if measuring:
             small = (sq_sum / info.world_size, self.plan.per_rank) if across_ranks else sums.first
         loss = counted_loss.normalise(self.engine, self.plan, loss_sum, count)
         lr = self.optimizer.param_groups[0]["lr"]
-        outcome = self.engine.step(loss, self.cfg.train.clip_grad_norm)
+        outcome = self.engine.step(loss, self.cfg.train.clip_grad_norm, norm_sq)
         s.step += 1
         s.samples += self.plan.global_batch
         self.tokens += count  # valid targets, for tokens/s

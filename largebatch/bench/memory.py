@@ -25,7 +25,7 @@ import torch
 from largebatch import bench, config, job, trainer
 from largebatch import task as tasks
 from largebatch.bench import run_workers
-from largebatch.dist import DistInfo
+from largebatch.dist import DistInfo, all_reduce_sum
 from largebatch.engine import Engine
 from largebatch.errors import check_choice
 from largebatch.memory import ActivationMeter
@@ -128,7 +128,8 @@ def engine_bytes(engine: Engine, task: tasks.Task, micro: int) -> dict[str, int]
         engine.backward(loss)
     grads = [p.grad for p in params] + [getattr(zero, name, None) for name in GRADIENT_PARTITIONS]
     held = {"grads": storage_bytes(tensors(grads), set())}
-    engine.step(loss.item(), None)
+    share = engine.norm_share()
+    engine.step(loss.item(), None, 0.0 if share is None else all_reduce_sum(share).item())
     seen: set[int] = set()
     held["params"] = storage_bytes(tensors([getattr(p, "ds_tensor", p) for p in params]), seen)
     held["master"] = storage_bytes(

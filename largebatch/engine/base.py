@@ -132,10 +132,17 @@ class Engine(ABC):
         """This rank's squared gradient norm before any reduction (unscaled): the noise scale's small batch. Called
         before the step's reduction, or after it where `measures_in_reduction`."""
 
+    def norm_share(self) -> torch.Tensor | None:
+        """Where the global gradient norm needs a collective (sharded gradients): this rank's Σg², which the trainer
+        sums over ranks in the step's agreement and hands to `step` as `norm_sq`. None: `step` takes the norm
+        itself."""
+        return None
+
     @abstractmethod
-    def step(self, loss: float, max_norm: float | None) -> StepOutcome:
+    def step(self, loss: float, max_norm: float | None, norm_sq: float = 0.0) -> StepOutcome:
         """Unscale and clip the reduced gradients to `max_norm`, step the optimizer if the step is usable (loss
-        scaler included), zero the gradients; the outcome carries the global norm before clipping."""
+        scaler included), zero the gradients; the outcome carries the global norm before clipping. `norm_sq`:
+        the summed `norm_share`s, where the engine has them."""
 
     @property
     def loss_scale(self) -> float | None:

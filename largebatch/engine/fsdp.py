@@ -5,14 +5,16 @@ the root with what is left, as torchtitan does. Blocks are the classes named in 
 Face model's `_no_split_modules`, else the model's repeated blocks (`blocks`). bf16 and fp16 are FSDP's
 MixedPrecisionPolicy (half-precision compute copies of the parameters, fp32 gradient reduction) with autocast for the
 loss; fp16 adds torch's sharded loss scaler (`ShardScaler`), whose overflow check all ranks agree on. Between
-micro-steps of one step FSDP neither reduces nor reshards; the last micro-step reduce-scatters. Gradient norms and
-clipping are taken over the sharded gradients (DTensors) with the reduction FSDP's DTensors carry; checkpoints are
+micro-steps of one step FSDP neither reduces nor reshards; the last micro-step reduce-scatters. The global gradient
+norm is each rank's Σg² over its shards, summed in the step's one agreement (no all-reduce of its own), and clipping
+multiplies the shards; checkpoints are
 `torch.distributed.checkpoint` with sharded state dicts, so another world size reshards on load.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -188,6 +190,9 @@ class FSDPEngine(Engine):
         self.precision = Precision(
             cfg.train.precision, info.device, cfg.train.fp16_init_scale, ShardScaler
         )
+        self.device = info.device
+        self.grad_scale = 1.0
+        """The counted loss's factor for the next `step` (`scale_gradients`)."""
         self.measured: MeasuredReduceScatter | None = None
         """train.noise_scale on 2+ ranks: every unit's reduce-scatter, measuring what it reduces (the setter is
         per module). On one rank nothing is reduced: every micro-step syncs (a copy into the whole-tensor shard),
@@ -220,16 +225,28 @@ class FSDPEngine(Engine):
             sq = float(torch.stack(torch._foreach_norm(grads)).double().square().sum())
         return sq / self.precision.loss_scale**2
 
-    def step(self, loss: float, max_norm: float | None) -> StepOutcome:
-        """Unscale (fp16: an overflow in any rank's shard skips the step on all), the norm over all ranks'
-        gradient shards, clipping with it, then the optimizer if the step is usable."""
+    def scale_gradients(self, factor: float) -> None:
+        """Multiply the gradient shards by `factor` in the next `step`, in the pass that clips them."""
+        self.grad_scale = factor
+
+    def norm_share(self) -> torch.Tensor:
+        """Unscale this rank's gradient shards (fp16: an overflow in any rank's shard skips the step on all) and
+        return their Σg², which the step's agreement sums into the global norm: no all-reduce of its own."""
         self.precision.unscale(self.optimizer)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        total = torch.nn.utils.get_total_norm(grads, foreach=True)
-        total = total.full_tensor() if hasattr(total, "full_tensor") else total
-        if max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, total, foreach=True)
-        outcome = self.precision.step(self.optimizer, loss, total.item())
+        grads = [local(p.grad) for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.stack(torch._foreach_norm(grads)).float().square().sum()
+
+    def step(self, loss: float, max_norm: float | None, norm_sq: float = 0.0) -> StepOutcome:
+        """The global norm from the agreed Σg², times the counted loss's factor; that factor and clipping's in one
+        multiply of the shards; then the optimizer if the step is usable."""
+        scale, self.grad_scale = self.grad_scale, 1.0
+        norm = math.sqrt(norm_sq) * scale
+        factor = scale if max_norm is None else scale * min(1.0, max_norm / (norm + 1e-6))
+        if factor != 1.0:
+            torch._foreach_mul_([local(p.grad) for p in self.params if p.grad is not None], factor)
+        outcome = self.precision.step(self.optimizer, loss, norm)
         self.optimizer.zero_grad(set_to_none=True)
         return outcome
 
