@@ -139,10 +139,10 @@ class Engine(ABC):
         return None
 
     @abstractmethod
-    def step(self, loss: float, max_norm: float | None, norm_sq: float = 0.0) -> StepOutcome:
+    def step(self, loss: float, max_norm: float | None, norm_sq: float) -> StepOutcome:
         """Unscale and clip the reduced gradients to `max_norm`, step the optimizer if the step is usable (loss
         scaler included), zero the gradients; the outcome carries the global norm before clipping. `norm_sq`:
-        the summed `norm_share`s, where the engine has them."""
+        the summed `norm_share`s where the engine has them (else ignored)."""
 
     @property
     def loss_scale(self) -> float | None:

@@ -89,7 +89,7 @@ class DDPEngine(Engine):
         """Multiply the gradients by `factor` in the next `step`, in the pass that clips them."""
         self.grad_scale = factor
 
-    def step(self, loss: float, max_norm: float | None, norm_sq: float = 0.0) -> StepOutcome:
+    def step(self, loss: float, max_norm: float | None, norm_sq: float) -> StepOutcome:
         scale, self.grad_scale = self.grad_scale, 1.0
         norm = self.precision.unscale_and_clip(self.optimizer, self.params, max_norm, scale).item()
         outcome = self.precision.step(self.optimizer, loss, norm)

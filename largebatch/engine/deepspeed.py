@@ -316,7 +316,7 @@ class DeepSpeedEngine(Engine):
         """Stages 0 and 1 keep each rank's accumulated gradient in `.grad` until the reduction."""
         return (grad_norm(self.params).item() / (self.loss_scale or 1.0)) ** 2
 
-    def step(self, loss: float, max_norm: float | None, norm_sq: float = 0.0) -> StepOutcome:
+    def step(self, loss: float, max_norm: float | None, norm_sq: float) -> StepOutcome:
         """DeepSpeed clips (gradient_clipping = max_norm) and steps; an overflow or non-finite gradient skips it."""
         if self.stage == 0:
             return self._step_stage0(loss)

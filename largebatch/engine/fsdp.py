@@ -221,9 +221,15 @@ class FSDPEngine(Engine):
         if self.measured is not None:
             sq = float(self.measured.sq)
         else:
-            grads = [local(p.grad) for p in self.params if p.grad is not None]
-            sq = float(torch.stack(torch._foreach_norm(grads)).double().square().sum())
+            sq = float(self._shard_sq())
         return sq / self.precision.loss_scale**2
+
+    def _shard_sq(self) -> torch.Tensor:
+        """Σg² over this rank's gradient shards, as a float64 tensor (no host sync)."""
+        grads = [local(p.grad) for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), dtype=torch.float64, device=self.device)
+        return torch.stack(torch._foreach_norm(grads)).double().square().sum()
 
     def scale_gradients(self, factor: float) -> None:
         """Multiply the gradient shards by `factor` in the next `step`, in the pass that clips them."""
@@ -233,12 +239,9 @@ class FSDPEngine(Engine):
         """Unscale this rank's gradient shards (fp16: an overflow in any rank's shard skips the step on all) and
         return their Σg², which the step's agreement sums into the global norm: no all-reduce of its own."""
         self.precision.unscale(self.optimizer)
-        grads = [local(p.grad) for p in self.params if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=self.device)
-        return torch.stack(torch._foreach_norm(grads)).float().square().sum()
+        return self._shard_sq()
 
-    def step(self, loss: float, max_norm: float | None, norm_sq: float = 0.0) -> StepOutcome:
+    def step(self, loss: float, max_norm: float | None, norm_sq: float) -> StepOutcome:
         """The global norm from the agreed Σg², times the counted loss's factor; that factor and clipping's in one
         multiply of the shards; then the optimizer if the step is usable."""
         scale, self.grad_scale = self.grad_scale, 1.0
