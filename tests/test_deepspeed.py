@@ -41,6 +41,9 @@ LM = (
 )
 """A byte-level GPT: its loss has one term per token, so the count normalisation is not 1, and clipping is on."""
 DS = ("engine.name=deepspeed",)
+RESUMED_FROM = "ds2-a2/checkpoints/step_00000010"
+"""Stage 2's checkpoint at step 10 of 20, resumed on 2 processes and on 1."""
+RESUMED = (*LM, *DS, "engine.zero_stage=2", "batch.micro_size=8")
 
 
 def runs(tiny_gpt2: Path, tokens: Path) -> dict[str, tuple[str, ...]]:
@@ -120,9 +123,10 @@ def runs(tiny_gpt2: Path, tokens: Path) -> dict[str, tuple[str, ...]]:
 def trained(tmp_path_factory) -> Path:
     """Every comparison's training, in one 2-process job; returns the directory of their run directories."""
     base = tmp_path_factory.mktemp("ds")
-    train_in_one_job(
-        base, runs(write_tiny_gpt2(base / "tiny-gpt2"), write_tokens(base / "train.bin", 20_000))
-    )
+    table = runs(write_tiny_gpt2(base / "tiny-gpt2"), write_tokens(base / "train.bin", 20_000))
+    # after ds2-a2 in the same job: its step-10 checkpoint, resumed on the same 2 processes
+    table["ds2-a2-resumed"] = (*RESUMED, f"run.resume={base / RESUMED_FROM}")
+    train_in_one_job(base, table)
     return base
 
 
@@ -202,7 +206,7 @@ def test_resume_continues_exactly_also_on_another_world_size(
 ) -> None:
     """From stage 2's checkpoint at step 10 of 20: on 2 processes, and on 1 through DeepSpeed's universal checkpoint."""
     full = trained / "ds2-a2"
-    checkpoint = full / "checkpoints/step_00000010"
+    checkpoint = trained / RESUMED_FROM
     assert {p.name for p in (checkpoint / "deepspeed").iterdir()} >= {
         "mp_rank_00_model_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
@@ -211,17 +215,19 @@ def test_resume_continues_exactly_also_on_another_world_size(
         "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"
         in json.loads((checkpoint / "manifest.json").read_text())["files"]
     )
-    summary = train(
-        tmp_path,
-        *LM[1:],
-        *DS,
-        "engine.zero_stage=2",
-        "batch.micro_size=8",
-        f"run.resume={checkpoint}",
-        config=LM[0].split("=", 1)[1],
-        nproc=nproc,
-    )
-    resumed = metrics(tmp_path)
+    if nproc == 2:  # trained in the fixture's job, right after ds2-a2
+        resumed_dir = trained / "ds2-a2-resumed"
+        summary = json.loads((resumed_dir / "summary.json").read_text())
+    else:
+        resumed_dir = tmp_path
+        summary = train(
+            tmp_path,
+            *RESUMED[1:],
+            f"run.resume={checkpoint}",
+            config=LM[0].split("=", 1)[1],
+            nproc=nproc,
+        )
+    resumed = metrics(resumed_dir)
     assert [m["step"] for m in resumed] == list(range(11, 21))
     assert relative(resumed, metrics(full)[10:], "loss") < 1e-6
     if nproc == 2:
