@@ -7,6 +7,7 @@ import fcntl
 import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -104,15 +105,25 @@ def cli(
 
 
 def cli_in_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`largebatch ARGS` run in this process, for user errors, which end before any process group or training starts:
-    it saves each case the 3 s of a new interpreter importing torch. `cli` covers the real process and its exit."""
+    """`largebatch ARGS` run in this process, for user errors (which end before any process group or training starts)
+    and one-process trainings: it saves each the 3 s of a new interpreter importing torch. `cli` covers the real
+    process and its exit."""
+    import torch
+
     from largebatch.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     saved = {key: os.environ.get(key) for key in env or {}}
     os.environ.update(env or {})
+    # what a run sets for its process, restored for the tests that run in this one after it
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    rng = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with (
+            contextlib.chdir(ROOT),  # as `cli`'s subprocess: relative paths are the repository's
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
             code = main(list(args))
     finally:
         for key, value in saved.items():
@@ -120,11 +131,26 @@ def cli_in_process(*args: str, env: dict[str, str] | None = None) -> subprocess.
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        torch.set_num_threads(threads)
+        if torch.are_deterministic_algorithms_enabled() != deterministic:
+            torch.use_deterministic_algorithms(deterministic)  # imports torch._inductor: 2 s
+        torch.random.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
     return subprocess.CompletedProcess(["largebatch", *args], code, out.getvalue(), err.getvalue())
 
 
-def train(run_dir: Path, *overrides: str, nproc: int = 1, config: str | None = None) -> dict:
-    """Train to completion and return summary.json; fails the test with the output if the run fails."""
+def train(
+    run_dir: Path,
+    *overrides: str,
+    nproc: int = 1,
+    config: str | None = None,
+    own_process: bool = False,
+) -> dict:
+    """Train to completion and return summary.json; fails the test with the output if the run fails. Several
+    processes train under real torchrun; one trains in this process (`cli_in_process`: no interpreter start, torch
+    import or torch._dynamo import, ≈ 3.5 s of CPU a run) unless `own_process` (what only a process shows, such as
+    its age) or on DeepSpeed, whose communication layer is global to the process and outlives the process group."""
     args = [
         "train",
         *(["--config", config] if config else []),
@@ -132,7 +158,14 @@ def train(run_dir: Path, *overrides: str, nproc: int = 1, config: str | None = N
         "logging.progress=false",
         *overrides,
     ]
-    result = cli(*args, nproc=nproc)
+    from largebatch import config as configs
+
+    here = (
+        nproc == 1
+        and not own_process
+        and configs.load(config, list(overrides)).engine.name != "deepspeed"
+    )
+    result = cli_in_process(*args) if here else cli(*args, nproc=nproc)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text())
 

@@ -31,6 +31,7 @@ def test_run_directory_holds_resolved_config_metrics_and_summary(run_dirs):
         "optim.lr=0.1",
         "optim.reference_batch=32",
         "train.eval_every=10",
+        own_process=True,  # first_step_s counts from the process's start
     )
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     derived = resolved["derived"]
