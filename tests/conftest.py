@@ -158,16 +158,19 @@ def train(
         "logging.progress=false",
         *overrides,
     ]
-    from largebatch import config as configs
-
-    here = (
-        nproc == 1
-        and not own_process
-        and configs.load(config, list(overrides)).engine.name != "deepspeed"
-    )
+    here = nproc == 1 and not own_process and not _on_deepspeed(config, overrides)
     result = cli_in_process(*args) if here else cli(*args, nproc=nproc)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def _on_deepspeed(config: str | None, args: tuple[str, ...]) -> bool:
+    """Whether these CLI arguments (`--config=FILE` among them, or `config`) train on DeepSpeed."""
+    from largebatch import config as configs
+
+    files = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    overrides = [a for a in args if not a.startswith("--config=")]
+    return configs.load(config or next(iter(files), None), overrides).engine.name == "deepspeed"
 
 
 ONE_JOB = """
@@ -185,7 +188,13 @@ dist.teardown()
 
 def train_in_one_job(base: Path, runs: dict[str, tuple[str, ...]], nproc: int = 2) -> None:
     """Train each of `runs` ({run name: CLI arguments, `--config=FILE` included}) into `base/<name>`, one after
-    another in the same torchrun job: many short trainings cost one interpreter start and one import."""
+    another in the same torchrun job: many short trainings cost one interpreter start and one import. On one
+    process (DeepSpeed aside, see `train`) they run in this process, as `train` does."""
+    if nproc == 1 and not any(_on_deepspeed(None, args) for args in runs.values()):
+        for name, args in runs.items():
+            done = cli_in_process("train", *args, f"run.dir={base / name}")
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return
     script = base / "runs.py"
     script.write_text(ONE_JOB)
     table = json.dumps({str(base / name): args for name, args in runs.items()})
