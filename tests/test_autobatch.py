@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import cli, metrics
+from conftest import ROOT, cli, cli_in_process, metrics, torchrun
 from torch import nn
 
 from largebatch.autobatch import InjectedOutOfMemory, smaller
@@ -23,10 +28,49 @@ COMMON = (
 )
 
 
-def _train(run, *overrides, env=None):
-    result = cli("train", f"run.dir={run}", *COMMON, *overrides, nproc=2, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return result
+INJECT = {"LARGEBATCH_INJECT_OOM_AT_STEP": "5"}
+RUNS = {
+    "fixed": (("batch.micro_size=32",), {}),
+    "auto": (("batch.micro_size=auto", "batch.memory_limit=80KiB"), {}),
+    "shrink": (("batch.micro_size=auto",), INJECT),
+    "shrink_accum": (("batch.micro_size=auto", "batch.memory_limit=80KiB"), INJECT),
+}
+"""The 2-process trainings ({name: (overrides, environment while it trains)}), all in one torchrun job."""
+ONE_JOB = """
+import json, os, sys
+from largebatch import config, dist, job, trainer
+info = dist.from_env()
+dist.init(info, always=True)
+for run_dir, (args, env) in json.loads(sys.argv[1]).items():
+    os.environ.update(env)  # the out-of-memory seam reads it when the trainer builds it
+    if info.rank == 0:
+        print(f"@@run {run_dir}", file=sys.stderr, flush=True)
+    trainer.fit(job.prepare(config.load(None, [*args, f"run.dir={run_dir}"]), info.world_size), info)
+    for key in env:
+        del os.environ[key]
+dist.teardown()
+"""
+"""conftest's train_in_one_job with an environment per run, and a line on stderr before each run's output."""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Each of RUNS trained into base/<name>, and the stderr rank 0 wrote while it trained."""
+    base = tmp_path_factory.mktemp("autobatch")
+    script = base / "runs.py"
+    script.write_text(ONE_JOB)
+    table = {str(base / name): ((*COMMON, *args), env) for name, (args, env) in RUNS.items()}
+    done = subprocess.run(
+        [*torchrun(2), str(script), json.dumps(table)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    stderr = {Path(part.split("\n", 1)[0]).name: part for part in done.stderr.split("@@run ")[1:]}
+    return {name: (base / name, stderr[name]) for name in RUNS}
 
 
 def _assert_same_losses(a, b):
@@ -35,32 +79,29 @@ def _assert_same_losses(a, b):
 
 
 @pytest.fixture(scope="module")
-def fixed_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("fixed")
-    _train(run, "batch.micro_size=32")
+def fixed_run(runs):
+    run = runs["fixed"][0]
     assert {r["micro_batch"] for r in metrics(run)} == {32}
     return run
 
 
 def test_auto_under_a_memory_budget_picks_a_smaller_micro_batch_and_trains_identically(
-    fixed_run, run_dirs
+    fixed_run, runs
 ):
-    run = run_dirs("auto")
-    _train(run, "batch.micro_size=auto", "batch.memory_limit=80KiB")
+    run = runs["auto"][0]
     micro = {r["micro_batch"] for r in metrics(run)}
     assert len(micro) == 1 and micro.pop() < 32
     _assert_same_losses(run, fixed_run)
 
 
 def test_an_out_of_memory_mid_run_halves_the_micro_batch_on_all_ranks_and_redoes_the_step(
-    fixed_run, run_dirs
+    fixed_run, runs
 ):
-    run = run_dirs("shrink")
-    result = _train(run, "batch.micro_size=auto", env={"LARGEBATCH_INJECT_OOM_AT_STEP": "5"})
+    run, stderr = runs["shrink"]
     assert [(r["micro_batch"], r["accum_steps"]) for r in metrics(run)] == [(32, 1)] * 4 + [
         (16, 2)
     ] * 8
-    assert result.stderr.count("out of memory at step 5 with micro-batch 32") == 1
+    assert stderr.count("out of memory at step 5 with micro-batch 32") == 1
     _assert_same_losses(run, fixed_run)
 
 
@@ -96,6 +137,10 @@ def test_the_injected_out_of_memory_spares_the_other_ranks(monkeypatch):
     _micro_steps(InjectedOutOfMemory(model, rank=0), model, (1, True))
 
 
+REAL_PROCESS = "derives batch.accum_steps"
+"""The case that runs as a real process (its exit code); the others end in this one, before any process group."""
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -105,7 +150,8 @@ def test_the_injected_out_of_memory_spares_the_other_ranks(monkeypatch):
     ],
 )
 def test_bad_auto_settings_are_one_line_errors(overrides, message):
-    result = cli("train", *overrides)
+    run = cli if message == REAL_PROCESS else cli_in_process
+    result = run("train", *overrides)
     assert (
         result.returncode == 2
         and message in result.stderr
@@ -113,14 +159,8 @@ def test_bad_auto_settings_are_one_line_errors(overrides, message):
     )
 
 
-def test_an_out_of_memory_redo_with_accumulation_counts_the_step_loss_once(fixed_run, run_dirs):
-    run = run_dirs("shrink_accum")
-    _train(
-        run,
-        "batch.micro_size=auto",
-        "batch.memory_limit=80KiB",
-        env={"LARGEBATCH_INJECT_OOM_AT_STEP": "5"},
-    )
+def test_an_out_of_memory_redo_with_accumulation_counts_the_step_loss_once(fixed_run, runs):
+    run = runs["shrink_accum"][0]
     assert metrics(run)[4]["accum_steps"] > 2
     _assert_same_losses(run, fixed_run)
 

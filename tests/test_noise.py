@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, cli, cli_in_process, metrics, train, train_in_one_job
+from conftest import ROOT, cli_in_process, metrics, train_in_one_job
 
 from largebatch.noise import NoiseScale, estimate
 
@@ -57,15 +57,39 @@ COMMON = (
 )
 
 
-def test_two_ranks_and_one_rank_with_accumulation_measure_a_consistent_noise_scale(run_dirs):
-    two, single = run_dirs("two"), run_dirs("single")
-    train(two, *COMMON, "train.noise_scale=true", nproc=2)
-    single.mkdir()
-    accumulated = (*COMMON, "batch.micro_size=32")
-    train_in_one_job(
-        single, {"one": (*accumulated, "train.noise_scale=true"), "plain": accumulated}, nproc=1
-    )
-    one, plain = single / "one", single / "plain"
+GROUND_TRUTH = {"sigma0": (0.0, 1.0), "sigma2": (2.0, 1.0)}
+"""(σ, |w − w*|) of the linear-regression task: B_simple = 17 and 81."""
+ACCUMULATED = (*COMMON, "batch.micro_size=32")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """One job on 2 processes and one on 1: the linear-regression task at each σ (micro 128 on 2 processes, 64 × 4
+    accumulated on 1), and COMMON measuring the noise scale on 2 processes, and on 1 with accumulation beside the
+    same run not measuring."""
+    base = tmp_path_factory.mktemp("noise")
+    config = f"--config={ROOT / 'tests/tasks/linreg.yaml'}"
+    for nproc, micro in ((2, 128), (1, 64)):
+        linreg = {
+            f"{name}-{nproc}": (
+                config,
+                f"data.args={{sigma: {sigma}}}",
+                f"model.args={{delta: {delta}}}",
+                f"batch.micro_size={micro}",
+            )
+            for name, (sigma, delta) in GROUND_TRUTH.items()
+        }
+        common = (
+            {"two": (*COMMON, "train.noise_scale=true")}
+            if nproc == 2
+            else {"one": (*ACCUMULATED, "train.noise_scale=true"), "plain": ACCUMULATED}
+        )
+        train_in_one_job(base, {**linreg, **common}, nproc=nproc)
+    return base
+
+
+def test_two_ranks_and_one_rank_with_accumulation_measure_a_consistent_noise_scale(runs: Path):
+    two, one, plain = runs / "two", runs / "one", runs / "plain"
     assert all("gns/trace" in r for r in metrics(two) + metrics(one))  # every log step measured
     gns_two = [
         r["gns"] for r in metrics(two) if "gns" in r
@@ -84,8 +108,10 @@ def test_noise_scale_without_two_batch_sizes_is_a_one_line_error():
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_bench_gns_prints_both_rates_and_their_ratio(engine: str):
-    result = cli(
-        "bench", "gns", "--engine", engine, "--steps", "1", "--repeats", "1", "data.size=1024"
+    result = (
+        cli_in_process(  # its workers are real processes under torchrun; the launcher runs here
+            "bench", "gns", "--engine", engine, "--steps", "1", "--repeats", "1", "data.size=1024"
+        )
     )
     assert result.returncode == 0, result.stderr
     assert f", engine {engine}, 2 processes" in result.stdout
@@ -94,43 +120,17 @@ def test_bench_gns_prints_both_rates_and_their_ratio(engine: str):
     assert re.search(r"^ratio on / off = \d+\.\d{3} \(goal ≥ 0\.98\)$", result.stdout, re.M)
 
 
-GROUND_TRUTH = {"sigma0": (0.0, 1.0), "sigma2": (2.0, 1.0)}
-"""(σ, |w − w*|) of the linear-regression task: B_simple = 17 and 81."""
-
-
-@pytest.fixture(scope="module")
-def linreg_runs(tmp_path_factory) -> Path:
-    """The linear-regression task at each σ, on 2 processes (micro 128) and on 1 with accumulation (micro 64 × 4)."""
-    base = tmp_path_factory.mktemp("linreg")
-    config = f"--config={ROOT / 'tests/tasks/linreg.yaml'}"
-    for nproc, micro in ((2, 128), (1, 64)):
-        train_in_one_job(
-            base,
-            {
-                f"{name}-{nproc}": (
-                    config,
-                    f"data.args={{sigma: {sigma}}}",
-                    f"model.args={{delta: {delta}}}",
-                    f"batch.micro_size={micro}",
-                )
-                for name, (sigma, delta) in GROUND_TRUTH.items()
-            },
-            nproc=nproc,
-        )
-    return base
-
-
 @pytest.mark.parametrize("nproc", [2, 1])
 @pytest.mark.parametrize("name", list(GROUND_TRUTH))
 def test_the_measured_noise_scale_is_the_true_one_within_10_percent(
-    linreg_runs: Path, name: str, nproc: int
+    runs: Path, name: str, nproc: int
 ) -> None:
     """Ground truth the trainer does not compute: linear regression at a fixed w, whose simple noise scale is
     d·(1 + σ²/|w − w*|²) + 1. The in-training estimate (|G|² and tr Σ averaged over the run's steps, past the first
     20) is within 10 % of it, measured across ranks and across micro-batches alike."""
     from tasks.linreg import simple_noise_scale
 
-    records = [r for r in metrics(linreg_runs / f"{name}-{nproc}") if "gns/trace" in r][20:]
+    records = [r for r in metrics(runs / f"{name}-{nproc}") if "gns/trace" in r][20:]
     assert len(records) >= 300
     measured = statistics.mean(r["gns/trace"] for r in records) / statistics.mean(
         r["gns/grad_sq"] for r in records

@@ -3,13 +3,14 @@ ends every rank within seconds; stale temporary checkpoint directories are clean
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import time
 
 import torch
-from conftest import ROOT, metrics, torchrun, train
+from conftest import ROOT, metrics, torchrun, train_in_one_job
 
 from largebatch import checkpoint
 
@@ -58,7 +59,6 @@ def _signal_after(process: subprocess.Popen, run, steps: int, signum: int) -> tu
 def test_sigterm_to_torchrun_stops_every_rank_at_a_step_with_a_checkpoint_and_the_rerun_continues_exactly(
     run_dirs,
 ):
-    reference = train(run_dirs("uninterrupted"), *SLOW, nproc=2)
     run = run_dirs("preempted")
     agent = _start(run, *SLOW, nproc=2)
     _, err = _signal_after(agent, run, 20, signal.SIGTERM)
@@ -67,7 +67,12 @@ def test_sigterm_to_torchrun_stops_every_rank_at_a_step_with_a_checkpoint_and_th
     saved = sorted((run / "checkpoints").glob("step_*"))
     assert len(saved) == 1 and 20 <= int(saved[0].name.removeprefix("step_")) < 150
     assert not (run / "summary.json").exists()
-    resumed = train(run, *SLOW, nproc=2)
+    # The rerun and the uninterrupted reference, one after the other in one 2-process torchrun job.
+    train_in_one_job(run.parent, {"preempted": SLOW, "uninterrupted": SLOW})
+    resumed, reference = (
+        json.loads((run_dirs(name) / "summary.json").read_text())
+        for name in ("preempted", "uninterrupted")
+    )
     assert resumed["params_sha256"] == reference["params_sha256"]
     assert [r["step"] for r in metrics(run)] == list(range(1, 151))
 
