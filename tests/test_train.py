@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import cli, metrics, train, train_in_one_job
+from conftest import ONE_JOB, ROOT, cli, metrics, torchrun, train, train_in_one_job
 
 from largebatch.config import ScheduleConfig
 from largebatch.optim.schedules import Schedule
@@ -133,8 +135,43 @@ def test_resnet_trains_with_each_norm(one_process, norm):
     assert sum(losses[-5:]) < sum(losses[:5])
 
 
-def test_quickstart_reaches_its_stated_accuracy_on_two_processes(run_dirs):
-    summary = train(run_dirs("quickstart"), config="configs/quickstart.yaml", nproc=2)
+BATCHNORM = (
+    "data.name=digits",
+    "model.name=resnet",
+    "model.norm=batch",
+    "model.width=8",
+    "model.depth=1",
+    "train.steps=12",
+    "batch.global_size=64",
+    "batch.micro_size=16",
+    "optim.lr=0.2",
+)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> tuple[Path, str]:
+    """The 2-process runs of this file in one torchrun job (conftest's train_in_one_job, keeping its stderr for the
+    BatchNorm warning): the quickstart, then a BatchNorm ResNet. Returns the base folder and the job's stderr."""
+    base = tmp_path_factory.mktemp("two_processes")
+    runs = {
+        "quickstart": (f"--config={ROOT / 'configs/quickstart.yaml'}", "logging.progress=false"),
+        "bn": (*BATCHNORM, "logging.progress=false"),
+    }
+    (base / "runs.py").write_text(ONE_JOB)
+    table = json.dumps({str(base / name): args for name, args in runs.items()})
+    done = subprocess.run(
+        [*torchrun(2), str(base / "runs.py"), table],
+        capture_output=True,
+        text=True,
+        cwd=ROOT / "examples",
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return base, done.stderr
+
+
+def test_quickstart_reaches_its_stated_accuracy_on_two_processes(two_processes):
+    summary = _summary(two_processes[0] / "quickstart")
     assert (
         summary["world_size"] == 2
         and summary["global_batch"] == 512
@@ -150,29 +187,19 @@ def test_plan_command_prints_the_derived_plan():
     assert (fields["micro_batch"], fields["accum_steps"], fields["peak_lr"]) == ("128", "1", "0.4")
 
 
-def test_eval_and_the_saved_model_use_the_same_batchnorm_statistics_on_every_rank(run_dirs):
-    """Each rank's BatchNorm running statistics drift apart in training; eval and model.pt both use rank 0's."""
+def test_eval_and_the_saved_model_use_the_same_batchnorm_statistics_on_every_rank(two_processes):
+    """Each rank's BatchNorm running statistics drift apart in training; eval and model.pt both use rank 0's. The
+    job's one BatchNorm warning is this run's (the quickstart's ResNet uses GroupNorm)."""
     from largebatch import config, trainer
     from largebatch import task as tasks
     from largebatch.dist import DistInfo
 
-    run = run_dirs("bn")
-    overrides = (
-        "data.name=digits",
-        "model.name=resnet",
-        "model.norm=batch",
-        "model.width=8",
-        "model.depth=1",
-        "train.steps=12",
-        "batch.global_size=64",
-        "batch.micro_size=16",
-        "optim.lr=0.2",
-    )
-    result = cli("train", f"run.dir={run}", "logging.progress=false", *overrides, nproc=2)
-    assert result.returncode == 0, result.stderr[-2000:]
-    warnings = [line for line in result.stderr.splitlines() if "BatchNorm" in line]
+    base, stderr = two_processes
+    run = base / "bn"
+    assert _summary(run)["world_size"] == 2
+    warnings = [line for line in stderr.splitlines() if "BatchNorm" in line]
     assert len(warnings) == 1 and "micro-batch of 16" in warnings[0]
-    cfg = config.load(None, list(overrides))
+    cfg = config.load(None, list(BATCHNORM))
     task = tasks.build(cfg)
     model = task.build_model()
     model.load_state_dict(torch.load(run / "model.pt"))

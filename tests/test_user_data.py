@@ -3,9 +3,9 @@ user's own model, dataset and loss, with the global-batch contract intact (all d
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -21,7 +21,7 @@ from conftest import (
     kill_one_worker_mid_run,
     metrics,
     torchrun,
-    train,
+    train_in_one_job,
     write_jsonl,
     write_tiny_gpt2,
     write_tokens,
@@ -59,24 +59,22 @@ RESNET18 = (
 )
 
 
-def test_torchvision_resnet18_on_an_image_folder_two_processes_equal_one_with_accumulation(
-    images, run_dirs
-):
-    """Random crops and flips on, BatchNorm in the model: the same micro-batches in the same order (2 × micro 4 vs
-    1 × micro 4 × accum 2) give the same per-step losses, also with DataLoader workers on one side."""
-    common = (*RESNET18, f"data.path={images}", "train.steps=6", "batch.micro_size=4")
-    two = train(run_dirs("two"), *common, nproc=2)
-    one = train(run_dirs("one"), *common, "data.workers=2")
-    assert (two["world_size"], one["accum_steps"]) == (2, 2)
-    assert losses(run_dirs("two")) == pytest.approx(losses(run_dirs("one")), abs=1e-5)
-    assert set(one["eval"]) == {"loss", "accuracy"}
+def resnet18(images) -> tuple[str, ...]:
+    return (*RESNET18, f"data.path={images}", "train.steps=6", "batch.micro_size=4")
 
 
-def test_hf_causal_lm_on_a_token_file_two_processes_equal_one_with_accumulation(
-    tmp_path, tiny_gpt2, run_dirs
-):
-    tokens = write_tokens(tmp_path / "train.bin", 20_000)
-    common = (
+def kill_config(images) -> tuple[str, ...]:
+    return (
+        *RESNET18,
+        f"data.path={images}",
+        "batch.global_size=16",
+        "train.steps=12",
+        "train.checkpoint_every=4",
+    )
+
+
+def hf_causal(tokens, tiny_gpt2) -> tuple[str, ...]:
+    return (
         "data.name=tokens",
         f"data.path={tokens}",
         "data.context=32",
@@ -89,21 +87,10 @@ def test_hf_causal_lm_on_a_token_file_two_processes_equal_one_with_accumulation(
         "train.log_every=1",
         "run.threads=1",
     )
-    assert train(run_dirs("two"), *common, nproc=2)["world_size"] == 2
-    one = train(run_dirs("one"), *common)
-    assert one["accum_steps"] == 2
-    assert losses(run_dirs("two")) == pytest.approx(losses(run_dirs("one")), abs=1e-5)
-    assert losses(run_dirs("one"))[-1] < losses(run_dirs("one"))[0]
 
 
-@pytest.fixture(scope="module")
-def padded(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("jsonl") / "text.jsonl", 400)
-
-
-def padded_run(run_dir, padded, tiny_gpt2, *extra, nproc=1, config=None):
-    train(
-        run_dir,
+def padded_text(padded, tiny_gpt2, micro: int) -> tuple[str, ...]:
+    return (
         "data.name=jsonl",
         f"data.path={padded}",
         "data.context=48",
@@ -114,29 +101,20 @@ def padded_run(run_dir, padded, tiny_gpt2, *extra, nproc=1, config=None):
         "train.steps=6",
         "train.log_every=1",
         "run.threads=1",
-        *extra,
-        nproc=nproc,
-        config=config,
+        f"batch.micro_size={micro}",
     )
-    return losses(run_dir)
 
 
-def test_padded_variable_length_text_gives_the_same_steps_whatever_the_split(
-    padded, tiny_gpt2, run_dirs
-):
-    """The loss is Σ token losses ÷ the all-reduced count of real tokens in the global batch: 2 × micro 4,
-    1 × micro 4 × accum 2 and 1 × micro 8 take the same steps, although their batches are padded differently."""
-    two = padded_run(run_dirs("two"), padded, tiny_gpt2, "batch.micro_size=4", nproc=2)
-    accum = padded_run(run_dirs("accum"), padded, tiny_gpt2, "batch.micro_size=4")
-    whole = padded_run(run_dirs("whole"), padded, tiny_gpt2, "batch.micro_size=8")
-    assert two == pytest.approx(whole, abs=1e-5)
-    assert accum == pytest.approx(whole, abs=1e-5)
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("jsonl") / "text.jsonl", 400)
 
 
-def test_a_mean_per_micro_batch_would_break_that_equivalence(padded, tiny_gpt2, run_dirs, tmp_path):
-    """The bug this design prevents: a loss that averages per micro-batch (as Lightning does) is not the mean over
-    the global batch once batches are padded, so accumulation changes the steps."""
-    (tmp_path / "mean_loss.py").write_text(
+@pytest.fixture(scope="module")
+def mean_loss(tmp_path_factory):
+    """A config whose loss averages per micro-batch (as Lightning does), with its module beside it."""
+    folder = tmp_path_factory.mktemp("mean")
+    (folder / "mean_loss.py").write_text(
         textwrap.dedent("""
         import torch.nn.functional as F
 
@@ -145,10 +123,109 @@ def test_a_mean_per_micro_batch_would_break_that_equivalence(padded, tiny_gpt2, 
             return loss, 1
     """)
     )
-    (tmp_path / "mean.yaml").write_text("train:\n  loss: mean_loss:per_micro_batch_mean\n")
-    config = str(tmp_path / "mean.yaml")
-    accum = padded_run(run_dirs("accum"), padded, tiny_gpt2, "batch.micro_size=4", config=config)
-    whole = padded_run(run_dirs("whole"), padded, tiny_gpt2, "batch.micro_size=8", config=config)
+    (folder / "mean.yaml").write_text("train:\n  loss: mean_loss:per_micro_batch_mean\n")
+    return folder / "mean.yaml"
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    return write_tokens(tmp_path_factory.mktemp("tokens") / "train.bin", 20_000)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, images, tiny_gpt2, tokens, padded):
+    """This file's 2-process trainings, one after another in one torchrun job (one start, one import)."""
+    base = tmp_path_factory.mktemp("two_processes")
+    quiet = ("logging.progress=false",)
+    train_in_one_job(
+        base,
+        {
+            "resnet18": (*resnet18(images), *quiet),
+            "hf": (*hf_causal(tokens, tiny_gpt2), *quiet),
+            "padded": (*padded_text(padded, tiny_gpt2, 4), *quiet),
+            "uninterrupted": (*kill_config(images), *quiet),
+        },
+    )
+    return base
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, images, tiny_gpt2, tokens, padded, mean_loss, user_task, corpus):
+    """This file's 1-process trainings, one after another in one process."""
+    base = tmp_path_factory.mktemp("one_process")
+    quiet = ("logging.progress=false",)
+    mean = f"--config={mean_loss}"
+    train_in_one_job(
+        base,
+        {
+            "resnet18": (*resnet18(images), "data.workers=2", *quiet),
+            "hf": (*hf_causal(tokens, tiny_gpt2), *quiet),
+            "padded_accum": (*padded_text(padded, tiny_gpt2, 4), *quiet),
+            "padded_whole": (*padded_text(padded, tiny_gpt2, 8), *quiet),
+            "mean_accum": (mean, *padded_text(padded, tiny_gpt2, 4), *quiet),
+            "mean_whole": (mean, *padded_text(padded, tiny_gpt2, 8), *quiet),
+            "goyal": (
+                f"--config={ROOT / 'configs/goyal-resnet50-imagenet.yaml'}",
+                *goyal_recipe(images),
+            ),
+            "gpt2": (f"--config={ROOT / 'configs/lamb-gpt2.yaml'}", *lamb_gpt2_recipe(tokens)),
+            "plan": (*PLAN_RUN, *quiet),
+            "usertask": (f"--config={user_task / 'cli.yaml'}", *quiet),
+            "other_data": (*other_data(corpus), "train.steps=2", *quiet),
+        },
+        nproc=1,
+    )
+    return base
+
+
+def summary(run_dir) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_torchvision_resnet18_on_an_image_folder_two_processes_equal_one_with_accumulation(
+    two_processes, one_process
+):
+    """Random crops and flips on, BatchNorm in the model: the same micro-batches in the same order (2 × micro 4 vs
+    1 × micro 4 × accum 2) give the same per-step losses, also with DataLoader workers on one side."""
+    two, one = summary(two_processes / "resnet18"), summary(one_process / "resnet18")
+    assert (two["world_size"], one["accum_steps"]) == (2, 2)
+    assert losses(two_processes / "resnet18") == pytest.approx(
+        losses(one_process / "resnet18"), abs=1e-5
+    )
+    assert set(one["eval"]) == {"loss", "accuracy"}
+
+
+def test_hf_causal_lm_on_a_token_file_two_processes_equal_one_with_accumulation(
+    two_processes, one_process
+):
+    assert summary(two_processes / "hf")["world_size"] == 2
+    assert summary(one_process / "hf")["accum_steps"] == 2
+    one = losses(one_process / "hf")
+    assert losses(two_processes / "hf") == pytest.approx(one, abs=1e-5)
+    assert one[-1] < one[0]
+
+
+def test_padded_variable_length_text_gives_the_same_steps_whatever_the_split(
+    two_processes, one_process
+):
+    """The loss is Σ token losses ÷ the all-reduced count of real tokens in the global batch: 2 × micro 4,
+    1 × micro 4 × accum 2 and 1 × micro 8 take the same steps, although their batches are padded differently."""
+    two = losses(two_processes / "padded")
+    accum = losses(one_process / "padded_accum")
+    whole = losses(one_process / "padded_whole")
+    assert summary(two_processes / "padded")["world_size"] == 2
+    assert summary(one_process / "padded_accum")["accum_steps"] == 2
+    assert len(whole) == 6
+    assert two == pytest.approx(whole, abs=1e-5)
+    assert accum == pytest.approx(whole, abs=1e-5)
+
+
+def test_a_mean_per_micro_batch_would_break_that_equivalence(one_process):
+    """The bug this design prevents: a loss that averages per micro-batch (as Lightning does) is not the mean over
+    the global batch once batches are padded, so accumulation changes the steps."""
+    accum = losses(one_process / "mean_accum")
+    whole = losses(one_process / "mean_whole")
+    assert summary(one_process / "mean_accum")["accum_steps"] == 2
     assert max(abs(a - b) for a, b in zip(accum, whole)) > 1e-3
 
 
@@ -215,11 +292,10 @@ run: {threads: 1}
 """
 
 
-@pytest.fixture
-def user_task(tmp_path):
+@pytest.fixture(scope="module")
+def user_task(tmp_path_factory):
     """usertask.py, a config naming its factories, and an API script, in a folder of their own."""
-    folder = tmp_path / "project"
-    folder.mkdir()
+    folder = tmp_path_factory.mktemp("project")
     (folder / "usertask.py").write_text(USER_MODULE)
     (folder / "cli.yaml").write_text(USER_CONFIG)
     (folder / "api.yaml").write_text(
@@ -231,25 +307,31 @@ def user_task(tmp_path):
     return folder
 
 
-def test_a_user_module_trains_the_same_through_the_cli_and_the_python_api(user_task, run_dirs):
-    """The config's folder is importable; the API seeds the user's builder like the CLI, so weights match bit for
-    bit; under torchrun the API runs the same job on 2 processes."""
-    cli_summary = train(run_dirs("cli"), config=str(user_task / "cli.yaml"))
+def test_a_user_module_trains_the_same_through_the_cli_and_the_python_api(
+    user_task, one_process, run_dirs
+):
+    """The config's folder is importable (the config's run is trained in the one-process job, whose script and working
+    directory are elsewhere); the API seeds the user's builder like the CLI, so weights match bit for bit (the API
+    trains in this process, whose global RNG is wherever earlier tests left it); under torchrun the API runs the
+    same job on 2 processes."""
+    import largebatch
+
+    cli_summary = summary(one_process / "usertask")
     assert cli_summary["eval"]["accuracy"] > 0.5
-    api = subprocess.run(
-        [
-            sys.executable,
-            str(user_task / "train_api.py"),
-            str(user_task / "api.yaml"),
-            str(run_dirs("api")),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    spec = importlib.util.spec_from_file_location("usertask", user_task / "usertask.py")
+    usertask = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(usertask)
+    train_set, held = usertask.build_data(n=512)
+    api = largebatch.train(
+        user_task / "api.yaml",
+        [f"run.dir={run_dirs('api')}", "logging.progress=false"],
+        model=usertask.build_model,
+        train_data=train_set,
+        eval_data=held,
+        loss=usertask.loss,
     )
-    assert api.returncode == 0, api.stderr[-3000:]
-    assert f"params {cli_summary['params_sha256']}" in api.stdout
-    assert losses(run_dirs("api")) == losses(run_dirs("cli"))
+    assert api["params_sha256"] == cli_summary["params_sha256"]
+    assert losses(run_dirs("api")) == losses(one_process / "usertask")
     two = subprocess.run(
         [
             *torchrun(2),
@@ -263,28 +345,21 @@ def test_a_user_module_trains_the_same_through_the_cli_and_the_python_api(user_t
     )
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((run_dirs("api2") / "summary.json").read_text())["world_size"] == 2
-    assert losses(run_dirs("api2")) == pytest.approx(losses(run_dirs("cli")), abs=1e-5)
+    assert losses(run_dirs("api2")) == pytest.approx(losses(one_process / "usertask"), abs=1e-5)
 
 
-def test_kill_9_mid_epoch_on_an_image_folder_ends_with_the_same_weights(images, run_dirs):
+def test_kill_9_mid_epoch_on_an_image_folder_ends_with_the_same_weights(
+    images, two_processes, run_dirs
+):
     """torchrun --max-restarts 1 restarts the group after a worker's SIGKILL; the resumed run draws the same crops
-    (seeded per example) and ends bit-identical to an uninterrupted one."""
-    config = (
-        *RESNET18,
-        f"data.path={images}",
-        "batch.global_size=16",
-        "train.steps=12",
-        "train.checkpoint_every=4",
-    )
-    reference = train(run_dirs("uninterrupted"), *config, nproc=2)
+    (seeded per example) and ends bit-identical to an uninterrupted one (trained in the 2-process job)."""
+    reference = summary(two_processes / "uninterrupted")
+    assert (reference["world_size"], reference["steps"]) == (2, 12)
     run = run_dirs("killed")
     kill_one_worker_mid_run(
-        run, config, 6, "step_00000004"
+        run, kill_config(images), 6, "step_00000004"
     )  # epoch 1 of 12 steps: resumes at step 4
-    assert (
-        json.loads((run / "summary.json").read_text())["params_sha256"]
-        == reference["params_sha256"]
-    )
+    assert summary(run)["params_sha256"] == reference["params_sha256"]
 
 
 def test_each_example_draws_its_crop_from_seed_epoch_and_index(images):
@@ -304,11 +379,10 @@ def test_each_example_draws_its_crop_from_seed_epoch_and_index(images):
     assert torch.equal(next(iter(loader))[0][2], first)
 
 
-def test_a_checkpoint_of_other_data_is_refused(tmp_path, run_dirs):
-    tokens = write_tokens(tmp_path / "corpus.bin", 8000)
-    common = (
+def other_data(corpus) -> tuple[str, ...]:
+    return (
         "data.name=tokens",
-        f"data.path={tokens}",
+        f"data.path={corpus}",
         "data.context=16",
         "model.name=gpt",
         "model.width=32",
@@ -317,9 +391,21 @@ def test_a_checkpoint_of_other_data_is_refused(tmp_path, run_dirs):
         "batch.global_size=16",
         "train.checkpoint_every=2",
     )
-    train(run_dirs("run"), *common, "train.steps=2")
-    write_tokens(tokens, 8000, seed=1)  # same size, other content
-    result = cli("train", f"run.dir={run_dirs('run')}", *common, "train.steps=4")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The token file of test_a_checkpoint_of_other_data_is_refused, which rewrites it (no other test reads it)."""
+    return write_tokens(tmp_path_factory.mktemp("corpus") / "corpus.bin", 8000)
+
+
+def test_a_checkpoint_of_other_data_is_refused(one_process, corpus):
+    """The run of 2 steps is trained in the one-process job; the refusal ends in job.prepare, before any process
+    group, so it runs in this process."""
+    run = one_process / "other_data"
+    assert (run / "checkpoints" / "step_00000002").exists()
+    write_tokens(corpus, 8000, seed=1)  # same size, other content
+    result = cli_in_process("train", f"run.dir={run}", *other_data(corpus), "train.steps=4")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "was trained with data.fingerprint=" in result.stderr
 
@@ -413,7 +499,8 @@ def test_data_and_model_mistakes_are_one_line_errors(name, images, tmp_path):
 )
 @pytest.mark.parametrize("world", [8, 256])
 def test_recipes_plan_for_8_and_256_gpus(recipe, examples, world):
-    result = cli(
+    """In this process (test_train.py runs `largebatch plan` as a real process)."""
+    result = cli_in_process(
         "plan",
         "--config",
         f"configs/{recipe}.yaml",
@@ -435,9 +522,8 @@ def test_recipes_plan_for_8_and_256_gpus(recipe, examples, world):
         )
 
 
-def test_goyal_recipe_runs_on_a_tiny_image_folder(images, run_dirs):
-    summary = train(
-        run_dirs("goyal"),
+def goyal_recipe(images) -> tuple[str, ...]:
+    return (
         f"data.path={images}",
         "data.image_size=32",
         "data.workers=0",
@@ -448,15 +534,12 @@ def test_goyal_recipe_runs_on_a_tiny_image_folder(images, run_dirs):
         "train.eval_every=0",
         "train.checkpoint_every=0",
         "train.log_every=2",
-        config="configs/goyal-resnet50-imagenet.yaml",
+        "logging.progress=false",
     )
-    assert summary["steps"] == 6 and summary["accum_steps"] == 2 and summary["final_loss"] > 0
 
 
-def test_lamb_gpt2_recipe_runs_on_a_tiny_token_file(tmp_path, run_dirs):
-    tokens = write_tokens(tmp_path / "train.bin", 4000)
-    summary = train(
-        run_dirs("gpt2"),
+def lamb_gpt2_recipe(tokens) -> tuple[str, ...]:
+    return (
         f"data.path={tokens}",
         "data.context=32",
         "model.args={n_layer: 1, n_head: 2, n_embd: 32, resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}",
@@ -466,9 +549,18 @@ def test_lamb_gpt2_recipe_runs_on_a_tiny_token_file(tmp_path, run_dirs):
         "train.eval_every=0",
         "train.checkpoint_every=0",
         "train.log_every=1",
-        config="configs/lamb-gpt2.yaml",
+        "logging.progress=false",
     )
-    assert summary["steps"] == 3 and summary["final_loss"] > 0
+
+
+def test_goyal_recipe_runs_on_a_tiny_image_folder(one_process):
+    done = summary(one_process / "goyal")
+    assert done["steps"] == 6 and done["accum_steps"] == 2 and done["final_loss"] > 0
+
+
+def test_lamb_gpt2_recipe_runs_on_a_tiny_token_file(one_process):
+    done = summary(one_process / "gpt2")
+    assert done["steps"] == 3 and done["final_loss"] > 0
 
 
 def test_without_the_optional_extras_hf_and_torchvision_are_one_line_errors(tmp_path, images):
@@ -505,12 +597,12 @@ def test_bench_data_and_find_batch_work_on_an_image_folder(images):
         "data.image_size=32",
         "model.name=torchvision:resnet18",
     )
-    bench = cli(
+    bench = cli_in_process(
         "bench", "data", *task, "--micro", "4", "--batches", "2", "--repeats", "1", "--workers", "0"
     )
     assert bench.returncode == 0, bench.stderr[-2000:]
     assert "ratio ours / plain = " in bench.stdout and "input-bound" in bench.stdout
-    found = cli(
+    found = cli_in_process(
         "find-batch", *task, "batch.global_size=16", "--memory-limit", "1GiB", "--repeats", "1"
     )
     assert found.returncode == 0, found.stderr[-2000:]
@@ -580,17 +672,19 @@ def test_ranks_that_read_different_data_all_stop_at_start(tmp_path, run_dirs):
     assert result.stderr.count("largebatch: stopped: some ranks read other data than rank 0") == 1
 
 
-def test_plan_without_the_data_ignores_checkpoints_of_the_run(tmp_path, run_dirs):
-    run = run_dirs("run")
-    train(
-        run,
-        "data.size=512",
-        "model.width=16",
-        "batch.global_size=32",
-        "train.steps=2",
-        "train.checkpoint_every=2",
-    )
-    result = cli(
+PLAN_RUN = (
+    "data.size=512",
+    "model.width=16",
+    "batch.global_size=32",
+    "train.steps=2",
+    "train.checkpoint_every=2",
+)
+
+
+def test_plan_without_the_data_ignores_checkpoints_of_the_run(one_process):
+    run = one_process / "plan"
+    assert (run / "checkpoints" / "step_00000002").exists()
+    result = cli_in_process(
         "plan",
         f"run.dir={run}",
         "data.size=512",
