@@ -186,15 +186,17 @@ dist.teardown()
 """
 
 
-def train_in_one_job(base: Path, runs: dict[str, tuple[str, ...]], nproc: int = 2) -> None:
+def train_in_one_job(base: Path, runs: dict[str, tuple[str, ...]], nproc: int = 2) -> str:
     """Train each of `runs` ({run name: CLI arguments, `--config=FILE` included}) into `base/<name>`, one after
     another in the same torchrun job: many short trainings cost one interpreter start and one import. On one
-    process (DeepSpeed aside, see `train`) they run in this process, as `train` does."""
+    process (DeepSpeed aside, see `train`) they run in this process, as `train` does. Returns their stderr."""
     if nproc == 1 and not any(_on_deepspeed(None, args) for args in runs.values()):
+        errors = []
         for name, args in runs.items():
             done = cli_in_process("train", *args, f"run.dir={base / name}")
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return
+            errors.append(done.stderr)
+        return "".join(errors)
     script = base / "runs.py"
     script.write_text(ONE_JOB)
     table = json.dumps({str(base / name): args for name, args in runs.items()})
@@ -210,6 +212,7 @@ def train_in_one_job(base: Path, runs: dict[str, tuple[str, ...]], nproc: int = 
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
+    return done.stderr
 
 
 def relative(ours: list[dict], reference: list[dict], key: str) -> float:

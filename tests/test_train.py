@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import ONE_JOB, ROOT, cli, metrics, torchrun, train, train_in_one_job
+from conftest import ROOT, cli, metrics, train, train_in_one_job
 
 from largebatch.config import ScheduleConfig
 from largebatch.optim.schedules import Schedule
@@ -150,24 +149,14 @@ BATCHNORM = (
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> tuple[Path, str]:
-    """The 2-process runs of this file in one torchrun job (conftest's train_in_one_job, keeping its stderr for the
-    BatchNorm warning): the quickstart, then a BatchNorm ResNet. Returns the base folder and the job's stderr."""
+    """The 2-process runs of this file in one torchrun job (its stderr kept for the BatchNorm warning): the
+    quickstart, then a BatchNorm ResNet. Returns the base folder and the job's stderr."""
     base = tmp_path_factory.mktemp("two_processes")
     runs = {
         "quickstart": (f"--config={ROOT / 'configs/quickstart.yaml'}", "logging.progress=false"),
         "bn": (*BATCHNORM, "logging.progress=false"),
     }
-    (base / "runs.py").write_text(ONE_JOB)
-    table = json.dumps({str(base / name): args for name, args in runs.items()})
-    done = subprocess.run(
-        [*torchrun(2), str(base / "runs.py"), table],
-        capture_output=True,
-        text=True,
-        cwd=ROOT / "examples",
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return base, done.stderr
+    return base, train_in_one_job(base, runs)
 
 
 def test_quickstart_reaches_its_stated_accuracy_on_two_processes(two_processes):
