@@ -44,9 +44,15 @@ OPTIMIZERS = {
     "lamb": ("optim.name=lamb", "optim.lr=0.004"),
 }
 FSDP = ("engine.name=fsdp",)
+CHECKPOINT = "{base}/fsdp-lamb-a2/checkpoints/step_00000010"
 
 
-def runs(tiny_gpt2: Path, tokens: Path) -> dict[str, tuple[str, ...]]:
+RESUMED = (*LM, *OPTIMIZERS["lamb"], *FSDP, "batch.micro_size=8")
+"""fsdp-lamb-a2 again, to resume from its checkpoint at step 10."""
+
+
+def runs(tiny_gpt2: Path, tokens: Path, resume_from: str) -> dict[str, tuple[str, ...]]:
+    """Every training of the 2-process job, in order: the resume after the run it resumes."""
     hf = (
         "data.name=tokens",
         f"data.path={tokens}",
@@ -87,6 +93,7 @@ def runs(tiny_gpt2: Path, tokens: Path) -> dict[str, tuple[str, ...]]:
                 *FSDP,
                 *(("train.checkpoint_every=10",) if name == "lamb" else ()),
             )
+    table["fsdp-lamb-a2-resumed"] = (*RESUMED, f"run.resume={resume_from}")
     table["fsdp-bf16"] = (
         *LM,
         *OPTIMIZERS["adamw"],
@@ -102,7 +109,12 @@ def trained(tmp_path_factory) -> Path:
     """Every comparison's training, in one 2-process job; returns the directory of their run directories."""
     base = tmp_path_factory.mktemp("fsdp")
     train_in_one_job(
-        base, runs(write_tiny_gpt2(base / "tiny-gpt2"), write_tokens(base / "train.bin", 20_000))
+        base,
+        runs(
+            write_tiny_gpt2(base / "tiny-gpt2"),
+            write_tokens(base / "train.bin", 20_000),
+            CHECKPOINT.format(base=base),
+        ),
     )
     return base
 
@@ -190,24 +202,26 @@ def test_model_pt_is_the_whole_model(trained: Path) -> None:
 def test_resume_continues_exactly_also_on_another_world_size(
     trained: Path, tmp_path: Path, nproc: int
 ) -> None:
-    """LAMB, accumulation 2, from the checkpoint at step 10 of 20: on 2 processes bit-identical to the uninterrupted
-    run; on 1 (torch.distributed.checkpoint reshards) the same losses within 1e-5."""
+    """LAMB, accumulation 2, from the checkpoint at step 10 of 20: on 2 processes (resumed in the job, after the run)
+    bit-identical to the uninterrupted run; on 1 (torch.distributed.checkpoint reshards) the same losses within
+    1e-5."""
     full = trained / "fsdp-lamb-a2"
-    checkpoint = full / "checkpoints/step_00000010"
+    checkpoint = Path(CHECKPOINT.format(base=trained))
     assert {"fsdp/.metadata", "fsdp/__0_0.distcp", "fsdp/__1_0.distcp"} <= set(
         json.loads((checkpoint / "manifest.json").read_text())["files"]
     )
-    summary = train(
-        tmp_path,
-        *LM[1:],
-        *OPTIMIZERS["lamb"],
-        *FSDP,
-        "batch.micro_size=8",
-        f"run.resume={checkpoint}",
-        config=LM[0].split("=", 1)[1],
-        nproc=nproc,
-    )
-    resumed = metrics(tmp_path)
+    if nproc == 2:
+        run = trained / "fsdp-lamb-a2-resumed"
+        summary = json.loads((run / "summary.json").read_text())
+    else:
+        run = tmp_path
+        summary = train(
+            run,
+            *RESUMED[1:],
+            f"run.resume={checkpoint}",
+            config=RESUMED[0].split("=", 1)[1],
+        )
+    resumed = metrics(run)
     assert [m["step"] for m in resumed] == list(range(11, 21))
     assert relative(resumed, metrics(full)[10:], "loss") < 1e-5
     if nproc == 2:

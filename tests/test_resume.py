@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, metrics, train
+from conftest import cli_in_one_process, metrics
 from torch import nn
 
 from largebatch.optim.state import load_named_state_dict, named_state_dict
@@ -33,26 +35,46 @@ def _stopped_at_10(full, dst):
     return dst
 
 
+GNS = (
+    "data.size=1024",
+    "data.shape=[16]",
+    "model.width=32",
+    "batch.global_size=64",
+    "batch.micro_size=16",
+    "train.steps=20",
+    "train.log_every=2",
+    "train.checkpoint_every=10",
+    "train.noise_scale=true",
+)
+CHANGES = {
+    "changed": ("optim.lr=0.5", "optim.weight_decay=0.1", "optim.momentum=0.5"),
+    "train.precision=fp16": ("train.precision=fp16",),
+    "optim.exclude_1d=false": ("optim.exclude_1d=false",),
+}
+"""Each resume of the SGD run stopped at 10, with the settings it changes."""
+
+
+def _train(run_dir: Path, *overrides: str) -> tuple[str, ...]:
+    return ("train", f"run.dir={run_dir}", "logging.progress=false", *overrides)
+
+
 @pytest.fixture(scope="module")
-def sgd_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("sgd") / "run"
-    train(run, *SGD)
-    return run
+def resumed(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """The SGD and noise-scale runs in one interpreter, then each resume of a copy stopped at step 10 in another:
+    (directory, {resume: its CLI result})."""
+    base = tmp_path_factory.mktemp("resume")
+    first = cli_in_one_process(_train(base / "sgd", *SGD), _train(base / "gns", *GNS))
+    assert all(r.returncode == 0 for r in first), [r.stderr[-2000:] for r in first]
+    commands = {}
+    for name, change in CHANGES.items():
+        commands[name] = _train(_stopped_at_10(base / "sgd", base / name), *SGD, *change)
+    commands["gns_resumed"] = _train(_stopped_at_10(base / "gns", base / "gns_resumed"), *GNS)
+    return base, dict(zip(commands, cli_in_one_process(*commands.values())))
 
 
-def test_changed_optimizer_settings_on_resume_are_applied_and_reported_in_one_line(
-    sgd_run, tmp_path
-):
-    run = _stopped_at_10(sgd_run, tmp_path / "changed")
-    result = cli(
-        "train",
-        f"run.dir={run}",
-        "logging.progress=false",
-        *SGD,
-        "optim.lr=0.5",
-        "optim.weight_decay=0.1",
-        "optim.momentum=0.5",
-    )
+def test_changed_optimizer_settings_on_resume_are_applied_and_reported_in_one_line(resumed):
+    base, results = resumed
+    run, result = base / "changed", results["changed"]
     assert result.returncode == 0, result.stderr
     warnings = [
         line for line in result.stderr.splitlines() if line.startswith("largebatch: warning:")
@@ -97,33 +119,18 @@ def test_the_optimizer_state_loads_by_name_and_keeps_this_runs_hyperparameters()
         ("optim.exclude_1d=false", "optim.exclude_1d True → False"),
     ],
 )
-def test_a_resume_with_another_precision_or_parameter_grouping_continues(
-    sgd_run, tmp_path, change, reported
-):
-    run = _stopped_at_10(sgd_run, tmp_path / "regrouped")
-    result = cli("train", f"run.dir={run}", "logging.progress=false", *SGD, change)
+def test_a_resume_with_another_precision_or_parameter_grouping_continues(resumed, change, reported):
+    base, results = resumed
+    run, result = base / change, results[change]
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert reported in result.stderr
     assert [r["step"] for r in metrics(run)] == list(range(1, 21))
 
 
-def test_the_noise_scale_averages_continue_across_a_resume(run_dirs):
-    config = (
-        "data.size=1024",
-        "data.shape=[16]",
-        "model.width=32",
-        "batch.global_size=64",
-        "batch.micro_size=16",
-        "train.steps=20",
-        "train.log_every=2",
-        "train.checkpoint_every=10",
-        "train.noise_scale=true",
-    )
-    full = run_dirs("gns")
-    train(full, *config)
-    resumed = _stopped_at_10(full, run_dirs("gns_resumed"))
-    train(resumed, *config)
-    uninterrupted = {r["step"]: r["gns"] for r in metrics(full) if "gns" in r}
-    continued = {r["step"]: r["gns"] for r in metrics(resumed) if "gns" in r}
+def test_the_noise_scale_averages_continue_across_a_resume(resumed):
+    base, results = resumed
+    assert results["gns_resumed"].returncode == 0, results["gns_resumed"].stderr
+    uninterrupted = {r["step"]: r["gns"] for r in metrics(base / "gns") if "gns" in r}
+    continued = {r["step"]: r["gns"] for r in metrics(base / "gns_resumed") if "gns" in r}
     assert uninterrupted.keys() == continued.keys() and 12 in continued
     assert continued == pytest.approx(uninterrupted, rel=1e-9)
