@@ -310,35 +310,7 @@ def write_tiny_gpt2(folder: Path, vocab: int = 256, positions: int = 64) -> Path
     return folder
 
 
-MANY = """
-import contextlib, io, json, sys
-from largebatch.cli import main
-done = []
-for args in json.loads(sys.argv[1]):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    done.append([args, code, out.getvalue(), err.getvalue()])
-with open(sys.argv[2], "w") as f:
-    json.dump(done, f)
-"""
-
-
 def cli_in_one_process(*commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
-    """`largebatch ARGS` for each of `commands`, one after another in ONE new interpreter (single-process runs: no
-    torchrun), each with its own exit code, stdout and stderr: many short trainings and resumes, one torch import."""
-    with tempfile.TemporaryDirectory() as folder:
-        results = Path(folder) / "results.json"
-        done = subprocess.run(
-            [sys.executable, "-c", MANY, json.dumps(commands), str(results)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            cwd=ROOT,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return [
-            subprocess.CompletedProcess(["largebatch", *args], code, out, err)
-            for args, code, out, err in json.loads(results.read_text())
-        ]
+    """`largebatch ARGS` for each of `commands`, one after another in this process (`cli_in_process`; no DeepSpeed
+    runs, see `train`), each with its own exit code, stdout and stderr."""
+    return [cli_in_process(*command) for command in commands]
