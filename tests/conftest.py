@@ -27,17 +27,21 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 HEAVIEST_FIRST = (
     "test_user_data.py",
-    "test_checkpoint.py",
-    "test_deepspeed.py",
-    "test_precision.py",
     "test_full_disk.py",
+    "test_deepspeed.py",
     "test_noise.py",
     "test_fsdp.py",
-    "test_launch.py",
-    "test_fsdp_features.py",
-    "test_train.py",
     "test_multinode.py",
-    "test_autobatch.py",
+    "test_launch.py",
+    "test_find_batch.py",
+    "test_checkpoint.py",
+    "test_muon.py",
+    "test_train.py",
+    "test_fsdp_features.py",
+    "test_compile.py",
+    "test_stop.py",
+    "test_fsdp_autobatch.py",
+    "test_feature_matrix.py",
 )
 """The files that take longest (pytest --durations), in that order. pytest-xdist hands whole files to its workers
 in collection order (pyproject's addopts), so these go first and the run ends with short files on both workers."""

@@ -205,9 +205,13 @@ def test_the_model_is_built_once_per_process(tmp_path):
     assert result.stdout.count("building the model") == 1
 
 
+BUILD_S = 5
+"""The stand-in kernel build's seconds: far above a step of the tiny MLP (milliseconds) even on a loaded machine."""
+
+
 def test_a_kernel_build_is_announced_and_never_timed(tmp_path, monkeypatch):
-    """The fused kernel's build replaced by a 20 s one: the build lines are printed, and no samples/s figure
-    (progress lines, metrics.jsonl, summary.json) holds those 20 s."""
+    """The fused kernel's build replaced by a BUILD_S one: the build lines are printed, and no samples/s figure
+    (progress lines, metrics.jsonl, summary.json) holds those seconds."""
     from torch.utils import cpp_extension
 
     kernels = (
@@ -215,7 +219,7 @@ def test_a_kernel_build_is_announced_and_never_timed(tmp_path, monkeypatch):
     )  # the real kernels, built here if the cache is cold: the build below is only the sleep
 
     def slow_load(**kwargs):
-        time.sleep(20)
+        time.sleep(BUILD_S)
         return kernels
 
     monkeypatch.setattr(cpp_extension, "load", slow_load)
@@ -243,14 +247,14 @@ def test_a_kernel_build_is_announced_and_never_timed(tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "building the fused LAMB/LARS kernel (once; cached in" in result.stdout
     built = re.search(r"built the fused LAMB/LARS kernel in ([\d.]+) s", result.stdout)
-    assert built and float(built.group(1)) >= 20
+    assert built and float(built.group(1)) >= BUILD_S
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["wall_s"] <= elapsed - 20  # the timed window starts after the build
-    # With the 20 s inside any figure, it would be at most its examples ÷ 20 s: 32 per step, 128 in the summary.
+    assert summary["wall_s"] <= elapsed - BUILD_S  # the timed window starts after the build
+    # With the build inside any figure, it would be at most its examples ÷ BUILD_S: 32 per step, 128 in the summary.
     progress = [float(x) for x in re.findall(r"\| ([\d.]+) samples/s", result.stdout)]
-    assert len(progress) == 4 and min(progress) > 32 / 10
-    assert min(m["samples_per_s"] for m in metrics(run)) > 32 / 10
-    assert summary["samples_per_s"] > 128 / 10
+    assert len(progress) == 4 and min(progress) > 2 * 32 / BUILD_S
+    assert min(m["samples_per_s"] for m in metrics(run)) > 2 * 32 / BUILD_S
+    assert summary["samples_per_s"] > 2 * 128 / BUILD_S
 
 
 def test_the_api_trains_the_module_instance_it_is_given(tmp_path):
