@@ -60,18 +60,22 @@ CHECKPOINTING = (
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """This file's trainings, one after another in one 2-process job (DDP, as the quickstart runs)."""
+    """This file's trainings: the ResNet's and the checkpointing pair in one 2-process job (DDP, as the quickstart
+    runs), the fp16 ones on one process (so mixed precision is trained both ways)."""
     base = tmp_path_factory.mktemp("precision")
-    runs = {
+    two = {
         "fp32": (*QUICK, "train.precision=fp32"),
         "bf16": (*QUICK, "train.precision=bf16"),
-        "fp32-mlp": (*QUICK, *MLP, "train.precision=fp32"),
-        "fp16": (*QUICK, *MLP, "train.precision=fp16"),
-        "fp16_overflow": OVERFLOW,
         "plain": CHECKPOINTING,
         "ckpt": (*CHECKPOINTING, "model.grad_checkpointing=true"),
     }
-    train_in_one_job(base, runs)
+    one = {
+        "fp32-mlp": (*QUICK, *MLP, "train.precision=fp32"),
+        "fp16": (*QUICK, *MLP, "train.precision=fp16"),
+        "fp16_overflow": OVERFLOW,
+    }
+    train_in_one_job(base, two)
+    train_in_one_job(base, one, nproc=1)
     return base
 
 
