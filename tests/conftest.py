@@ -178,45 +178,57 @@ def _on_deepspeed(config: str | None, args: tuple[str, ...]) -> bool:
 
 
 ONE_JOB = """
-import json, sys
+import json, os, sys
 from largebatch import config, dist, job, trainer
 info = dist.from_env()
 dist.init(info, always=True)
-for run_dir, args in json.loads(sys.argv[1]).items():
+for run_dir, (args, env) in json.loads(sys.argv[1]).items():
+    os.environ.update(env)  # while this run trains (test seams read it when the trainer is built)
+    if info.rank == 0:
+        print("@@run", run_dir, file=sys.stderr, flush=True)  # MARK
     path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
     cfg = config.load(path, [a for a in args if not a.startswith("--config=")] + [f"run.dir={run_dir}"])
     trainer.fit(job.prepare(cfg, info.world_size), info)
+    for key in env:
+        del os.environ[key]
 dist.teardown()
 """
+MARK = "@@run "
+"""What ONE_JOB's rank 0 writes to stderr, with the run directory, before each run: where each run's stderr starts."""
 
 
-def train_in_one_job(base: Path, runs: dict[str, tuple[str, ...]], nproc: int = 2) -> str:
+def train_in_one_job(
+    base: Path,
+    runs: dict[str, tuple[str, ...]],
+    nproc: int = 2,
+    env: dict[str, dict[str, str]] | None = None,
+) -> dict[str, str]:
     """Train each of `runs` ({run name: CLI arguments, `--config=FILE` included}) into `base/<name>`, one after
-    another in the same torchrun job: many short trainings cost one interpreter start and one import. On one
-    process (DeepSpeed aside, see `train`) they run in this process, as `train` does. Returns their stderr."""
+    another in the same torchrun job: many short trainings cost one interpreter start and one import. `env`: {run
+    name: environment variables set while that run trains}. On one process (DeepSpeed aside, see `train`) they run in
+    this process, as `train` does. Returns each run's stderr (under torchrun: what the job wrote while it trained)."""
+    env = {name: (env or {}).get(name, {}) for name in runs}
     if nproc == 1 and not any(_on_deepspeed(None, args) for args in runs.values()):
-        errors = []
+        errors = {}
         for name, args in runs.items():
-            done = cli_in_process("train", *args, f"run.dir={base / name}")
+            done = cli_in_process("train", *args, f"run.dir={base / name}", env=env[name])
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-            errors.append(done.stderr)
-        return "".join(errors)
+            errors[name] = done.stderr
+        return errors
     script = base / "runs.py"
     script.write_text(ONE_JOB)
-    table = json.dumps({str(base / name): args for name, args in runs.items()})
+    table = json.dumps({str(base / name): (args, env[name]) for name, args in runs.items()})
     done = subprocess.run(
-        [
-            *torchrun(nproc),
-            str(script),
-            table,
-        ],
+        [*torchrun(nproc), str(script), table],
         capture_output=True,
         text=True,
         cwd=ROOT / "examples",
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    return done.stderr
+    parts = (part.split("\n", 1) for part in done.stderr.split(MARK)[1:])
+    return {Path(head).name: "".join(rest) for head, *rest in parts}
 
 
 def relative(ours: list[dict], reference: list[dict], key: str) -> float:

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import ROOT, cli, cli_in_process, metrics, torchrun
+from conftest import cli, cli_in_process, metrics, train_in_one_job
 from torch import nn
 
 from largebatch.autobatch import InjectedOutOfMemory, smaller
@@ -30,46 +25,23 @@ COMMON = (
 
 INJECT = {"LARGEBATCH_INJECT_OOM_AT_STEP": "5"}
 RUNS = {
-    "fixed": (("batch.micro_size=32",), {}),
-    "auto": (("batch.micro_size=auto", "batch.memory_limit=80KiB"), {}),
-    "shrink": (("batch.micro_size=auto",), INJECT),
-    "shrink_accum": (("batch.micro_size=auto", "batch.memory_limit=80KiB"), INJECT),
+    "fixed": ("batch.micro_size=32",),
+    "auto": ("batch.micro_size=auto", "batch.memory_limit=80KiB"),
+    "shrink": ("batch.micro_size=auto",),
+    "shrink_accum": ("batch.micro_size=auto", "batch.memory_limit=80KiB"),
 }
-"""The 2-process trainings ({name: (overrides, environment while it trains)}), all in one torchrun job."""
-ONE_JOB = """
-import json, os, sys
-from largebatch import config, dist, job, trainer
-info = dist.from_env()
-dist.init(info, always=True)
-for run_dir, (args, env) in json.loads(sys.argv[1]).items():
-    os.environ.update(env)  # the out-of-memory seam reads it when the trainer builds it
-    if info.rank == 0:
-        print(f"@@run {run_dir}", file=sys.stderr, flush=True)
-    trainer.fit(job.prepare(config.load(None, [*args, f"run.dir={run_dir}"]), info.world_size), info)
-    for key in env:
-        del os.environ[key]
-dist.teardown()
-"""
-"""conftest's train_in_one_job with an environment per run, and a line on stderr before each run's output."""
+"""The 2-process trainings, all in one torchrun job; the shrink runs with INJECT set while they train."""
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """Each of RUNS trained into base/<name>, and the stderr rank 0 wrote while it trained."""
+    """Each of RUNS trained into base/<name>, and the stderr the job wrote while it trained."""
     base = tmp_path_factory.mktemp("autobatch")
-    script = base / "runs.py"
-    script.write_text(ONE_JOB)
-    table = {str(base / name): ((*COMMON, *args), env) for name, (args, env) in RUNS.items()}
-    done = subprocess.run(
-        [*torchrun(2), str(script), json.dumps(table)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        timeout=600,
+    stderr = train_in_one_job(
+        base,
+        {name: (*COMMON, *args) for name, args in RUNS.items()},
+        env={"shrink": INJECT, "shrink_accum": INJECT},
     )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    stderr = {Path(part.split("\n", 1)[0]).name: part for part in done.stderr.split("@@run ")[1:]}
     return {name: (base / name, stderr[name]) for name in RUNS}
 
 

@@ -148,9 +148,9 @@ BATCHNORM = (
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory) -> tuple[Path, str]:
-    """The 2-process runs of this file in one torchrun job (its stderr kept for the BatchNorm warning): the
-    quickstart, then a BatchNorm ResNet. Returns the base folder and the job's stderr."""
+def two_processes(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The 2-process runs of this file in one torchrun job (their stderr kept for the BatchNorm warning): the
+    quickstart, then a BatchNorm ResNet. Returns the base folder and each run's stderr."""
     base = tmp_path_factory.mktemp("two_processes")
     runs = {
         "quickstart": (f"--config={ROOT / 'configs/quickstart.yaml'}", "logging.progress=false"),
@@ -186,8 +186,8 @@ def test_eval_and_the_saved_model_use_the_same_batchnorm_statistics_on_every_ran
     base, stderr = two_processes
     run = base / "bn"
     assert _summary(run)["world_size"] == 2
-    warnings = [line for line in stderr.splitlines() if "BatchNorm" in line]
-    assert len(warnings) == 1 and "micro-batch of 16" in warnings[0]
+    warnings = [line for line in "".join(stderr.values()).splitlines() if "BatchNorm" in line]
+    assert len(warnings) == 1 and "micro-batch of 16" in warnings[0] and warnings[0] in stderr["bn"]
     cfg = config.load(None, list(BATCHNORM))
     task = tasks.build(cfg)
     model = task.build_model()
