@@ -75,7 +75,8 @@ def trained(tmp_path_factory):
         "fp16_overflow": OVERFLOW,
     }
     train_in_one_job(base, two)
-    train_in_one_job(base, one, nproc=1)
+    stderr = train_in_one_job(base, one, nproc=1)
+    (base / "fp16" / "stderr").write_text(stderr["fp16"])
     return base
 
 
@@ -140,6 +141,21 @@ def test_checkpointing_under_ddp_with_accumulation_and_bf16_matches_without(trai
     a, b = trained / "plain", trained / "ckpt"
     for x, y in zip(metrics(a), metrics(b)):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+
+
+def test_fp16_convolutions_on_cpu_are_warned_of_once_and_fp16_linear_layers_are_not(
+    trained, tmp_path
+):
+    run = (f"run.dir={tmp_path}", "train.steps=1", "batch.global_size=16", "logging.progress=false")
+    resnet = ("data.name=digits", "model.name=resnet", "model.norm=group", "model.width=8")
+    result = cli_in_process("train", *resnet, "train.precision=fp16", *run)
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "no fast fp16 convolution" in line]
+    assert warned == [
+        "largebatch: warning: train.precision=fp16 on CPU: PyTorch has no fast fp16 convolution backward there "
+        "(the quickstart's ResNet trains about 9x slower than in fp32); use train.precision=bf16 on CPU"
+    ]
+    assert "fp16 convolution" not in (trained / "fp16" / "stderr").read_text()  # the fp16 MLP
 
 
 def test_syncbatchnorm_on_cpu_is_a_one_line_error():
