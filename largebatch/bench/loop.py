@@ -1,12 +1,12 @@
 """Trainer overhead: samples/s of `trainer.fit` vs a minimal hand-written loop, same model, data and batch.
 
-Both run in the same torchrun job, alternating, so they see the same machine state; the ratio of medians is
-printed with the median and spread of the per-repeat ratios (goal ≥ 0.99). Throughput counts the training loop
-only, not the final eval. `--engine ddp` (the default) and `--engine fsdp` compare the trainer on that engine with a
-hand-written DDP or FSDP2 loop on an MLP with SGD; `--gpt` compares the trainer on the built-in GPT with a loop
-doing what nanoGPT's train.py step does (no_sync micro-steps, clipping at 1, fused AdamW, compile off; goal ≥ 1.0).
-`--engine deepspeed` alternates the trainer on engine ddp, DeepSpeed ZeRO-0 and ZeRO-2 instead, and prints each
-ZeRO stage's ratio to DDP. The hand-written loops are pinned by hash (tests/test_bench_loop.py): speed the
+Both run in the same torchrun job, alternating in ABBA order, so they see the same machine state; the ratio of
+medians is printed with the median and spread of the per-repeat ratios (goal ≥ 0.99). Throughput counts the training
+loop only, not the final eval. `--engine ddp` (the default) and `--engine fsdp` compare the trainer on that engine
+with a hand-written DDP or FSDP2 loop on an MLP with SGD; `--gpt` compares the trainer on the built-in GPT with a
+loop doing what nanoGPT's train.py step does (no_sync micro-steps, clipping at 1, fused AdamW, compile off; goal ≥
+1.0). `--engine deepspeed` alternates the trainer on engine ddp, DeepSpeed ZeRO-0 and ZeRO-2 instead, and prints
+each ZeRO stage's ratio to DDP. The hand-written loops are pinned by hash (tests/test_bench_loop.py): speed the
 trainer, not slow the baseline.
 """
 
@@ -219,8 +219,9 @@ def worker(engine: str, steps: int, repeats: int) -> None:
         first = next(iter(loops))
         for name, (_, overrides) in loops.items():  # warm-up: allocator, thread pools, gloo buffers
             measure(jobs[name], info, overrides is None, engine)
-        for _ in range(repeats):
-            for name, (_, overrides) in loops.items():
+        order = list(loops.items())
+        for repeat in range(repeats):  # ABBA: neither side always runs first, after the other's run
+            for name, (_, overrides) in order if repeat % 2 == 0 else order[::-1]:
                 samples_per_s[name].append(measure(jobs[name], info, overrides is None, engine))
     dist.teardown()
     if info.is_main:
