@@ -311,6 +311,11 @@ def main(cfg: config.Config, args: argparse.Namespace) -> int:
     from largebatch import batch, batch_schedule
 
     gpus = parse_gpus(args.gpus)
+    if args.world_size != 1 or args.nproc_per_node is not None:
+        raise UserError(
+            "--world-size and --nproc-per-node do not apply with --gpus, which plans each GPU count it lists "
+            f"({args.gpus}) with --gpus-per-node per node; drop them, or drop --gpus to plan one topology"
+        )
     if args.bcrit is None:
         raise UserError(
             "--gpus needs the critical batch: --bcrit B, a sweep directory, a noise-scale --json file or a cbs.jsonl"

@@ -128,6 +128,10 @@ def test_network_fit_predicts_a_second_models_gradient_all_reduce(tmp_path):
             "batch plan on the fewest --gpus count, 3: batch.global_size=256",
         ),
         (["--bcrit", "10"], "--bcrit only apply with --gpus"),
+        (
+            [*QUICK, "--world-size", "4"],
+            "--world-size and --nproc-per-node do not apply with --gpus",
+        ),
         ([*QUICK[:4], "--step-time", "0"], "--step-time=0.0 must be positive seconds"),
         ([*QUICK, "--gpus-per-node", "0"], "--gpus-per-node=0 must be 1 or more"),
     ],
