@@ -38,9 +38,25 @@ def test_benchmark_jobs_are_pinned(name: str) -> None:
 
 
 def test_every_compared_loop_has_a_baseline_and_a_goal() -> None:
-    assert set(loop.BASELINES) == set(loop.GOALS) == {"ddp", "fsdp", "gpt"}
+    assert set(loop.BASELINES) == set(loop.GOALS) == {"ddp", "fsdp", "gpt", "ddp-clip", "fsdp-clip"}
     for name in loop.BASELINES:
-        assert [overrides is None for _, overrides in loop.LOOPS[name].values()] == [True, False]
+        hand, trainer = [overrides for _, overrides in loop.LOOPS[name].values()]
+        assert hand == (loop.CLIPPED if name.endswith("-clip") else None)
+        assert isinstance(trainer, tuple) and (loop.CLIP[0] in trainer) == name.endswith("-clip")
+
+
+def test_clipping_clips_each_sgd_step_of_a_hand_written_loop_and_only_inside() -> None:
+    import torch
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    weight.grad = torch.tensor([30.0, 40.0, 0.0])  # norm 50
+    opt = torch.optim.SGD([weight], lr=1.0)
+    with loop.clipping(1.0):
+        opt.step()
+    assert weight.detach().tolist() == pytest.approx([-0.6, -0.8, 0.0])
+    weight.grad = torch.tensor([30.0, 40.0, 0.0])
+    opt.step()  # unpatched again
+    assert weight.detach().tolist() == pytest.approx([-30.6, -40.8, 0.0])
 
 
 def test_spread_reports_median_quartiles_and_range() -> None:

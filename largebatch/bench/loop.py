@@ -12,6 +12,7 @@ trainer, not slow the baseline.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -19,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 from largebatch import bench
 
@@ -58,6 +60,9 @@ GPT_CONFIG = (
 """gpt-char's model and batch (configs/gpt-char.yaml) at micro-batch 16, clipped as nanoGPT's train.py."""
 DEEPSPEED = ("engine.name=deepspeed",)
 FSDP = ("engine.name=fsdp",)
+CLIP = ("train.clip_grad_norm=1.0",)
+CLIPPED = "clip_grad_norm_"
+"""In LOOPS, the hand-written loop with torch's clip_grad_norm_(max_norm=1.0) before each optimizer step (`--clip`)."""
 LOOPS = {
     "ddp": {"hand-written": ("hand-written DDP loop", None), "trainer": ("largebatch trainer", ())},
     "fsdp": {
@@ -65,15 +70,23 @@ LOOPS = {
         "trainer": ("largebatch trainer, fsdp", FSDP),
     },
     "gpt": {"nanoGPT-style": ("nanoGPT-style loop", None), "trainer": ("largebatch trainer", ())},
+    "ddp-clip": {
+        "hand-written": ("hand-written DDP loop + clip", CLIPPED),
+        "trainer": ("largebatch trainer, clip", CLIP),
+    },
+    "fsdp-clip": {
+        "hand-written": ("hand-written FSDP2 loop + clip", CLIPPED),
+        "trainer": ("largebatch trainer, fsdp, clip", (*FSDP, *CLIP)),
+    },
     "deepspeed": {
         "DDP": ("trainer, engine ddp", ()),
         "ZeRO-0": ("trainer, ZeRO-0", (*DEEPSPEED, "engine.zero_stage=0")),
         "ZeRO-2": ("trainer, ZeRO-2", (*DEEPSPEED, "engine.zero_stage=2")),
     },
 }
-"""--engine (or gpt, for --gpt) → the loops compared, baseline first: name → (label, overrides of its job's config;
-None: the hand-written loop)."""
-GOALS = {"ddp": 0.99, "fsdp": 0.99, "gpt": 1.0}
+"""--engine (gpt for --gpt, ENGINE-clip for --clip) → the loops compared, baseline first: name → (label, overrides
+of its job's config; None: the hand-written loop; CLIPPED: it clipping)."""
+GOALS = {"ddp": 0.99, "fsdp": 0.99, "gpt": 1.0, "ddp-clip": 0.99, "fsdp-clip": 0.99}
 
 
 def handwritten(job, info) -> float:
@@ -181,17 +194,45 @@ def handwritten_gpt(job, info) -> float:
     return job.total_steps * plan.global_batch / (time.perf_counter() - start)
 
 
-BASELINES = {"ddp": handwritten, "fsdp": handwritten_fsdp, "gpt": handwritten_gpt}
-"""--engine (or gpt) → its hand-written loop; their sources are pinned by hash in tests/test_bench_loop.py."""
+BASELINES = {
+    "ddp": handwritten,
+    "fsdp": handwritten_fsdp,
+    "gpt": handwritten_gpt,
+    "ddp-clip": handwritten,
+    "fsdp-clip": handwritten_fsdp,
+}
+"""LOOPS' key → its hand-written loop; their sources are pinned by hash in tests/test_bench_loop.py."""
 
 
-def measure(job, info, hand_written: bool, loop: str = "ddp") -> float:
-    """Samples/s of one run of `loop`'s hand-written loop or of `trainer.fit`, on a fresh copy of the job's built
-    model (FSDP2 shards a module once; each run starts from the same weights)."""
+@contextlib.contextmanager
+def clipping(max_norm: float) -> Iterator[None]:
+    """torch.optim.SGD clips its gradients' global norm with torch's clip_grad_norm_ before each step: the pinned
+    SGD loops as a user who clips would write them (under FSDP2 the norm of sharded gradients is an all-reduce)."""
+    import torch
+
+    step = torch.optim.SGD.step
+
+    def clipped(self, *args, **kwargs):
+        torch.nn.utils.clip_grad_norm_(
+            [p for g in self.param_groups for p in g["params"]], max_norm
+        )
+        return step(self, *args, **kwargs)
+
+    torch.optim.SGD.step = clipped
+    try:
+        yield
+    finally:
+        torch.optim.SGD.step = step
+
+
+def measure(job, info, side: tuple[str, ...] | str | None, loop: str = "ddp") -> float:
+    """Samples/s of one run of `loop`'s hand-written loop (`side` None, or CLIPPED: clipping) or of `trainer.fit`,
+    on a fresh copy of the job's built model (FSDP2 shards a module once; each run starts from the same weights)."""
     from largebatch import trainer
 
-    if hand_written:
-        return BASELINES[loop](job, info)
+    if side is None or side == CLIPPED:
+        with clipping(1.0) if side == CLIPPED else contextlib.nullcontext():
+            return BASELINES[loop](job, info)
     fresh = dataclasses.replace(job, model=copy.deepcopy(job.model))
     return trainer.fit(fresh, info)["samples_per_s"]
 
@@ -201,7 +242,7 @@ def worker(engine: str, steps: int, repeats: int) -> None:
     from largebatch import config, dist, job
 
     info = dist.from_env()
-    dist.init(info, always=engine in ("deepspeed", "fsdp"))
+    dist.init(info, always=engine in ("deepspeed", "fsdp", "fsdp-clip"))
     base = GPT_CONFIG if engine == "gpt" else CONFIG
     loops = LOOPS[engine]
     samples_per_s: dict[str, list[float]] = {name: [] for name in loops}
@@ -210,7 +251,12 @@ def worker(engine: str, steps: int, repeats: int) -> None:
             name: job.prepare(
                 config.load(
                     None,
-                    [*base, *(overrides or ()), f"train.steps={steps}", f"run.dir={tmp}/{name}"],
+                    [
+                        *base,
+                        *trainer_side(overrides),
+                        f"train.steps={steps}",
+                        f"run.dir={tmp}/{name}",
+                    ],
                 ),
                 info.world_size,
             )
@@ -218,14 +264,19 @@ def worker(engine: str, steps: int, repeats: int) -> None:
         }
         first = next(iter(loops))
         for name, (_, overrides) in loops.items():  # warm-up: allocator, thread pools, gloo buffers
-            measure(jobs[name], info, overrides is None, engine)
+            measure(jobs[name], info, overrides, engine)
         order = list(loops.items())
         for repeat in range(repeats):  # ABBA: neither side always runs first, after the other's run
             for name, (_, overrides) in order if repeat % 2 == 0 else order[::-1]:
-                samples_per_s[name].append(measure(jobs[name], info, overrides is None, engine))
+                samples_per_s[name].append(measure(jobs[name], info, overrides, engine))
     dist.teardown()
     if info.is_main:
         print(json.dumps({"samples_per_s": samples_per_s, "plan": jobs[first].plan.describe()}))
+
+
+def trainer_side(overrides: tuple[str, ...] | str | None) -> tuple[str, ...]:
+    """A LOOPS entry's config overrides: none for a hand-written side (it reads the job's model, data and plan)."""
+    return overrides if isinstance(overrides, tuple) else ()
 
 
 def spread(ratios: list[float]) -> str:
@@ -247,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--engine",
-        choices=[name for name in LOOPS if name != "gpt"],
+        choices=["ddp", "fsdp", "deepspeed"],
         default="ddp",
         help="ddp, fsdp: the trainer on it against a hand-written loop; deepspeed: ZeRO-0 and ZeRO-2 against DDP",
     )
@@ -256,8 +307,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the trainer on the built-in GPT against a nanoGPT-style loop (DDP)",
     )
+    parser.add_argument(
+        "--clip",
+        action="store_true",
+        help="ddp, fsdp: both sides clip the gradient norm at 1.0, the hand-written loop with torch's "
+        "clip_grad_norm_ (under FSDP2 an all-reduce a step, as any loop that clips or logs the norm pays)",
+    )
     args = parser.parse_args(argv)
-    loop = "gpt" if args.gpt else args.engine
+    if args.clip and (args.gpt or args.engine == "deepspeed"):
+        parser.error("--clip is for --engine ddp or fsdp (the --gpt loops clip already)")
+    loop = "gpt" if args.gpt else f"{args.engine}-clip" if args.clip else args.engine
     args.steps = args.steps or (10 if args.gpt else 40)
     res = bench.run_workers(
         "largebatch.bench.loop", args.nproc, loop, str(args.steps), str(args.repeats)
@@ -270,8 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{res['plan']}, {args.nproc} processes, {args.steps} steps × {args.repeats} repeats (median)"
     )
+    width = max(26, *(len(label) for label, _ in loops.values()))
     for name, (label, _) in loops.items():
-        print(f"{label:26} {median[name]:10.0f} samples/s")
+        print(f"{label:{width}} {median[name]:10.0f} samples/s")
     base, *others = loops
     goal = f" (goal ≥ {GOALS[loop]})" if loop in GOALS else ""
     for name in others:
