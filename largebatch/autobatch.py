@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from largebatch.batch import BatchPlan
+from largebatch.dist import several_ranks
 from largebatch.memory import ActivationMeter, peak_bytes, state_bytes
 
 
@@ -41,7 +42,7 @@ def smaller(plan: BatchPlan) -> BatchPlan | None:
 def agree_min(value: int, device: torch.device) -> int:
     """The smallest `value` over all ranks (every rank must call it)."""
     tensor = torch.tensor([value], device=device)
-    if dist.is_initialized():
+    if several_ranks():
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return int(tensor.item())
 

@@ -169,8 +169,14 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
             dist.broadcast(buffer, 0)
 
 
+def several_ranks(group: dist.ProcessGroup | None = None) -> bool:
+    """A process group of 2 or more ranks is joined (`group`, else the default one), so a collective over it has
+    work to do: a group of one (FSDP and DeepSpeed on one process join one) still pays gloo's call, 0.2 ms."""
+    return dist.is_initialized() and dist.get_world_size(group) > 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks in place (a no-op on one rank: a group of one still pays gloo's call, 0.2 ms a step)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    """Sum over ranks in place (a no-op on one rank)."""
+    if several_ranks():
         dist.all_reduce(tensor)
     return tensor

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from largebatch.dist import several_ranks
+
 
 def _dtensor() -> type | None:
     """The DTensor class, or None while torch.distributed.tensor is not imported: then no tensor is
@@ -85,7 +87,8 @@ def reduce_sums(params: list[Tensor], sums: Tensor) -> Tensor:
             [params[i].placements[0].is_replicate() for i in rows], device=sums.device
         )
         shared.masked_fill_(replicated[:, None], 0.0)
-    dist.all_reduce(shared, group=mesh.get_group())
+    if several_ranks(mesh.get_group()):
+        dist.all_reduce(shared, group=mesh.get_group())
     return sums.index_copy(0, index, shared)
 
 
