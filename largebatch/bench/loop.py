@@ -60,9 +60,10 @@ GPT_CONFIG = (
 """gpt-char's model and batch (configs/gpt-char.yaml) at micro-batch 16, clipped as nanoGPT's train.py."""
 DEEPSPEED = ("engine.name=deepspeed",)
 FSDP = ("engine.name=fsdp",)
-CLIP = ("train.clip_grad_norm=1.0",)
-CLIPPED = "clip_grad_norm_"
-"""In LOOPS, the hand-written loop with torch's clip_grad_norm_(max_norm=1.0) before each optimizer step (`--clip`)."""
+MAX_NORM = 1.0
+"""`--clip`: both sides clip the gradient norm at this (the trainer's train.clip_grad_norm, the hand-written loop's
+torch clip_grad_norm_)."""
+CLIP = (f"train.clip_grad_norm={MAX_NORM}",)
 LOOPS = {
     "ddp": {"hand-written": ("hand-written DDP loop", None), "trainer": ("largebatch trainer", ())},
     "fsdp": {
@@ -71,11 +72,11 @@ LOOPS = {
     },
     "gpt": {"nanoGPT-style": ("nanoGPT-style loop", None), "trainer": ("largebatch trainer", ())},
     "ddp-clip": {
-        "hand-written": ("hand-written DDP loop + clip", CLIPPED),
+        "hand-written": ("hand-written DDP loop + clip", None),
         "trainer": ("largebatch trainer, clip", CLIP),
     },
     "fsdp-clip": {
-        "hand-written": ("hand-written FSDP2 loop + clip", CLIPPED),
+        "hand-written": ("hand-written FSDP2 loop + clip", None),
         "trainer": ("largebatch trainer, fsdp, clip", (*FSDP, *CLIP)),
     },
     "deepspeed": {
@@ -85,7 +86,7 @@ LOOPS = {
     },
 }
 """--engine (gpt for --gpt, ENGINE-clip for --clip) → the loops compared, baseline first: name → (label, overrides
-of its job's config; None: the hand-written loop; CLIPPED: it clipping)."""
+of its job's config; None: the hand-written loop, clipping in an ENGINE-clip loop)."""
 GOALS = {"ddp": 0.99, "fsdp": 0.99, "gpt": 1.0, "ddp-clip": 0.99, "fsdp-clip": 0.99}
 
 
@@ -225,13 +226,13 @@ def clipping(max_norm: float) -> Iterator[None]:
         torch.optim.SGD.step = step
 
 
-def measure(job, info, side: tuple[str, ...] | str | None, loop: str = "ddp") -> float:
-    """Samples/s of one run of `loop`'s hand-written loop (`side` None, or CLIPPED: clipping) or of `trainer.fit`,
-    on a fresh copy of the job's built model (FSDP2 shards a module once; each run starts from the same weights)."""
+def measure(job, info, hand_written: bool, loop: str = "ddp") -> float:
+    """Samples/s of one run of `loop`'s hand-written loop (clipping in an ENGINE-clip loop) or of `trainer.fit`, on a
+    fresh copy of the job's built model (FSDP2 shards a module once; each run starts from the same weights)."""
     from largebatch import trainer
 
-    if side is None or side == CLIPPED:
-        with clipping(1.0) if side == CLIPPED else contextlib.nullcontext():
+    if hand_written:
+        with clipping(MAX_NORM) if loop.endswith("-clip") else contextlib.nullcontext():
             return BASELINES[loop](job, info)
     fresh = dataclasses.replace(job, model=copy.deepcopy(job.model))
     return trainer.fit(fresh, info)["samples_per_s"]
@@ -242,7 +243,7 @@ def worker(engine: str, steps: int, repeats: int) -> None:
     from largebatch import config, dist, job
 
     info = dist.from_env()
-    dist.init(info, always=engine in ("deepspeed", "fsdp", "fsdp-clip"))
+    dist.init(info, always=engine.removesuffix("-clip") in ("deepspeed", "fsdp"))
     base = GPT_CONFIG if engine == "gpt" else CONFIG
     loops = LOOPS[engine]
     samples_per_s: dict[str, list[float]] = {name: [] for name in loops}
@@ -251,12 +252,7 @@ def worker(engine: str, steps: int, repeats: int) -> None:
             name: job.prepare(
                 config.load(
                     None,
-                    [
-                        *base,
-                        *trainer_side(overrides),
-                        f"train.steps={steps}",
-                        f"run.dir={tmp}/{name}",
-                    ],
+                    [*base, *(overrides or ()), f"train.steps={steps}", f"run.dir={tmp}/{name}"],
                 ),
                 info.world_size,
             )
@@ -264,19 +260,14 @@ def worker(engine: str, steps: int, repeats: int) -> None:
         }
         first = next(iter(loops))
         for name, (_, overrides) in loops.items():  # warm-up: allocator, thread pools, gloo buffers
-            measure(jobs[name], info, overrides, engine)
+            measure(jobs[name], info, overrides is None, engine)
         order = list(loops.items())
         for repeat in range(repeats):  # ABBA: neither side always runs first, after the other's run
             for name, (_, overrides) in order if repeat % 2 == 0 else order[::-1]:
-                samples_per_s[name].append(measure(jobs[name], info, overrides, engine))
+                samples_per_s[name].append(measure(jobs[name], info, overrides is None, engine))
     dist.teardown()
     if info.is_main:
         print(json.dumps({"samples_per_s": samples_per_s, "plan": jobs[first].plan.describe()}))
-
-
-def trainer_side(overrides: tuple[str, ...] | str | None) -> tuple[str, ...]:
-    """A LOOPS entry's config overrides: none for a hand-written side (it reads the job's model, data and plan)."""
-    return overrides if isinstance(overrides, tuple) else ()
 
 
 def spread(ratios: list[float]) -> str:
@@ -310,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--clip",
         action="store_true",
-        help="ddp, fsdp: both sides clip the gradient norm at 1.0, the hand-written loop with torch's "
+        help=f"ddp, fsdp: both sides clip the gradient norm at {MAX_NORM}, the hand-written loop with torch's "
         "clip_grad_norm_ (under FSDP2 an all-reduce a step, as any loop that clips or logs the norm pays)",
     )
     args = parser.parse_args(argv)
