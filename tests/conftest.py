@@ -241,6 +241,20 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_resumed(full: Path, resumed: Path, at: int, end: int, rtol: float, exact: bool) -> None:
+    """`resumed`, resumed from `full`'s checkpoint at step `at` of `end`, logs steps at+1..end with `full`'s losses
+    within `rtol` (relative) and, if `exact`, ends with `full`'s parameters (params_sha256)."""
+    ours = metrics(resumed)
+    assert [m["step"] for m in ours] == list(range(at + 1, end + 1))
+    assert relative(ours, metrics(full)[at:], "loss") < rtol
+    if exact:
+        sha = [
+            json.loads((run / "summary.json").read_text())["params_sha256"]
+            for run in (resumed, full)
+        ]
+        assert sha[0] == sha[1]
+
+
 @pytest.fixture
 def run_dirs(tmp_path: Path):
     """A fresh run directory per name."""
