@@ -46,9 +46,12 @@ def run(name: str, argv: list[str]) -> int:
     return importlib.import_module(f"largebatch.bench.{name}").main(argv)
 
 
-def run_workers(module: str, nproc: int, *args: str) -> dict[str, Any] | None:
+def run_workers(
+    module: str, nproc: int, *args: str, cpu_only: bool = False
+) -> dict[str, Any] | None:
     """`python -m MODULE --worker ARGS` under torchrun with `nproc` processes: rank 0's last JSON line, or None
-    (the output goes to stderr) if the job failed."""
+    (the output goes to stderr) if the job failed. `cpu_only`: the workers see no GPU (a CPU comparison on a GPU
+    machine)."""
     command = [
         sys.executable,
         "-m",
@@ -61,8 +64,12 @@ def run_workers(module: str, nproc: int, *args: str) -> dict[str, Any] | None:
         "--worker",
         *args,
     ]
+    hidden = {"CUDA_VISIBLE_DEVICES": ""} if cpu_only else {}
     result = subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        command,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **hidden},
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode or not lines:

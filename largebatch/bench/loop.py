@@ -5,7 +5,9 @@ medians is printed with the median and spread of the per-repeat ratios (goal ≥
 loop only, not the final eval. `--engine ddp` (the default) and `--engine fsdp` compare the trainer on that engine
 with a hand-written DDP or FSDP2 loop on an MLP with SGD; `--gpt` compares the trainer on the built-in GPT with a
 loop doing what nanoGPT's train.py step does (no_sync micro-steps, clipping at 1, fused AdamW, compile off; goal ≥
-1.0). `--engine deepspeed` alternates the trainer on engine ddp, DeepSpeed ZeRO-0 and ZeRO-2 instead, and prints
+1.0). `--gpt --device cuda` does that on a GPU, on GPT-2 small's body in bf16 against nanoGPT's GPU step (pinned,
+non-blocking batch copies, bf16 autocast), with tokens/s and MFU for both sides; `--compile` compiles the model on
+both sides. `--engine deepspeed` alternates the trainer on engine ddp, DeepSpeed ZeRO-0 and ZeRO-2 instead, and prints
 each ZeRO stage's ratio to DDP. The hand-written loops are pinned by hash (tests/test_bench_loop.py): speed the
 trainer, not slow the baseline.
 """
@@ -58,6 +60,28 @@ GPT_CONFIG = (
     "train.log_every=10",
 )
 """gpt-char's model and batch (configs/gpt-char.yaml) at micro-batch 16, clipped as nanoGPT's train.py."""
+GPT_GPU_CONFIG = (
+    "data.name=text",
+    "data.context=1024",
+    "model.name=gpt",
+    "model.width=768",
+    "model.depth=12",
+    "model.heads=12",
+    "batch.global_size=32",
+    "batch.micro_size=16",
+    "optim.name=adamw",
+    "optim.lr=6e-4",
+    "optim.reference_batch=32",
+    "optim.scaling=none",
+    "optim.weight_decay=0.1",
+    "optim.betas=[0.9,0.95]",
+    "train.clip_grad_norm=1.0",
+    "train.precision=bf16",
+    "logging.progress=false",
+    "train.log_every=10",
+)
+"""`--gpt --device cuda`: GPT-2 small's body (12 × 12 heads × 768, 1024 positions; the byte-level text, so a
+256-token vocabulary) in bf16 with nanoGPT's GPT-2 hyperparameters, 32 sequences a step in micro-batches of 16."""
 DEEPSPEED = ("engine.name=deepspeed",)
 FSDP = ("engine.name=fsdp",)
 MAX_NORM = 1.0
@@ -71,6 +95,10 @@ LOOPS = {
         "trainer": ("largebatch trainer, fsdp", FSDP),
     },
     "gpt": {"nanoGPT-style": ("nanoGPT-style loop", None), "trainer": ("largebatch trainer", ())},
+    "gpt-gpu": {
+        "nanoGPT-style": ("nanoGPT-style loop, GPU", None),
+        "trainer": ("largebatch trainer, GPU", ()),
+    },
     "ddp-clip": {
         "hand-written": ("hand-written DDP loop + clip", None),
         "trainer": ("largebatch trainer, clip", CLIP),
@@ -87,7 +115,14 @@ LOOPS = {
 }
 """--engine (gpt for --gpt, ENGINE-clip for --clip) → the loops compared, baseline first: name → (label, overrides
 of its job's config; None: the hand-written loop, clipping in an ENGINE-clip loop)."""
-GOALS = {"ddp": 0.99, "fsdp": 0.99, "gpt": 1.0, "ddp-clip": 0.99, "fsdp-clip": 0.99}
+GOALS = {
+    "ddp": 0.99,
+    "fsdp": 0.99,
+    "gpt": 1.0,
+    "gpt-gpu": 1.0,
+    "ddp-clip": 0.99,
+    "fsdp-clip": 0.99,
+}
 
 
 def handwritten(job, info) -> float:
@@ -195,10 +230,78 @@ def handwritten_gpt(job, info) -> float:
     return job.total_steps * plan.global_batch / (time.perf_counter() - start)
 
 
+def handwritten_gpt_gpu(job, info) -> float:
+    """nanoGPT's train.py step on a GPU: the model on the device (torch.compile'd when train.compile), batches indexed
+    on the CPU and copied pinned and non-blocking, the next fetched after forward, autocast in train.precision's
+    dtype with a GradScaler for fp16, no_sync on all but the last micro-step, unscale then clip, fused AdamW with
+    decay on 2-D weights, the LR set every step, rank 0's loss read on log steps. Samples/s, the device synchronised
+    before the clock stops."""
+    import torch
+    import torch.nn.functional as F
+
+    device, cfg = info.device, job.cfg
+    torch.manual_seed(cfg.run.seed)
+    model = job.task.build_model().to(device)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    ddp = model
+    if info.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=job.peak_lr, betas=tuple(cfg.optim.betas), fused=True)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    x_all, y_all = job.task.train.inputs, job.task.train.labels
+    plan, n = job.plan, len(y_all)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+
+    def get_batch(step, m):
+        first = (step * plan.global_batch + info.rank * plan.per_rank) % (n - plan.global_batch)
+        idx = order[first + m * plan.micro_batch : first + (m + 1) * plan.micro_batch]
+        x, y = x_all[idx], y_all[idx]
+        if device.type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(
+                device, non_blocking=True
+            )
+        return x.to(device), y.to(device)
+
+    x, y = get_batch(0, 0)
+    start = time.perf_counter()
+    for step in range(job.total_steps):
+        for group in opt.param_groups:
+            group["lr"] = job.peak_lr
+        for m in range(plan.accum_steps):
+            if info.world_size > 1:
+                ddp.require_backward_grad_sync = m == plan.accum_steps - 1
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = ddp(x)
+                loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+                loss = loss / plan.accum_steps
+            last = m == plan.accum_steps - 1
+            x, y = get_batch(step + last, 0 if last else m + 1)
+            scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % cfg.train.log_every == 0 and info.rank == 0:
+            loss.item()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return job.total_steps * plan.global_batch / (time.perf_counter() - start)
+
+
 BASELINES = {
     "ddp": handwritten,
     "fsdp": handwritten_fsdp,
     "gpt": handwritten_gpt,
+    "gpt-gpu": handwritten_gpt_gpu,
     "ddp-clip": handwritten,
     "fsdp-clip": handwritten_fsdp,
 }
@@ -238,13 +341,15 @@ def measure(job, info, hand_written: bool, loop: str = "ddp") -> float:
     return trainer.fit(fresh, info)["samples_per_s"]
 
 
-def worker(engine: str, steps: int, repeats: int) -> None:
-    """Runs under torchrun: alternate the loops of `engine` `repeats` times; rank 0 prints one JSON line."""
-    from largebatch import config, dist, job
+def worker(engine: str, steps: int, repeats: int, compile_model: bool = False) -> None:
+    """Runs under torchrun: alternate the loops of `engine` `repeats` times (both sides compiling the model with
+    `compile_model`); rank 0 prints one JSON line, with the FLOPs behind tokens/s and MFU on a GPT."""
+    from largebatch import config, dist, flops, job
 
     info = dist.from_env()
     dist.init(info, always=engine.removesuffix("-clip") in ("deepspeed", "fsdp"))
-    base = GPT_CONFIG if engine == "gpt" else CONFIG
+    base = {"gpt": GPT_CONFIG, "gpt-gpu": GPT_GPU_CONFIG}.get(engine, CONFIG)
+    base = (*base, *(("train.compile=true",) if compile_model else ()))
     loops = LOOPS[engine]
     samples_per_s: dict[str, list[float]] = {name: [] for name in loops}
     with tempfile.TemporaryDirectory() as tmp:
@@ -259,6 +364,16 @@ def worker(engine: str, steps: int, repeats: int) -> None:
             for name, (_, overrides) in loops.items()
         }
         first = next(iter(loops))
+        gpt = jobs[first].cfg.model.name == "gpt"
+        if gpt:  # collective: every rank measures the peak
+            cfg = jobs[first].cfg
+            rate = flops.measure(
+                jobs[first].task.build_model(),
+                jobs[first].task,
+                jobs[first].plan.micro_batch,
+                cfg.train.precision,
+                info,
+            )
         for name, (_, overrides) in loops.items():  # warm-up: allocator, thread pools, gloo buffers
             measure(jobs[name], info, overrides is None, engine)
         order = list(loops.items())
@@ -267,7 +382,16 @@ def worker(engine: str, steps: int, repeats: int) -> None:
                 samples_per_s[name].append(measure(jobs[name], info, overrides is None, engine))
     dist.teardown()
     if info.is_main:
-        print(json.dumps({"samples_per_s": samples_per_s, "plan": jobs[first].plan.describe()}))
+        result = {"samples_per_s": samples_per_s, "plan": jobs[first].plan.describe()}
+        if gpt:
+            result["tokens"] = {
+                "per_example": cfg.data.context,
+                "flops_per_token": rate.flops_per_token,
+                "peak": rate.peak,
+                "described": rate.described,
+                "device": str(info.device),
+            }
+        print(json.dumps(result))
 
 
 def spread(ratios: list[float]) -> str:
@@ -280,7 +404,9 @@ def spread(ratios: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = bench.parser("loop", __doc__)
-    parser.add_argument("--nproc", type=int, default=2, help="processes (default 2)")
+    parser.add_argument(
+        "--nproc", type=int, help="processes (default 2; --device cuda: one per GPU)"
+    )
     parser.add_argument(
         "--steps", type=int, help="optimizer steps per measurement (default 40; --gpt: 10)"
     )
@@ -304,25 +430,74 @@ def main(argv: list[str] | None = None) -> int:
         help=f"ddp, fsdp: both sides clip the gradient norm at {MAX_NORM}, the hand-written loop with torch's "
         "clip_grad_norm_ (under FSDP2 an all-reduce a step, as any loop that clips or logs the norm pays)",
     )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda (with --gpt): GPT-2 small's body in bf16 on the GPUs against nanoGPT's GPU step",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="--device cuda: both sides torch.compile the model (train.compile=true; torch.compile in the loop)",
+    )
     args = parser.parse_args(argv)
     if args.clip and (args.gpt or args.engine == "deepspeed"):
         parser.error("--clip is for --engine ddp or fsdp (the --gpt loops clip already)")
-    loop = "gpt" if args.gpt else f"{args.engine}-clip" if args.clip else args.engine
+    if args.device == "cuda" and not args.gpt:
+        parser.error(
+            "--device cuda is for --gpt (the MLP and DeepSpeed comparisons are CPU baselines)"
+        )
+    if args.compile and args.device != "cuda":
+        parser.error(
+            "--compile is for --gpt --device cuda (the CPU loops are pinned eager baselines)"
+        )
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device here; run it on a GPU machine")
+        args.nproc = args.nproc or torch.cuda.device_count()
+        if args.nproc > torch.cuda.device_count():
+            parser.error(
+                f"--nproc {args.nproc} with --device cuda needs a GPU each; "
+                f"this machine has {torch.cuda.device_count()}"
+            )
+    loop = (
+        ("gpt-gpu" if args.device == "cuda" else "gpt")
+        if args.gpt
+        else f"{args.engine}-clip"
+        if args.clip
+        else args.engine
+    )
+    args.nproc = args.nproc or 2
     args.steps = args.steps or (10 if args.gpt else 40)
     res = bench.run_workers(
-        "largebatch.bench.loop", args.nproc, loop, str(args.steps), str(args.repeats)
+        "largebatch.bench.loop",
+        args.nproc,
+        loop,
+        str(args.steps),
+        str(args.repeats),
+        *(["compile"] if args.compile else []),
+        cpu_only=args.device == "cpu",
     )
     if res is None:
         return 1
     loops = LOOPS[loop]
     runs = res["samples_per_s"]
     median = {name: statistics.median(values) for name, values in runs.items()}
+    compiled = ", compiled" if args.compile else ""
     print(
-        f"{res['plan']}, {args.nproc} processes, {args.steps} steps × {args.repeats} repeats (median)"
+        f"{res['plan']}, {args.nproc} processes{compiled}, {args.steps} steps × {args.repeats} repeats (median)"
     )
     width = max(26, *(len(label) for label, _ in loops.values()))
+    tokens = res.get("tokens")
     for name, (label, _) in loops.items():
-        print(f"{label:{width}} {median[name]:10.0f} samples/s")
+        print(
+            f"{label:{width}} {median[name]:10.0f} samples/s{tokens_and_mfu(median[name], tokens)}"
+        )
+    if tokens:
+        print(f"on {tokens['device']}: {tokens['described']}")
     base, *others = loops
     goal = f" (goal ≥ {GOALS[loop]})" if loop in GOALS else ""
     for name in others:
@@ -331,8 +506,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def tokens_and_mfu(samples_per_s: float, tokens: dict | None) -> str:
+    """', N tokens/s, MFU x %' for a GPT loop (every target of the text is a valid token), else ''."""
+    if not tokens:
+        return ""
+    per_s = samples_per_s * tokens["per_example"]
+    mfu = (
+        f", MFU {per_s * tokens['flops_per_token'] / tokens['peak']:.1%}"
+        if tokens["peak"] and tokens["flops_per_token"]
+        else ""
+    )
+    return f", {per_s:.0f} tokens/s{mfu}"
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:6] == ["compile"])
     else:
         sys.exit(main())

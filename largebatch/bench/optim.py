@@ -17,6 +17,9 @@ bf16 (torch's) and in fp32 (torch's patched), the same threads for both: per-ste
 quartiles over the rounds, and the step against its Newton–Schulz FLOPs at this machine's measured matmul rate.
 `--muon --sharded`: our Muon's step per rank on the matrices sharded on dim 0 over --nproc processes (1 thread each;
 FSDP2's layout, and split over DDP replicas) against the unsharded step on 1 thread.
+
+`--device cuda` times the steps on a GPU instead: LARS, LAMB and Muon against torch's fused
+optimizers on ResNet-50's and GPT-2 small's shapes.
 """
 
 import json
@@ -442,11 +445,32 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time steps by the thread's CPU time (needs --threads 1): steadier on a loaded machine",
     )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: LARS, LAMB and Muon on a GPU against torch's fused optimizers, on ResNet-50's and GPT-2 "
+        "small's shapes (its own rows)",
+    )
     args = parser.parse_args(argv)
     if args.cpu_time and (args.threads != 1 or args.sharded or args.muon):
         raise UserError(
             "--cpu-time times one thread: give it with --threads 1, without --sharded or --muon"
         )
+    if args.device == "cuda":
+        from largebatch.bench import _optim_cuda as optim_cuda
+
+        if args.sharded or args.muon or args.cpu_time:
+            raise UserError(
+                "--device cuda prints its own rows (Muon's among them): give it without --sharded, --muon "
+                "or --cpu-time"
+            )
+        if not torch.cuda.is_available():
+            raise UserError(
+                "--device cuda: torch sees no CUDA device here; run it on a GPU machine"
+            )
+        optim_cuda.rows(torch.device("cuda"), args.steps, args.warmup)
+        return 0
     if args.sharded:
         result = run_workers(
             "largebatch.bench.optim",
