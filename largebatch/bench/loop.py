@@ -113,8 +113,9 @@ LOOPS = {
         "ZeRO-2": ("trainer, ZeRO-2", (*DEEPSPEED, "engine.zero_stage=2")),
     },
 }
-"""--engine (gpt for --gpt, ENGINE-clip for --clip) → the loops compared, baseline first: name → (label, overrides
-of its job's config; None: the hand-written loop, clipping in an ENGINE-clip loop)."""
+"""--engine (gpt for --gpt, gpt-gpu for --gpt --device cuda, ENGINE-clip for --clip) → the loops compared,
+baseline first: name → (label, overrides of its job's config; None: the hand-written loop, clipping in an ENGINE-clip
+loop)."""
 GOALS = {
     "ddp": 0.99,
     "fsdp": 0.99,
