@@ -512,6 +512,9 @@ class Trainer:
             self._save_checkpoint()
 
     def _log(self, result: StepResult, eval_now: bool) -> None:
+        if eval_now and self.info.device.type == "cuda":
+            # the step's queued kernels (its optimizer step) count as training time, not as the evaluation's
+            torch.cuda.synchronize(self.info.device)
         s, plan, now = self.s, self.plan, time.perf_counter()
         record = {
             "step": s.step,

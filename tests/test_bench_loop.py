@@ -117,7 +117,10 @@ def test_the_gpu_comparison_prints_tokens_per_second_and_mfu_of_both_sides(
         assert found, out
         samples, tokens, mfu = (float(x) for x in found.groups())
         assert tokens == pytest.approx(samples * 64, rel=0.01) and 0 < mfu < 100
-    assert "on cpu: MFU from 6·N + 12·L·H·Q·T" in out
+    assert (
+        "on cpu, GPT 4 × 128, 4 heads, 64 positions, vocabulary 256: MFU from 6·N + 12·L·H·Q·T"
+        in out
+    )
     assert re.search(r"ratio trainer / nanoGPT-style = [\d.]+ \(goal ≥ 1.0\); per repeat", out)
 
 

@@ -12,16 +12,18 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
-run() {
+run() {  # run LIMIT_S ARGS...: one benchmark, stopped after LIMIT_S seconds so that the next still runs
+    local limit=$1
+    shift
     echo "\$ largebatch $*"
     local start=$SECONDS
-    "$PY" -m largebatch "$@" || status=1
+    timeout "$limit" "$PY" -m largebatch "$@" || status=1
     echo "($((SECONDS - start)) s)"
 }
 nvidia-smi -L 2>/dev/null
 "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())" ||
     exit 1
-run bench optim --device cuda --steps 20 --warmup 5
-run bench loop --gpt --device cuda --steps 10 --repeats 5
-run bench loop --gpt --device cuda --steps 10 --repeats 5 --compile
+run 120 bench optim --device cuda --steps 20 --warmup 5
+run 180 bench loop --gpt --device cuda --steps 20 --repeats 5
+run 300 bench loop --gpt --device cuda --steps 20 --repeats 5 --compile
 exit $status

@@ -5,11 +5,11 @@ medians is printed with the median and spread of the per-repeat ratios (goal ≥
 loop only, not the final eval. `--engine ddp` (the default) and `--engine fsdp` compare the trainer on that engine
 with a hand-written DDP or FSDP2 loop on an MLP with SGD; `--gpt` compares the trainer on the built-in GPT with a
 loop doing what nanoGPT's train.py step does (no_sync micro-steps, clipping at 1, fused AdamW, compile off; goal ≥
-1.0). `--gpt --device cuda` does that on a GPU, on GPT-2 small's body in bf16 against nanoGPT's GPU step (pinned,
-non-blocking batch copies, bf16 autocast), with tokens/s and MFU for both sides; `--compile` compiles the model on
-both sides. `--engine deepspeed` alternates the trainer on engine ddp, DeepSpeed ZeRO-0 and ZeRO-2 instead, and prints
-each ZeRO stage's ratio to DDP. The hand-written loops are pinned by hash (tests/test_bench_loop.py): speed the
-trainer, not slow the baseline.
+1.0). `--gpt --device cuda` does that on a GPU, on GPT-2 small's body in bf16 against nanoGPT's GPU step (both sides
+with pinned, non-blocking batch copies and bf16 autocast), with tokens/s and MFU for both sides; `--compile`
+compiles the model on both sides. `--engine deepspeed` alternates the trainer on engine ddp, DeepSpeed ZeRO-0 and
+ZeRO-2 instead, and prints each ZeRO stage's ratio to DDP. The hand-written loops are pinned by hash
+(tests/test_bench_loop.py): speed the trainer, not slow the baseline.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import statistics
 import sys
@@ -333,8 +334,13 @@ def clipping(max_norm: float) -> Iterator[None]:
 def measure(job, info, hand_written: bool, loop: str = "ddp") -> float:
     """Samples/s of one run of `loop`'s hand-written loop (clipping in an ENGINE-clip loop) or of `trainer.fit`, on a
     fresh copy of the job's built model (FSDP2 shards a module once; each run starts from the same weights)."""
+    import torch
+
     from largebatch import trainer
 
+    gc.collect()  # the last run's model and optimizer state (held by reference cycles) go now, not in a timed run
+    if info.device.type == "cuda":
+        torch.cuda.synchronize(info.device)
     if hand_written:
         with clipping(MAX_NORM) if loop.endswith("-clip") else contextlib.nullcontext():
             return BASELINES[loop](job, info)
@@ -367,9 +373,9 @@ def worker(engine: str, steps: int, repeats: int, compile_model: bool = False) -
         first = next(iter(loops))
         gpt = jobs[first].cfg.model.name == "gpt"
         if gpt:  # collective: every rank measures the peak
-            cfg = jobs[first].cfg
+            cfg, model = jobs[first].cfg, jobs[first].task.build_model()
             rate = flops.measure(
-                jobs[first].task.build_model(),
+                model,
                 jobs[first].task,
                 jobs[first].plan.micro_batch,
                 cfg.train.precision,
@@ -386,6 +392,7 @@ def worker(engine: str, steps: int, repeats: int, compile_model: bool = False) -
         result = {"samples_per_s": samples_per_s, "plan": jobs[first].plan.describe()}
         if gpt:
             result["tokens"] = {
+                "model": describe_gpt(cfg, model),
                 "per_example": cfg.data.context,
                 "flops_per_token": rate.flops_per_token,
                 "peak": rate.peak,
@@ -489,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     median = {name: statistics.median(values) for name, values in runs.items()}
     compiled = ", compiled" if args.compile else ""
     print(
-        f"{res['plan']}, {args.nproc} processes{compiled}, {args.steps} steps × {args.repeats} repeats (median)"
+        f"{res['plan']}, {args.nproc} process{'es' if args.nproc > 1 else ''}{compiled}, {args.steps} steps × "
+        f"{args.repeats} repeats (median)"
     )
     width = max(26, *(len(label) for label, _ in loops.values()))
     tokens = res.get("tokens")
@@ -498,13 +506,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{label:{width}} {median[name]:10.0f} samples/s{tokens_and_mfu(median[name], tokens)}"
         )
     if tokens:
-        print(f"on {tokens['device']}: {tokens['described']}")
+        print(f"on {tokens['device']}, {tokens['model']}: {tokens['described']}")
     base, *others = loops
     goal = f" (goal ≥ {GOALS[loop]})" if loop in GOALS else ""
     for name in others:
         ratios = [mine / theirs for mine, theirs in zip(runs[name], runs[base])]
         print(f"ratio {name} / {base} = {median[name] / median[base]:.3f}{goal}; {spread(ratios)}")
     return 0
+
+
+def describe_gpt(cfg, model) -> str:
+    """The benchmark GPT's shape, its vocabulary included (MFU counts the output head: a small vocabulary lowers it)."""
+    return (
+        f"GPT {cfg.model.depth} × {cfg.model.width}, {cfg.model.heads} heads, {cfg.data.context} positions, "
+        f"vocabulary {model.token.num_embeddings}"
+    )
 
 
 def tokens_and_mfu(samples_per_s: float, tokens: dict | None) -> str:
