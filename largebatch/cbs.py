@@ -237,7 +237,7 @@ def _run(
     branch: Trainer, plan: batch.BatchPlan, position: batch.Position, applied: int, examples: int
 ) -> None:
     """Train `branch` for `examples` at `plan` from `position`, the LR schedule at `applied` examples."""
-    s = branch.s
+    s = branch.state
     s.position, s.applied_samples = position, applied
     # the sampler serves the examples the run has left: N of them
     s.samples = branch.job.total_samples - examples
@@ -253,7 +253,7 @@ def _run(
 def during_run(trainer: Trainer) -> None:
     """train.cbs_every: branch from this step in memory, append a line to cbs.jsonl (rank 0), and leave the run
     exactly as it was (its RNG state restored; its engine only read)."""
-    cfg, s = trainer.cfg, trainer.s
+    cfg, s = trainer.cfg, trainer.state
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     sizes = run_sizes(cfg, trainer.job.plan)

@@ -200,8 +200,8 @@ class Trainer:
             torch.use_deterministic_algorithms(
                 self.cfg.run.deterministic
             )  # its call imports torch._inductor: 2 s
-        self.s = build_state(job, info)
-        self.engine, self.optimizer = self.s.engine, self.s.engine.optimizer
+        self.state = build_state(job, info)
+        self.engine, self.optimizer = self.state.engine, self.state.engine.optimizer
         self.engine.model.train()  # once: evaluate() puts the model back in training mode
         self.hyper = Hyperparameters(
             self.optimizer,
@@ -210,7 +210,7 @@ class Trainer:
             job.plan.global_batch,
         )
         self.batch_schedule = batch_schedule.build(self.cfg, job.plan)
-        self.plan = batch_schedule.at(job.plan, self.s.global_batch)
+        self.plan = batch_schedule.at(job.plan, self.state.global_batch)
         self.budget = autobatch.budget_bytes(job.memory_limit, info.device)
         self.meter = (
             autobatch.training_meter(self.budget, self.engine.module, self.optimizer, info.device)
@@ -231,13 +231,13 @@ class Trainer:
         self._start()
         self.flags.install()
         try:
-            while self.s.samples < self.job.total_samples and self.reached is None:
+            while self.state.samples < self.job.total_samples and self.reached is None:
                 result = self.train_step()
                 if self.first_step_s is None:
                     self.first_step_s = process_age_s()
                 self._update_noise(result)
                 self._after_step(result)
-                if self.cfg.train.cbs_every and self.s.step % self.cfg.train.cbs_every == 0:
+                if self.cfg.train.cbs_every and self.state.step % self.cfg.train.cbs_every == 0:
                     measure_critical_batch(self)
                 self._follow_batch_schedule()
         finally:
@@ -246,7 +246,7 @@ class Trainer:
 
     def _start(self) -> None:
         """Fix the batch plan, write config.yaml and open the metrics (rank 0), and agree that it worked."""
-        job, info, s = self.job, self.info, self.s
+        job, info, s = self.job, self.info, self.state
         self._check_same_data()
         if job.auto_micro:
             largest = (
@@ -310,20 +310,22 @@ class Trainer:
         }
 
     def _noise_scale(self) -> float | None:
-        return self.s.noise.value if self.s.noise is not None else None
+        return self.state.noise.value if self.state.noise is not None else None
 
     def _follow_batch_schedule(self) -> None:
         """Between steps: if the batch-size schedule asks for another global batch, change accumulation (every
         rank computes the same size from the same all-reduced values), restart the data there and rescale the LR."""
-        size = self.batch_schedule.size(self.s.global_batch, self.s.samples, self._noise_scale())
+        size = self.batch_schedule.size(
+            self.state.global_batch, self.state.samples, self._noise_scale()
+        )
         if size == self.plan.global_batch:
             return
         before = self.plan
         self._set_batch(size)
-        self.batches.restart(self.plan, self.s.position, self.s.samples)
+        self.batches.restart(self.plan, self.state.position, self.state.samples)
         if self.info.is_main:
             print(
-                f"step {self.s.step}: global batch {before.global_batch} → {self.plan.global_batch} "
+                f"step {self.state.step}: global batch {before.global_batch} → {self.plan.global_batch} "
                 f"({self.plan.describe()}); "
                 f"{self.hyper.describe_change(before.global_batch, self.plan.global_batch)}",
                 flush=True,
@@ -334,9 +336,9 @@ class Trainer:
         self.plan = (
             self.plan if size == self.plan.global_batch else batch_schedule.at(self.job.plan, size)
         )
-        self.s.global_batch = self.plan.global_batch
+        self.state.global_batch = self.plan.global_batch
         self.engine.set_plan(self.plan)
-        self.hyper.set(self.plan.global_batch, self.s.applied_samples)
+        self.hyper.set(self.plan.global_batch, self.state.applied_samples)
 
     def _check_same_data(self) -> None:
         """Every rank must read the same data: a node with another copy would take other steps, or hang."""
@@ -350,7 +352,7 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         """One optimizer step over one global batch: micro-steps, gradient sync, one agreement, clip, step, LR."""
-        s, info = self.s, self.info
+        s, info = self.state, self.info
         measuring = s.noise is not None and (s.step + 1) % self.job.noise_every == 0
         across_ranks = measuring and info.world_size > 1
         redo = self.job.auto_micro and self.engine.redoes_micro_steps
@@ -406,7 +408,7 @@ class Trainer:
         for micro_step in range(plan.accum_steps):
             inputs, targets = self.batches.next()
             last = micro_step == plan.accum_steps - 1
-            self.injected_oom.arm(self.s.step + 1, last)
+            self.injected_oom.arm(self.state.step + 1, last)
             with self.engine.micro_step(not manual_sync and last):
                 with (
                     self.meter.track(self.engine.module)
@@ -440,7 +442,7 @@ class Trainer:
             and math.isfinite(small[0])
             and small[1] < plan.global_batch
         ):
-            self.s.noise.update(*small, result.grad_norm**2, plan.global_batch)
+            self.state.noise.update(*small, result.grad_norm**2, plan.global_batch)
 
     def _accumulate_or_shrink(self, measuring: bool) -> Sums:
         """Run the step's micro-steps unsynchronised; if any rank ran out of memory, all halve the micro-batch
@@ -455,7 +457,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             autobatch.release(self.info.device)
             smaller = autobatch.smaller(self.plan)
-            step = self.s.step + 1
+            step = self.state.step + 1
             if smaller is None:
                 raise TrainingStopped(
                     f"out of memory at step {step} even with micro-batch 1; "
@@ -470,7 +472,7 @@ class Trainer:
             if self.info.is_main:  # config.yaml records the plan the run trains with from here on
                 with self.flags.guard(str(self.cfg.run_dir / "config.yaml")):
                     config.dump(self.cfg, self._derived(), self.cfg.run_dir / "config.yaml")
-            self.batches.restart(self.plan, self.s.position, self.s.samples)
+            self.batches.restart(self.plan, self.state.position, self.state.samples)
 
     def _accumulate_or_stop(self, manual_sync: bool, measuring: bool) -> Sums:
         """`accumulate` on an engine that cannot redo a step (its micro-steps are collective): an out-of-memory error
@@ -479,7 +481,7 @@ class Trainer:
             return self.accumulate(manual_sync, measuring)
         except torch.OutOfMemoryError:
             autobatch.stop_alone(
-                f"out of memory at step {self.s.step + 1} on engine.name={self.cfg.engine.name}, which cannot "
+                f"out of memory at step {self.state.step + 1} on engine.name={self.cfg.engine.name}, which cannot "
                 f"redo a step; set batch.micro_size={max(1, self.plan.micro_batch // 2)} "
                 f"or raise batch.memory_limit"
             )
@@ -499,7 +501,7 @@ class Trainer:
 
     def _after_step(self, result: StepResult) -> None:
         """Log, evaluate and checkpoint on their cadence; on an agreed signal, checkpoint and stop."""
-        s, train = self.s, self.cfg.train
+        s, train = self.state, self.cfg.train
         last = s.samples >= self.job.total_samples
         eval_now = bool(train.eval_every and s.step % train.eval_every == 0) or last
         if s.step % train.log_every == 0 or eval_now or result.outcome.nonfinite:
@@ -515,7 +517,7 @@ class Trainer:
         if eval_now and self.info.device.type == "cuda":
             # the step's queued kernels (its optimizer step) count as training time, not as the evaluation's
             torch.cuda.synchronize(self.info.device)
-        s, plan, now = self.s, self.plan, time.perf_counter()
+        s, plan, now = self.state, self.plan, time.perf_counter()
         record = {
             "step": s.step,
             "samples": s.samples,
@@ -577,7 +579,7 @@ class Trainer:
 
     def _epoch(self) -> float:
         """Epochs done: whole ones, plus the fraction of an epoch's full-size batches (batch.global_size) taken."""
-        epoch, offset = self.s.position
+        epoch, offset = self.state.position
         return epoch + offset / (self.job.steps_per_epoch * self.job.plan.global_batch)
 
     def _save_checkpoint(self) -> None:
@@ -586,8 +588,8 @@ class Trainer:
         checkpoint.save_collective(
             self.engine,
             self.cfg.run_dir,
-            self.s.step,
-            self.s.state_dict(),
+            self.state.step,
+            self.state.state_dict(),
             self.job.checkpoint_meta(),
             self.cfg.train.checkpoint_keep,
             self.flags,
@@ -625,7 +627,7 @@ class Trainer:
             )
 
     def _finish(self) -> dict[str, Any]:
-        s, plan, job = self.s, self.plan, self.job
+        s, plan, job = self.state, self.plan, self.job
         if s.nonfinite_steps:
             warn(f"{s.nonfinite_steps} step(s) had a non-finite loss or gradient and were skipped")
         wall_s = time.perf_counter() - self.start
