@@ -73,6 +73,6 @@ def run_workers(
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode or not lines:
-        print(result.stdout[-2000:] + result.stderr[-2000:], file=sys.stderr)
+        print(result.stdout[-2000:] + result.stderr[-6000:], file=sys.stderr)  # a traceback whole
         return None
     return json.loads(lines[-1])
