@@ -21,6 +21,19 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     )
 
 
+def clip_factor(
+    norm: float | torch.Tensor, max_norm: float | None, scale: float = 1.0
+) -> float | torch.Tensor:
+    """What the gradients are multiplied by: `scale` × torch's clip_grad_norm_ coefficient min(1, max_norm / (norm +
+    1e-6)), or `scale` alone without clipping; a tensor `norm` gives a tensor (no host sync), a float a float."""
+    if max_norm is None:
+        return scale
+    ratio = max_norm / (norm + 1e-6)
+    return scale * (
+        torch.clamp(ratio, max=1.0) if isinstance(ratio, torch.Tensor) else min(1.0, ratio)
+    )
+
+
 @dataclass(frozen=True)
 class StepOutcome:
     applied: bool
@@ -77,8 +90,9 @@ class Precision:
         norm = grad_norm(params) if scale == 1.0 else grad_norm(params) * scale
         if clip is None and scale == 1.0:
             return norm
-        factor = scale if clip is None else scale * torch.clamp(clip / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
+        torch._foreach_mul_(
+            [p.grad for p in params if p.grad is not None], clip_factor(norm, clip, scale)
+        )
         return norm
 
     def step(self, optimizer: torch.optim.Optimizer, loss: float, norm: float) -> StepOutcome:

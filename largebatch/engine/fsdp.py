@@ -34,7 +34,7 @@ from largebatch.engine.features import refused
 from largebatch.errors import UserError
 from largebatch.memory import State
 from largebatch.optim.sharding import local
-from largebatch.precision import Precision, StepOutcome
+from largebatch.precision import Precision, StepOutcome, clip_factor
 
 SHARDS = "fsdp"
 """The checkpoint's subdirectory for the torch.distributed.checkpoint files."""
@@ -246,7 +246,7 @@ class FSDPEngine(Engine):
         multiply of the shards; then the optimizer if the step is usable."""
         scale, self.grad_scale = self.grad_scale, 1.0
         norm = math.sqrt(norm_sq) * scale
-        factor = scale if max_norm is None else scale * min(1.0, max_norm / (norm + 1e-6))
+        factor = clip_factor(norm, max_norm, scale)
         if factor != 1.0:
             torch._foreach_mul_([local(p.grad) for p in self.params if p.grad is not None], factor)
         outcome = self.precision.step(self.optimizer, loss, norm)
