@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -53,6 +54,25 @@ def _env_int(name: str, default: int) -> int:
         raise UserError(
             f"environment variable {name}={value!r} must be an integer; check the launcher"
         ) from None
+
+
+def torchrun_command(nproc: int, module: str, *args: str) -> list[str]:
+    """`python -m MODULE ARGS` in `nproc` processes on this machine under torchrun, its rendezvous on a free port of
+    127.0.0.1 (never another address)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "127.0.0.1:0",
+        "-m",
+        module,
+        *args,
+    ]
 
 
 def from_env() -> DistInfo:

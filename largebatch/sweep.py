@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from largebatch import config, job
+from largebatch.dist import torchrun_command
 from largebatch.errors import ArgumentParser, UserError
 
 COLUMNS = (
@@ -175,20 +176,7 @@ def row(
 def _launch(args: list[str], nproc: int) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "largebatch", *args]
     if nproc > 1:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(nproc),
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            "127.0.0.1:0",
-            "-m",
-            "largebatch",
-            *args,
-        ]
+        command = torchrun_command(nproc, "largebatch", *args)
     return subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )

@@ -52,18 +52,10 @@ def run_workers(
     """`python -m MODULE --worker ARGS` under torchrun with `nproc` processes: rank 0's last JSON line, or None
     (the output goes to stderr) if the job failed. `cpu_only`: the workers see no GPU (a CPU comparison on a GPU
     machine)."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        "-m",
-        module,
-        "--worker",
-        *args,
-    ]
+    # imported here: largebatch.dist imports torch, which `largebatch bench --help` does without
+    from largebatch.dist import torchrun_command
+
+    command = torchrun_command(nproc, module, "--worker", *args)
     hidden = {"CUDA_VISIBLE_DEVICES": ""} if cpu_only else {}
     result = subprocess.run(
         command,
