@@ -55,3 +55,38 @@ for opt in adamw lamb; do
   $LB sweep --config configs/lamb-lm.yaml optim.name=$opt $LM7 --global-sizes 32,64,128,256,512 --target eval/loss=2.6 \
       --nproc 2 --out $OUT/7-$opt
 done
+
+# 8a. The branched critical batch (train.cbs_every) beside the noise scale over one run: the tiny GPT (AdamW, global
+#     64, both measured every 50 steps) and the digits ResNet (the quickstart, every 10 steps); report/critical_batch.png.
+TORCHRUN=${TORCHRUN:-torchrun}
+$TORCHRUN --nproc-per-node 2 -m largebatch train --config configs/lamb-lm.yaml optim.name=adamw \
+    batch.global_size=64 batch.micro_size=16 train.steps=300 data.eval_fraction=0.05 train.eval_every=50 \
+    train.noise_scale=true train.cbs_every=50 "train.cbs_sizes=[32,64,128,256,512]" train.cbs_examples=1024 \
+    run.dir=$OUT/8-cbs-gpt
+$LB report $OUT/8-cbs-gpt
+$TORCHRUN --nproc-per-node 2 -m largebatch train --config $QS batch.micro_size=16 \
+    train.noise_scale=true train.cbs_every=10 "train.cbs_sizes=[32,64,128,256,512]" train.cbs_examples=1024 \
+    run.dir=$OUT/8-cbs-digits
+$LB report $OUT/8-cbs-digits
+
+# 8b. A steps batch warmup whose thresholds follow 8a's GPT curve against fixed batches given the same LR schedule in
+#     examples: steps and examples to held-out loss 2.2, 2.0 and 1.85 nats/byte.
+LM8="optim.name=adamw train.steps=300 data.eval_fraction=0.05 train.eval_every=4"
+for S in 0 1; do
+  $LB sweep --config configs/lamb-lm.yaml $LM8 run.seed=$S batch.schedule=steps batch.micro_size=16 \
+      "batch.thresholds=0:32 3200:64 6400:128" --global-sizes 128 --target eval/loss=1.85 --nproc 2 \
+      --out $OUT/8-warmup-s$S
+  $LB sweep --config configs/lamb-lm.yaml optim.name=adamw data.eval_fraction=0.05 train.eval_every=3 run.seed=$S \
+      train.steps=1200 schedule.warmup_steps=80 batch.micro_size=16 --global-sizes 32 --target eval/loss=1.85 --nproc 2 \
+      --out $OUT/8-fixed32-s$S
+done
+$LB sweep --config configs/lamb-lm.yaml optim.name=adamw data.eval_fraction=0.05 train.eval_every=6 \
+    train.steps=2400 schedule.warmup_steps=160 batch.micro_size=8 --global-sizes 16 --target eval/loss=1.85 --nproc 2 \
+    --out $OUT/8-fixed16
+$LB sweep --config configs/lamb-lm.yaml optim.name=adamw data.eval_fraction=0.05 train.eval_every=3 \
+    train.steps=600 schedule.warmup_steps=40 batch.micro_size=16 --global-sizes 64 --target eval/loss=2.0 --nproc 2 \
+    --out $OUT/8-fixed64
+$LB sweep --config configs/lamb-lm.yaml $LM8 --global-sizes 128 --target eval/loss=2.0 --nproc 2 --out $OUT/8-fixed128
+$LB sweep --config configs/lamb-lm.yaml $LM8 run.seed=1 --global-sizes 128 --target eval/loss=2.2 --nproc 2 \
+    --out $OUT/8-fixed128-s1
+$LB sweep --config configs/lamb-lm.yaml $LM8 --global-sizes 64 --target eval/loss=2.2 --nproc 2 --out $OUT/8-fixed64-config
