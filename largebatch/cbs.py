@@ -237,16 +237,8 @@ def _run(
     branch: Trainer, plan: batch.BatchPlan, position: batch.Position, applied: int, examples: int
 ) -> None:
     """Train `branch` for `examples` at `plan` from `position`, the LR schedule at `applied` examples."""
-    s = branch.state
-    s.position, s.applied_samples = position, applied
-    # the sampler serves the examples the run has left: N of them
-    s.samples = branch.job.total_samples - examples
-    branch.plan, s.global_batch = plan, plan.global_batch
-    branch.engine.set_plan(plan)
-    branch.hyper.set(plan.global_batch, applied)
-    branch.batches.restart(plan, position, s.samples)
-    branch.tokens = 0.0  # what `Trainer._start` sets for its throughput count
-    while s.samples < branch.job.total_samples:
+    branch.restart_at(plan, position, applied, branch.job.total_samples - examples)
+    while branch.state.samples < branch.job.total_samples:
         branch.train_step()
 
 

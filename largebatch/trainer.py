@@ -340,6 +340,19 @@ class Trainer:
         self.engine.set_plan(self.plan)
         self.hyper.set(self.plan.global_batch, self.state.applied_samples)
 
+    def restart_at(
+        self, plan: BatchPlan, position: Position, applied_samples: int, samples: int
+    ) -> None:
+        """Train the next steps under `plan` from data `position`, the LR schedule at `applied_samples`, `samples`
+        examples counted as done (the sampler serves what the run has left); a branch of `largebatch cbs` starts so."""
+        state = self.state
+        state.position, state.applied_samples, state.samples = position, applied_samples, samples
+        self.plan, state.global_batch = plan, plan.global_batch
+        self.engine.set_plan(plan)
+        self.hyper.set(plan.global_batch, applied_samples)
+        self.batches.restart(plan, position, samples)
+        self.tokens = 0.0  # as `_start` sets it, for tokens/s
+
     def _check_same_data(self) -> None:
         """Every rank must read the same data: a node with another copy would take other steps, or hang."""
         mine = (self.job.train_examples, self.job.task.data.fingerprint)
