@@ -56,22 +56,20 @@ def _env_int(name: str, default: int) -> int:
         ) from None
 
 
-def torchrun_command(nproc: int, module: str, *args: str) -> list[str]:
-    """`python -m MODULE ARGS` in `nproc` processes on this machine under torchrun, its rendezvous on a free port of
-    127.0.0.1 (never another address)."""
+def torchrun_command(nproc: int, *options: str) -> list[str]:
+    """torchrun for `nproc` processes on this machine (its `options`, then the rendezvous on a free port of 127.0.0.1,
+    never another address); the caller appends `-m MODULE ARGS`."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc-per-node",
         str(nproc),
+        *options,
         "--rdzv-backend",
         "c10d",
         "--rdzv-endpoint",
         "127.0.0.1:0",
-        "-m",
-        module,
-        *args,
     ]
 
 

@@ -176,7 +176,7 @@ def row(
 def _launch(args: list[str], nproc: int) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "largebatch", *args]
     if nproc > 1:
-        command = torchrun_command(nproc, "largebatch", *args)
+        command = [*torchrun_command(nproc), "-m", "largebatch", *args]
     return subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )

@@ -76,19 +76,12 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 
 
 def torchrun(nproc: int, *options: str) -> list[str]:
-    """The tests' torchrun command line: `nproc` processes on 127.0.0.1, rendezvous on a free port."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        *options,
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        "127.0.0.1:0",
-    ]
+    """The tests' torchrun command line, the product's: `nproc` processes on 127.0.0.1, rendezvous on a free port."""
+    from largebatch.dist import (
+        torchrun_command,
+    )  # here: torch is imported after OMP_NUM_THREADS is set
+
+    return torchrun_command(nproc, *options)
 
 
 def cli(

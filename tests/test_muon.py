@@ -22,6 +22,7 @@ from torch import nn
 
 from largebatch import config, optim
 from largebatch.config import OptimConfig
+from largebatch.dist import torchrun_command
 from largebatch.errors import UserError
 from largebatch.models.gpt import GPT
 from largebatch.optim import muon
@@ -328,15 +329,7 @@ def results(tmp_path_factory) -> dict:
     out = base / "results.pt"
     done = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            "127.0.0.1:0",
+            *torchrun_command(2),
             __file__,
             str(out),
             str(base),

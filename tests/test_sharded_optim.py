@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
 
+from largebatch.dist import torchrun_command
 from largebatch.optim import fused, sharding
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
@@ -51,15 +52,7 @@ def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sharded") / "results.pt"
     done = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            "127.0.0.1:0",
+            *torchrun_command(2),
             __file__,
             str(out),
         ],

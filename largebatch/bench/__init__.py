@@ -55,7 +55,7 @@ def run_workers(
     # imported here: largebatch.dist imports torch, which `largebatch bench --help` does without
     from largebatch.dist import torchrun_command
 
-    command = torchrun_command(nproc, module, "--worker", *args)
+    command = [*torchrun_command(nproc), "-m", module, "--worker", *args]
     hidden = {"CUDA_VISIBLE_DEVICES": ""} if cpu_only else {}
     result = subprocess.run(
         command,
