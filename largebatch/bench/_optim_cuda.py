@@ -14,7 +14,14 @@ from collections.abc import Callable
 import torch
 from torch.optim import Optimizer
 
-from largebatch.bench.optim import gpt_matrix_shapes, resnet50_shapes, step_times
+from largebatch.bench.optim import (
+    _matrices,
+    _param_groups,
+    _ratio_line,
+    gpt_matrix_shapes,
+    resnet50_shapes,
+    step_times,
+)
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
 from largebatch.optim.muon import Muon
@@ -55,21 +62,6 @@ def synchronized_clock(device: torch.device) -> Callable[[], float]:
     return clock
 
 
-def groups_of(shapes: list[tuple[int, ...]], device: torch.device) -> list[dict]:
-    """Parameters of `shapes` on `device` with random gradients (the same for every optimizer); matrices and kernels
-    decay and adapt, 1-D tensors do neither."""
-    gen = torch.Generator(device).manual_seed(0)
-    params = []
-    for shape in shapes:
-        p = torch.nn.Parameter(torch.randn(shape, generator=gen, device=device) * 0.02)
-        p.grad = torch.randn(shape, generator=gen, device=device) * 1e-3
-        params.append(p)
-    return [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": 0.1},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "adapt": False},
-    ]
-
-
 CANDIDATES: dict[str, Callable[[list[dict]], Optimizer]] = {
     "torch SGD(fused)": lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, fused=True),
     "torch SGD(foreach)": lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, foreach=True),
@@ -84,13 +76,6 @@ MUON_CANDIDATES: dict[str, Callable[[list[torch.nn.Parameter]], Optimizer]] = {
     "torch.optim.Muon": lambda p: torch.optim.Muon(p, lr=0.02, weight_decay=0.1),
     "torch AdamW(fused)": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1, fused=True),
 }
-
-
-def ratio(times: dict[str, list[float]], name: str, base: str) -> str:
-    """`name`/`base` as the median and quartiles of the per-round ratios."""
-    ratios = [t / b for t, b in zip(times[name], times[base])]
-    q1, median, q3 = statistics.quantiles(ratios, n=4)
-    return f"{name}/{base} = {median:.2f} (quartiles {q1:.2f}-{q3:.2f})"
 
 
 def table(times: dict[str, list[float]], base: str) -> None:
@@ -108,12 +93,14 @@ def rows(device: torch.device, steps: int, warmup: int) -> None:
     for model, shapes in (("ResNet-50", resnet50_shapes()), ("GPT-2 small", gpt2_small_shapes())):
         values = sum(torch.Size(s).numel() for s in shapes)
         print(f"\n{model}: {len(shapes)} tensors, {values:,} values")
-        optimizers = {label: make(groups_of(shapes, device)) for label, make in CANDIDATES.items()}
+        optimizers = {
+            label: make(_param_groups(0, shapes, device)) for label, make in CANDIDATES.items()
+        }
         times = step_times(optimizers, steps, warmup, clock=clock)
         del optimizers
         table(times, "torch AdamW(fused)")
-        print(ratio(times, "LAMB", "torch AdamW(fused)"))
-        print(ratio(times, "LARS", "torch SGD(fused)"))
+        print(_ratio_line(times, "LAMB", "torch AdamW(fused)"))
+        print(_ratio_line(times, "LARS", "torch SGD(fused)"))
     matrices = gpt_matrix_shapes(GPT2_SMALL["width"], GPT2_SMALL["blocks"])
     print(f"\nGPT-2 small's {len(matrices)} block matrices (Muon's share of the model)")
     candidates = dict(MUON_CANDIDATES)
@@ -121,10 +108,11 @@ def rows(device: torch.device, steps: int, warmup: int) -> None:
         print("torch.optim.Muon: not available (torch < 2.9)")
         del candidates["torch.optim.Muon"]
     optimizers = {
-        label: make(groups_of(matrices, device)[0]["params"]) for label, make in candidates.items()
+        label: make(_matrices(matrices, lambda t: t.to(device)))
+        for label, make in candidates.items()
     }
     times = step_times(optimizers, steps, warmup, clock=clock)
     table(times, "torch AdamW(fused)")
     for other in candidates:
         if other != "Muon (ours, bf16 NS)":
-            print(ratio(times, "Muon (ours, bf16 NS)", other))
+            print(_ratio_line(times, "Muon (ours, bf16 NS)", other))

@@ -60,13 +60,18 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     return shapes + [(1000, 2048), (1000,)]
 
 
-def _param_groups(seed: int) -> list[dict]:
-    """ResNet-50-shaped parameters with random gradients; 1-D tensors neither decay nor adapt."""
-    gen = torch.Generator().manual_seed(seed)
+def _param_groups(
+    seed: int,
+    shapes: list[tuple[int, ...]] | None = None,
+    device: torch.device | str = "cpu",
+) -> list[dict]:
+    """Parameters of `shapes` (ResNet-50's by default) on `device` with random gradients; 1-D tensors neither decay
+    nor adapt."""
+    gen = torch.Generator(device).manual_seed(seed)
     params = []
-    for shape in resnet50_shapes():
-        p = torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.05)
-        p.grad = torch.randn(shape, generator=gen) * 1e-3
+    for shape in shapes or resnet50_shapes():
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen, device=device) * 0.05)
+        p.grad = torch.randn(shape, generator=gen, device=device) * 1e-3
         params.append(p)
     return [
         {"params": [p for p in params if p.ndim > 1], "weight_decay": 1e-4},
