@@ -333,12 +333,15 @@ class Trainer:
 
     def _set_batch(self, size: int) -> None:
         """Train the next steps with a global batch of `size`: its plan, its LR (and β2) by the scaling rules."""
-        self.plan = (
+        self._use_plan(
             self.plan if size == self.plan.global_batch else batch_schedule.at(self.job.plan, size)
         )
-        self.state.global_batch = self.plan.global_batch
-        self.engine.set_plan(self.plan)
-        self.hyper.set(self.plan.global_batch, self.state.applied_samples)
+
+    def _use_plan(self, plan: BatchPlan) -> None:
+        """Train the next steps under `plan`: the engine's accumulation, the LR (and β2) for its global batch."""
+        self.plan, self.state.global_batch = plan, plan.global_batch
+        self.engine.set_plan(plan)
+        self.hyper.set(plan.global_batch, self.state.applied_samples)
 
     def restart_at(
         self, plan: BatchPlan, position: Position, applied_samples: int, samples: int
@@ -347,9 +350,7 @@ class Trainer:
         examples counted as done (the sampler serves what the run has left); a branch of `largebatch cbs` starts so."""
         state = self.state
         state.position, state.applied_samples, state.samples = position, applied_samples, samples
-        self.plan, state.global_batch = plan, plan.global_batch
-        self.engine.set_plan(plan)
-        self.hyper.set(plan.global_batch, applied_samples)
+        self._use_plan(plan)
         self.batches.restart(plan, position, samples)
         self.tokens = 0.0  # as `_start` sets it, for tokens/s
 
