@@ -57,8 +57,6 @@ def test_every_compared_loop_has_a_baseline_and_a_goal() -> None:
 
 
 def test_clipping_clips_each_sgd_step_of_a_hand_written_loop_and_only_inside() -> None:
-    import torch
-
     weight = torch.nn.Parameter(torch.zeros(3))
     weight.grad = torch.tensor([30.0, 40.0, 0.0])  # norm 50
     opt = torch.optim.SGD([weight], lr=1.0)
