@@ -120,6 +120,14 @@ def test_the_gpu_comparison_prints_tokens_per_second_and_mfu_of_both_sides(
         in out
     )
     assert re.search(r"ratio trainer / nanoGPT-style = [\d.]+ \(goal ≥ 1.0\); per repeat", out)
+    found = re.search(
+        r"step time: nanoGPT-style ([\d.]+) ms, trainer ([\d.]+) ms \(([+-][\d.]+) ms a step\)", out
+    )
+    assert found, out
+    base_ms, trainer_ms, extra = (float(x) for x in found.groups())
+    assert extra == pytest.approx(trainer_ms - base_ms, abs=0.011)
+    base_samples = float(re.search(r"nanoGPT-style loop, GPU +(\d+) samples/s", out).group(1))
+    assert base_ms == pytest.approx(1e3 * 64 / base_samples, rel=0.01)  # GPT_CONFIG's global batch
 
 
 @pytest.mark.parametrize(

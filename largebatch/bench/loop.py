@@ -1,8 +1,9 @@
 """Trainer overhead: samples/s of `trainer.fit` vs a minimal hand-written loop, same model, data and batch.
 
 Both run in the same torchrun job, alternating in ABBA order, so they see the same machine state; the ratio of
-medians is printed with the median and spread of the per-repeat ratios (goal ≥ 0.99). Throughput counts the training
-loop only, not the final eval. `--engine ddp` (the default) and `--engine fsdp` compare the trainer on that engine
+medians is printed with the median and spread of the per-repeat ratios (goal ≥ 0.99), then both medians as times per
+step and their difference, a cost per step that a longer step pays in a smaller proportion. Throughput counts the
+training loop only, not the final eval. `--engine ddp` (the default) and `--engine fsdp` compare the trainer on that engine
 with a hand-written DDP or FSDP2 loop on an MLP with SGD; `--gpt` compares the trainer on the built-in GPT with a
 loop doing what nanoGPT's train.py step does (no_sync micro-steps, clipping at 1, fused AdamW, compile off; goal ≥
 1.0). `--gpt --device cuda` does that on a GPU, on GPT-2 small's body in bf16 against nanoGPT's GPU step (both sides
@@ -389,7 +390,12 @@ def worker(engine: str, steps: int, repeats: int, compile_model: bool = False) -
                 samples_per_s[name].append(measure(jobs[name], info, overrides is None, engine))
     dist.teardown()
     if info.is_main:
-        result = {"samples_per_s": samples_per_s, "plan": jobs[first].plan.describe()}
+        plan = jobs[first].plan
+        result = {
+            "samples_per_s": samples_per_s,
+            "plan": plan.describe(),
+            "global_batch": plan.global_batch,
+        }
         if gpt:
             result["tokens"] = {
                 "model": describe_gpt(cfg, model),
@@ -512,7 +518,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in others:
         ratios = [mine / theirs for mine, theirs in zip(runs[name], runs[base])]
         print(f"ratio {name} / {base} = {median[name] / median[base]:.3f}{goal}; {spread(ratios)}")
+        print(step_time_line(name, base, median, res["global_batch"]))
     return 0
+
+
+def step_time_line(name: str, base: str, median: dict[str, float], global_batch: int) -> str:
+    """The two median throughputs as times per optimizer step, and their difference: a cost per step, which a model
+    whose step takes longer pays in a smaller proportion."""
+    ms = {side: 1e3 * global_batch / median[side] for side in (base, name)}
+    return (
+        f"step time: {base} {ms[base]:.2f} ms, {name} {ms[name]:.2f} ms "
+        f"({ms[name] - ms[base]:+.2f} ms a step)"
+    )
 
 
 def describe_gpt(cfg, model) -> str:
