@@ -3,8 +3,8 @@
 Both run in the same torchrun job, alternating in ABBA order, so they see the same machine state; the ratio of
 medians is printed with the median and spread of the per-repeat ratios (goal ≥ 0.99), then both medians as times per
 step and their difference, a cost per step that a longer step pays in a smaller proportion. Throughput counts the
-training loop only, not the final eval. `--engine ddp` (the default) and `--engine fsdp` compare the trainer on that engine
-with a hand-written DDP or FSDP2 loop on an MLP with SGD; `--gpt` compares the trainer on the built-in GPT with a
+training loop only, not the final eval. `--engine ddp` (the default) and `--engine fsdp` compare the trainer on that
+engine with a hand-written DDP or FSDP2 loop on an MLP with SGD; `--gpt` compares the trainer on the built-in GPT with a
 loop doing what nanoGPT's train.py step does (no_sync micro-steps, clipping at 1, fused AdamW, compile off; goal ≥
 1.0). `--gpt --device cuda` does that on a GPU, on GPT-2 small's body in bf16 against nanoGPT's GPU step (both sides
 with pinned, non-blocking batch copies and bf16 autocast), with tokens/s and MFU for both sides; `--compile`
