@@ -19,6 +19,7 @@ for part in "$@"; do
     esac
 done
 site=$(mktemp -d)
+trap 'rm -rf "$site"' EXIT
 if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl || exit 1
 fi
