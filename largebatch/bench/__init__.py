@@ -10,7 +10,7 @@ import subprocess
 import sys
 from typing import Any
 
-from largebatch.errors import ArgumentParser, check_choice
+from largebatch.errors import ArgumentParser, UserError, check_choice
 
 BENCHMARKS = {
     "comm": "all-reduce time vs size on gloo: the fitted latency and bandwidth (--out FIT.json for plan --gpus)",
@@ -39,6 +39,15 @@ def parser(name: str, doc: str) -> ArgumentParser:
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def cuda_devices() -> int:
+    """The CUDA devices torch sees, for a benchmark's `--device cuda`; a one-line error where there is none."""
+    import torch  # here: `largebatch bench --help` does without it
+
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA device here; run it on a GPU machine")
+    return torch.cuda.device_count()
 
 
 def run(name: str, argv: list[str]) -> int:

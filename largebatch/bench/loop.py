@@ -467,15 +467,11 @@ def main(argv: list[str] | None = None) -> int:
             "--compile is for --gpt --device cuda (the CPU loops are pinned eager baselines)"
         )
     if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error("--device cuda: torch sees no CUDA device here; run it on a GPU machine")
-        args.nproc = args.nproc or torch.cuda.device_count()
-        if args.nproc > torch.cuda.device_count():
+        gpus = bench.cuda_devices()
+        args.nproc = args.nproc or gpus
+        if args.nproc > gpus:
             parser.error(
-                f"--nproc {args.nproc} with --device cuda needs a GPU each; "
-                f"this machine has {torch.cuda.device_count()}"
+                f"--nproc {args.nproc} with --device cuda needs a GPU each; this machine has {gpus}"
             )
     loop = (
         ("gpt-gpu" if args.device == "cuda" else "gpt")

@@ -470,10 +470,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--device cuda prints its own rows (Muon's among them): give it without --sharded, --muon "
                 "or --cpu-time"
             )
-        if not torch.cuda.is_available():
-            raise UserError(
-                "--device cuda: torch sees no CUDA device here; run it on a GPU machine"
-            )
+        bench.cuda_devices()
         optim_cuda.rows(torch.device("cuda"), args.steps, args.warmup)
         return 0
     if args.sharded:
